@@ -1,0 +1,177 @@
+"""Uniform affine quantization of weight rows, with the GPTQ/SparseGPT reference interface.
+
+Beyond the reference, a row may have its own bit-width (``maxq`` is a [rows, 1] tensor) and rows may be
+tied into groups that share one scale/zero (strategy A of the MI method). Everything broadcasts per row,
+so the SparseGPT column loop quantizes a column ``w [rows]`` with ``quantize(w[:, None], scale, zero, maxq)``
+whatever the configuration.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+STRATEGIES = ("independent", "shared")
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
+    """Round ``x`` to the grid ``scale * (q - zero)``, ``q`` integer in [0, maxq].
+
+    Shapes broadcast: x [rows, cols], scale / zero / maxq [rows, 1] (or scalars). ``zero`` lies in
+    [0, maxq], so an exact 0 maps to exactly 0: pruned weights stay pruned after quantization.
+    """
+    q = torch.clamp(torch.round(x / scale) + zero, min=torch.zeros_like(maxq), max=maxq)
+    return scale * (q - zero)
+
+
+def _group_reduce(v: torch.Tensor, labels: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Reduce a per-row vector v [rows] within groups and broadcast back to rows."""
+    ngroups = int(labels.max()) + 1
+    init = torch.zeros(ngroups, dtype=v.dtype, device=v.device)
+    red = init.scatter_reduce(0, labels, v, reduce=reduce, include_self=False)
+    return red[labels]
+
+
+class Quantizer(nn.Module):
+    """Min-max (optionally MSE-shrunk) affine quantizer for a weight matrix [rows, cols].
+
+    ``configure(bits, ...)`` takes an int (all rows) or a tensor [rows] of per-row bit-widths, and an
+    optional ``row_groups`` [rows] of group labels: rows with the same label share one scale/zero
+    computed over all their weights (strategy A); without it every row has its own (per-channel,
+    the reference's behaviour and strategy B).
+    """
+
+    def __init__(self, shape: int = 1):
+        super().__init__()
+        self.register_buffer("maxq", torch.tensor(0.0))
+        self.register_buffer("scale", torch.zeros(shape))
+        self.register_buffer("zero", torch.zeros(shape))
+        self.row_groups: torch.Tensor | None = None
+
+    def configure(
+        self,
+        bits: int | torch.Tensor,
+        perchannel: bool = False,
+        sym: bool = True,
+        mse: bool = False,
+        norm: float = 2.4,
+        grid: int = 100,
+        maxshrink: float = 0.8,
+        row_groups: torch.Tensor | None = None,
+    ) -> None:
+        if isinstance(bits, torch.Tensor):
+            # per-row widths only make sense row by row
+            perchannel = True
+            self.maxq = (2.0 ** bits.double() - 1).float().reshape(-1, 1)
+        else:
+            self.maxq = torch.tensor(float(2**bits - 1))
+        if row_groups is not None:
+            perchannel = True
+            row_groups = row_groups.long()
+        self.perchannel = perchannel
+        self.sym = sym
+        self.mse = mse
+        self.norm = norm
+        self.grid = grid
+        self.maxshrink = maxshrink
+        self.row_groups = row_groups
+
+    def _row_maxq(self, rows: int, dev: torch.device) -> torch.Tensor:
+        """maxq as a vector [rows]."""
+        m = self.maxq.to(dev)
+        return m.flatten() if m.numel() > 1 else m.expand(rows)
+
+    def _params(self, xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor):
+        if self.sym:
+            xmax = torch.maximum(xmin.abs(), xmax)
+            xmin = torch.where(xmin < 0, -xmax, xmin)
+        empty = (xmin == 0) & (xmax == 0)
+        xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+        xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+        scale = (xmax - xmin) / maxq
+        if self.sym:
+            zero = (maxq + 1) / 2
+        else:
+            zero = torch.round(-xmin / scale)
+        return scale, zero
+
+    def find_params(self, x: torch.Tensor, weight: bool = False) -> None:
+        """Set scale / zero from ``x`` [rows, cols] (weights) so that later ``quantize`` calls use them."""
+        if not weight:
+            raise NotImplementedError("activation quantization is not part of this toolkit")
+        dev = x.device
+        x = x.flatten(1).float()
+        rows = x.shape[0]
+        maxq = self._row_maxq(rows, dev)
+        if not self.perchannel:
+            x = x.flatten().unsqueeze(0)
+            maxq = maxq[:1]
+        zeros = torch.zeros(x.shape[0], device=dev)
+        xmin = torch.minimum(x.min(1).values, zeros)
+        xmax = torch.maximum(x.max(1).values, zeros)
+        groups = self.row_groups.to(dev) if self.row_groups is not None else None
+        if groups is not None:
+            xmin = _group_reduce(xmin, groups, "amin")
+            xmax = _group_reduce(xmax, groups, "amax")
+        scale, zero = self._params(xmin, xmax, maxq)
+
+        if self.mse:
+            best = torch.full_like(scale, float("inf"))
+            for i in range(int(self.maxshrink * self.grid)):
+                p = 1 - i / self.grid
+                scale1, zero1 = self._params(p * xmin, p * xmax, maxq)
+                err = (quantize(x, scale1[:, None], zero1[:, None], maxq[:, None]) - x).abs_().pow_(self.norm)
+                err = err.sum(1)
+                if groups is not None:
+                    # a shared grid is judged on the whole group's error
+                    err = _group_reduce(err, groups, "sum")
+                better = err < best
+                best = torch.where(better, err, best)
+                scale = torch.where(better, scale1, scale)
+                zero = torch.where(better, zero1, zero)
+
+        if not self.perchannel:
+            scale = scale.expand(rows)
+            zero = zero.expand(rows)
+        self.scale = scale.reshape(-1, 1).contiguous()
+        self.zero = zero.reshape(-1, 1).contiguous()
+        self.maxq = self._row_maxq(rows, dev).reshape(-1, 1).contiguous()
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ready():
+            return quantize(x, self.scale, self.zero, self.maxq)
+        return x
+
+    def enabled(self) -> bool:
+        return bool((self.maxq > 0).all())
+
+    def ready(self) -> bool:
+        return bool(torch.all(self.scale != 0))
+
+    def n_param_sets(self) -> int:
+        """Distinct (scale, zero) pairs one ``find_params`` call produces: what metadata must store."""
+        if not self.perchannel:
+            return 1
+        if self.row_groups is not None:
+            return int(torch.unique(self.row_groups).numel())
+        return int(self.scale.shape[0])
+
+
+def rtn(w: torch.Tensor, bits: int | torch.Tensor, sym: bool = False, row_groups: torch.Tensor | None = None,
+        groupsize: int = -1) -> torch.Tensor:
+    """Round-to-nearest quantization of w [rows, cols] with per-row (or per-group) min-max parameters.
+
+    With ``groupsize`` > 0, parameters are recomputed for every block of that many columns. Used to cost
+    bit-widths for allocation, not inside SparseGPT (which quantizes with error feedback).
+    """
+    q = Quantizer()
+    q.configure(bits, perchannel=True, sym=sym, row_groups=row_groups)
+    if groupsize <= 0:
+        q.find_params(w, weight=True)
+        return q.quantize(w)
+    out = torch.empty_like(w, dtype=torch.float32)
+    for c in range(0, w.shape[1], groupsize):
+        blk = w[:, c : c + groupsize]
+        q.find_params(blk, weight=True)
+        out[:, c : c + groupsize] = q.quantize(blk.float())
+    return out
