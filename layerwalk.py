@@ -1,0 +1,177 @@
+"""Walk an OPT decoder layer by layer, so that a model larger than the accelerator can be compressed and
+evaluated one decoder layer at a time (as IST-DASLab/sparsegpt's ``opt_sequential`` and ``opt_eval``).
+
+The first decoder layer's inputs are captured together with *every* keyword argument the model passes it
+(attention mask, position ids, ... whatever the installed transformers sends). Replaying exactly those
+keeps attention causal: transformers 5 passes ``attention_mask=None`` to SDPA layers and relies on the
+layer's ``is_causal``, while eager attention gets an explicit 4-D mask; a walker that rebuilds the mask
+itself gets one of the two wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+Visit = Callable[[int, nn.Module, torch.Tensor], None]
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    return model.model.decoder
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return decoder(model).layers
+
+
+def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
+    """All nn.Linear inside ``module``, keyed by dotted path (prefixed)."""
+    return {f"{prefix}{n}": m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer 0: records its input and keyword arguments, then stops the forward."""
+
+    def __init__(self, layer: nn.Module, store: list):
+        super().__init__()
+        self.layer = layer
+        self.store = store
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.store.append((hidden_states, args, kwargs))
+        raise _Stop
+
+
+def _embedding_modules(model: nn.Module) -> list[nn.Module]:
+    d = decoder(model)
+    return [m for m in (d.embed_tokens, d.embed_positions, d.project_in) if m is not None]
+
+
+def _head_modules(model: nn.Module) -> list[nn.Module]:
+    d = decoder(model)
+    return [m for m in (d.final_layer_norm, d.project_out, model.lm_head) if m is not None]
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, windows: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, dict]:
+    """Run the embeddings on ``windows`` [n, seqlen] (token ids) and return layer 0's inputs.
+
+    Returns (inps [n, seqlen, hidden] in the model's dtype on ``dev``, layer kwargs). Windows go through one
+    at a time, as in the reference, so every kwarg is that of a batch of one and valid for each window.
+    """
+    layers = decoder_layers(model)
+    for m in _embedding_modules(model):
+        m.to(dev)
+    store: list = []
+    first = layers[0]
+    layers[0] = _Catcher(first, store)
+    try:
+        for j in range(windows.shape[0]):
+            try:
+                model(windows[j : j + 1].to(dev), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        layers[0] = first
+        for m in _embedding_modules(model):
+            m.cpu() if dev.type != "cpu" else None
+    inps = torch.cat([h for h, _, _ in store], dim=0)
+    _, args, kwargs = store[0]
+    if args:
+        raise RuntimeError(f"decoder layer got {len(args)} unexpected positional arguments")
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")}
+    kwargs["use_cache"] = False
+    return inps, kwargs
+
+
+@torch.no_grad()
+def walk(
+    model: nn.Module,
+    inps: torch.Tensor,
+    kwargs: dict,
+    dev: torch.device,
+    visit: Visit | None = None,
+    desc: str = "layers",
+) -> torch.Tensor:
+    """Feed ``inps`` [n, seqlen, hidden] through every decoder layer; return the last layer's outputs.
+
+    For each layer: move it to ``dev``, call ``visit(index, layer, inps)`` (compression hooks in here and may
+    change the layer's weights), then compute the layer's outputs on ``inps`` *after* the visit, so each layer
+    is compressed from the already compressed model's activations, and move the layer back.
+    """
+    layers = decoder_layers(model)
+    outs = torch.empty_like(inps)
+    for i in tqdm(range(len(layers)), desc=desc, leave=False, disable=None):
+        layer = layers[i].to(dev)
+        if visit is not None:
+            visit(i, layer, inps)
+        for j in range(inps.shape[0]):
+            outs[j : j + 1] = layer(inps[j : j + 1], **kwargs)
+        if dev.type != "cpu":
+            layers[i] = layer.cpu()
+            torch.cuda.empty_cache()
+        inps, outs = outs, inps
+    return inps
+
+
+def run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict) -> None:
+    """Forward every sample through ``layer`` for its hooks' sake (outputs discarded)."""
+    for j in range(inps.shape[0]):
+        layer(inps[j : j + 1], **kwargs)
+
+
+@torch.no_grad()
+def window_losses(model: nn.Module, hidden: torch.Tensor, windows: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Mean next-token cross-entropy of each window [n] from the last layer's outputs [n, seqlen, hidden]."""
+    heads = _head_modules(model)
+    for m in heads:
+        m.to(dev)
+    losses = torch.empty(windows.shape[0], dtype=torch.float64)
+    d = decoder(model)
+    for j in range(windows.shape[0]):
+        h = hidden[j : j + 1]
+        if d.final_layer_norm is not None:
+            h = d.final_layer_norm(h)
+        if d.project_out is not None:
+            h = d.project_out(h)
+        logits = model.lm_head(h).float()
+        target = windows[j : j + 1, 1:].to(dev)
+        losses[j] = nn.functional.cross_entropy(logits[0, :-1], target[0]).double().cpu()
+    if dev.type != "cpu":
+        for m in heads:
+            m.cpu()
+    return losses
+
+
+def eval_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """Non-overlapping windows [n, seqlen] of the stream tokens [1, T]; the remainder is dropped."""
+    n = tokens.shape[1] // seqlen
+    return tokens[0, : n * seqlen].reshape(n, seqlen)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, dev: torch.device, desc: str = "eval") -> float:
+    """exp(mean window loss) over non-overlapping windows, computed layer by layer (reference ``opt_eval``)."""
+    windows = eval_windows(tokens, seqlen)
+    inps, kwargs = capture_inputs(model, windows, dev)
+    hidden = walk(model, inps, kwargs, dev, desc=desc)
+    return float(torch.exp(window_losses(model, hidden, windows, dev).mean()))
+
+
+@torch.no_grad()
+def full_forward_perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, dev: torch.device) -> float:
+    """The same perplexity from the model's own full forward pass: the check on the layer walker."""
+    windows = eval_windows(tokens, seqlen)
+    model.to(dev)
+    losses = []
+    for j in range(windows.shape[0]):
+        w = windows[j : j + 1].to(dev)
+        losses.append(model(w, labels=w, use_cache=False).loss.double().cpu())
+    return float(torch.exp(torch.stack(losses).mean()))
