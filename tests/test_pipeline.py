@@ -1,0 +1,152 @@
+"""End to end on the toy model (and the ../shared testbed when present): walker, methods, bits, save."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import datautils
+import layerwalk
+import opt_mi
+
+pytestmark = pytest.mark.slow
+FAST = ["--nsamples", "16", "--seqlen", "64", "--analysis-dir", ""]
+
+
+def run(toy_path, tmp_path, *extra, name="r") -> dict:
+    out = tmp_path / f"{name}.json"
+    code = opt_mi.main([toy_path, "synthetic", *FAST, "--json", str(out), *extra])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+def test_dense_walker_equals_full_forward(toy_path):
+    model = AutoModelForCausalLM.from_pretrained(toy_path).eval()
+    tok = AutoTokenizer.from_pretrained(toy_path)
+    tokens = datautils.get_eval_tokens("synthetic", 128, tok)
+    dev = torch.device("cpu")
+    a = layerwalk.perplexity(model, tokens, 128, dev)
+    b = layerwalk.full_forward_perplexity(model, tokens, 128, dev)
+    assert abs(a - b) / b < 1e-4
+
+
+def test_eager_attention_walker_equals_full_forward(toy_path):
+    """Eager attention receives an explicit mask instead of is_causal: the walker must replay it too."""
+    model = AutoModelForCausalLM.from_pretrained(toy_path, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(toy_path)
+    tokens = datautils.get_eval_tokens("synthetic", 64, tok)[:, : 64 * 20]
+    dev = torch.device("cpu")
+    a = layerwalk.perplexity(model, tokens, 64, dev)
+    b = layerwalk.full_forward_perplexity(model, tokens, 64, dev)
+    assert abs(a - b) / b < 1e-4
+
+
+def test_walker_matches_testbed_documented_ppl(testbed):
+    model = AutoModelForCausalLM.from_pretrained(testbed).eval()
+    tok = AutoTokenizer.from_pretrained(testbed)
+    path = str(testbed.parents[1] / "data" / "c4_heldout.jsonl")
+    tokens = datautils.get_eval_tokens(path, 256, tok)
+    ppl = layerwalk.perplexity(model, tokens, 256, torch.device("cpu"))
+    assert abs(ppl - 240.963) < 0.01  # TRAINED.md's full-forward figure
+
+
+def test_sparsegpt_beats_magnitude_and_hits_sparsity(toy_path, tmp_path):
+    dense = run(toy_path, tmp_path, name="dense")
+    sgpt = run(toy_path, tmp_path, "--sparsity", "0.5", name="sgpt")
+    mag = run(toy_path, tmp_path, "--sparsity", "0.5", "--gmp", name="mag")
+    d, s, m = dense["ppl"]["synthetic"], sgpt["ppl"]["synthetic"], mag["ppl"]["synthetic"]
+    assert d < s < m
+    assert abs(sgpt["sparsity"] - 0.5) < 0.005
+    assert abs(mag["sparsity"] - 0.5) < 0.005
+    assert sgpt["method"] == "sparsegpt" and mag["method"] == "magnitude" and dense["method"] == "dense"
+    assert dense["bits"]["bpw"] == 16 and sgpt["bits"]["mask_bpw"] == 1.0
+
+
+def test_same_seed_same_result_and_seed_matters(toy_path, tmp_path):
+    a = run(toy_path, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--groups", "4", name="a")
+    b = run(toy_path, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--groups", "4", name="b")
+    c = run(toy_path, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--groups", "4", "--seed", "1", name="c")
+    assert a["ppl"] == b["ppl"]
+    assert [r["labels"] for r in a["layers"]] == [r["labels"] for r in b["layers"]]
+    assert [r["group_bits"] for r in a["layers"]] == [r["group_bits"] for r in b["layers"]]
+    assert a["ppl"] != c["ppl"]
+
+
+def test_groups_all_uniform_alloc_equals_per_channel_baseline(toy_path, tmp_path):
+    base = run(toy_path, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--save", str(tmp_path / "m0"), name="u")
+    allg = run(toy_path, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--groups", "all", "--bit-alloc", "uniform",
+               "--save", str(tmp_path / "m1"), name="all")
+    assert base["ppl"] == allg["ppl"]
+    w0 = load_file(str(tmp_path / "m0" / "model.safetensors"))
+    w1 = load_file(str(tmp_path / "m1" / "model.safetensors"))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def _levels_within_bits(save_dir) -> tuple[int, float]:
+    """Independent count: distinct values per saved row vs 2^bits of its group; returns (rows, mean bits)."""
+    weights = load_file(str(save_dir / "model.safetensors"))
+    qinfo = json.loads((save_dir / "quantization.json").read_text())
+    rows, bits_sum, n = 0, 0.0, 0
+    for name, info in qinfo["layers"].items():
+        W = weights[f"{name}.weight"]
+        row_bits = [info["group_bits"][g] for g in info["labels"]] if info["group_bits"] else [info["bits"]] * len(W)
+        for r, b in zip(W, row_bits):
+            assert torch.unique(r).numel() <= 2**b
+            rows += 1
+        bits_sum += sum(row_bits) * W.shape[1]
+        n += W.numel()
+    return rows, bits_sum / n
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--strategy", "independent"],
+        ["--strategy", "shared"],
+        ["--cluster", "random"],
+        ["--cluster", "contiguous"],
+        ["--cluster", "hierarchical"],
+        ["--bit-alloc", "hessian-mi"],
+    ],
+    ids=["mi-B", "mi-A", "random", "contiguous", "hierarchical", "hessian-mi"],
+)
+def test_mi_methods_end_to_end_with_budget_and_levels(toy_path, tmp_path, extra):
+    save = tmp_path / "model"
+    r = run(toy_path, tmp_path, "--sparsity", "0.5", "--wbits", "3.5", "--groups", "6", "--save", str(save), *extra)
+    assert all(math.isfinite(v) for v in r["ppl"].values())
+    for layer in r["layers"]:
+        sizes, bits = layer["group_sizes"], layer["group_bits"]
+        assert len(sizes) == 6 and min(sizes) > 0
+        assert sum(s * b for s, b in zip(sizes, bits)) <= 3.5 * layer["channels"] + 1e-9
+        assert set(layer["timing"]) >= {"mi_s", "cluster_s", "alloc_s", "prune_s"}
+    rows, mean_bits = _levels_within_bits(save)
+    assert rows == sum(layer["channels"] for layer in r["layers"])
+    assert mean_bits == pytest.approx(r["bits"]["avg_weight_bits"], abs=1e-9)
+    assert r["bits"]["avg_weight_bits"] <= 3.5
+    # reload gives the same perplexity
+    code = opt_mi.main([str(save), "synthetic", *FAST, "--json", str(tmp_path / "re.json")])
+    assert code == 0
+    again = json.loads((tmp_path / "re.json").read_text())
+    assert again["ppl"]["synthetic"] == pytest.approx(r["ppl"]["synthetic"], rel=1e-6)
+
+
+def test_layer_records_and_figures(toy_path, tmp_path):
+    out = tmp_path / "r.json"
+    code = opt_mi.main([toy_path, "synthetic", "--nsamples", "16", "--seqlen", "64", "--wbits", "4",
+                        "--groups", "4", "--analysis-dir", str(tmp_path / "an"), "--json", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())
+    names = [x["name"] for x in r["layers"]]
+    assert "model.decoder.layers.0.fc1" in names and len(names) == 12
+    assert (tmp_path / "an" / "mi_matrix.png").is_file() and (tmp_path / "an" / "grouping_result.png").is_file()
+    assert r["sparsity"] < 0.01
+
+
+def test_layer_selection_flags(toy_path, tmp_path):
+    r = run(toy_path, tmp_path, "--sparsity", "0.5", "--minlayer", "1", "--prune_only", "fc")
+    assert [x["name"] for x in r["layers"]] == ["model.decoder.layers.1.fc1", "model.decoder.layers.1.fc2"]
+    inv = run(toy_path, tmp_path, "--sparsity", "0.5", "--minlayer", "1", "--prune_only", "fc", "--invert", name="i")
+    assert len(inv["layers"]) == 10
