@@ -1,0 +1,253 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import allocation as al
+import quant
+
+CHOICES = list(al.DEFAULT_BITS_CHOICES)
+
+
+def _brute_force(costs: np.ndarray, sizes: np.ndarray, choices: list[int], budget: float):
+    """(best objective, least total bits among optimal picks) by enumerating every combination."""
+    best, best_bits = np.inf, None
+    limit = budget * sizes.sum() + 1e-9
+    for pick in itertools.product(range(len(choices)), repeat=len(sizes)):
+        bits = int(sum(s * choices[j] for s, j in zip(sizes, pick, strict=True)))
+        if bits > limit:
+            continue
+        obj = sum(costs[g, j] for g, j in enumerate(pick))
+        if obj < best or (obj == best and bits < best_bits):
+            best, best_bits = obj, bits
+    return best, best_bits
+
+
+def _random_instance(rng, integer_costs: bool):
+    k = int(rng.integers(1, 6))
+    choices = sorted(rng.choice(np.arange(1, 9), size=int(rng.integers(1, 5)), replace=False).tolist())
+    sizes = rng.integers(1, 20, size=k)
+    if integer_costs:  # exact float sums, so ties are real ties
+        costs = rng.integers(0, 4, size=(k, len(choices))).astype(float)
+    else:
+        costs = rng.random((k, len(choices))) * rng.choice([1e-3, 1.0, 1e3])
+    budget = float(rng.choice([rng.uniform(choices[0], choices[-1]), rng.choice(choices)]))
+    return costs, sizes, choices, budget
+
+
+@pytest.mark.parametrize("integer_costs", [False, True])
+def test_allocate_bits_equals_brute_force(integer_costs):
+    rng = np.random.default_rng(int(integer_costs))
+    for _ in range(300):
+        costs, sizes, choices, budget = _random_instance(rng, integer_costs)
+        bits = al.allocate_bits(costs, sizes, choices, budget).numpy()
+        assert bits.dtype == np.int64 and bits.shape == sizes.shape
+        pick = [choices.index(b) for b in bits]
+        obj = sum(costs[g, j] for g, j in enumerate(pick))
+        total = int((sizes * bits).sum())
+        assert total <= budget * sizes.sum() + 1e-9
+        best, best_bits = _brute_force(costs, sizes, choices, budget)
+        assert obj == pytest.approx(best, rel=1e-12, abs=0)
+        if integer_costs:
+            assert total == best_bits
+
+
+def test_never_exceeds_budget_at_scale():
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        k = int(rng.integers(1, 300))
+        sizes = rng.integers(1, 100, size=k)
+        # realistic shape: error shrinks ~4x per extra bit, groups differ in sensitivity
+        costs = rng.random((k, 1)) * 4.0 ** -np.asarray(CHOICES)[None, :] * sizes[:, None]
+        budget = float(rng.uniform(2, 8))
+        bits = al.allocate_bits(torch.from_numpy(costs), torch.from_numpy(sizes), CHOICES, budget).numpy()
+        assert (sizes * bits).sum() <= budget * sizes.sum() + 1e-9
+        assert set(bits.tolist()) <= set(CHOICES)
+
+
+def test_budget_rounding_allows_exact_fit():
+    # (3.3 - 3) * 10 evaluates to 2.9999999999999982; the 3-row group upgrading to 4 bits uses exactly 33
+    bits = al.allocate_bits(np.array([[10.0, 0.0], [1.0, 1.0]]), np.array([3, 7]), [3, 4], 3.3)
+    assert bits.tolist() == [4, 3]
+
+
+def test_per_channel_scale():
+    rows = 3072
+    rng = np.random.default_rng(0)
+    costs = rng.random((rows, 1)) * 4.0 ** -np.asarray(CHOICES)[None, :]
+    bits = al.allocate_bits(costs, np.ones(rows, dtype=np.int64), CHOICES, 3.5).numpy()
+    assert bits.sum() <= 3.5 * rows
+    assert bits.sum() >= 3.5 * rows - 2  # with that many cheap upgrades the budget is used up
+
+
+def test_ties_take_fewest_bits():
+    bits = al.allocate_bits(np.zeros((4, 3)), np.array([1, 2, 3, 4]), [2, 4, 8], 8.0)
+    assert bits.tolist() == [2, 2, 2, 2]
+    # the 8-bit option buys nothing over 4 bits
+    bits = al.allocate_bits(np.array([[5.0, 1.0, 1.0]]), np.array([1]), [2, 4, 8], 8.0)
+    assert bits.tolist() == [4]
+
+
+def test_allocate_bits_invalid():
+    costs, sizes = np.ones((2, 3)), np.array([1, 2])
+    for budget in (1.9, 8.5, float("nan")):
+        with pytest.raises(ValueError, match=r"bit budget .* \[2, 8\]"):
+            al.allocate_bits(costs, sizes, [2, 4, 8], budget)
+    for choices in ([], [4, 2, 8], [2, 2, 8], [0, 2, 4], [2, 4, 17], [2, 4.5, 8]):
+        with pytest.raises(ValueError, match="choices"):
+            al.allocate_bits(np.ones((2, max(len(choices), 1))), sizes, choices, 4)
+    bad = costs.copy()
+    bad[0, 1] = np.nan
+    with pytest.raises(ValueError, match="1 NaN"):
+        al.allocate_bits(bad, sizes, [2, 4, 8], 4)
+    with pytest.raises(ValueError, match=">= 0"):
+        al.allocate_bits(-costs, sizes, [2, 4, 8], 4)
+    with pytest.raises(ValueError, match=">= 0"):
+        al.allocate_bits(costs * np.inf, sizes, [2, 4, 8], 4)
+    with pytest.raises(ValueError, match="sizes"):
+        al.allocate_bits(costs, np.array([1, 0]), [2, 4, 8], 4)
+    with pytest.raises(ValueError, match="sizes"):
+        al.allocate_bits(costs, np.array([1.0, 2.0]), [2, 4, 8], 4)
+    with pytest.raises(ValueError, match="sizes"):
+        al.allocate_bits(costs, np.array([1, 2, 3]), [2, 4, 8], 4)
+    with pytest.raises(ValueError, match="costs"):
+        al.allocate_bits(np.ones((2, 2)), sizes, [2, 4, 8], 4)
+
+
+def _layer(rows=9, cols=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g) * (1 + 3 * torch.rand(rows, 1, generator=g))
+    X = torch.randn(64, cols, generator=g)
+    X[:, 0] *= 10  # an outlier feature makes H far from isotropic
+    H = X.T @ X / 64 + 0.01 * torch.eye(cols)
+    return W, H
+
+
+@pytest.mark.parametrize("strategy", quant.STRATEGIES)
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("groupsize", [-1, 4])
+def test_group_costs_matches_loop(strategy, sym, groupsize):
+    W, H = _layer()
+    labels = torch.tensor([0, 2, 1, 0, 2, 2, 1, 0, 2])
+    costs = al.group_costs(W, H, labels, CHOICES, strategy=strategy, sym=sym, groupsize=groupsize)
+    assert costs.dtype == torch.float64 and costs.shape == (3, len(CHOICES))
+    h = H.double().numpy()
+    ref = np.zeros((3, len(CHOICES)))
+    for j, b in enumerate(CHOICES):
+        groups = labels if strategy == "shared" else None
+        q = quant.rtn(W, b, sym=sym, row_groups=groups, groupsize=groupsize).double().numpy()
+        for r in range(W.shape[0]):
+            e = W[r].double().numpy() - q[r]
+            ref[labels[r], j] += e @ h @ e
+    np.testing.assert_allclose(costs.numpy(), ref, rtol=1e-10, atol=0)
+
+
+def test_group_costs_shared_differs_from_independent():
+    W, H = _layer()
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    a = al.group_costs(W, H, labels, [3], strategy="shared")
+    b = al.group_costs(W, H, labels, [3], strategy="independent")
+    assert (a > b).all()  # one grid for rows of different ranges costs more
+
+
+def test_group_costs_invalid():
+    W, H = _layer()
+    labels = torch.zeros(9, dtype=torch.long)
+    with pytest.raises(ValueError, match="H must be"):
+        al.group_costs(W, H[:4, :4], labels, CHOICES)
+    with pytest.raises(ValueError, match="W must be"):
+        al.group_costs(W[0], H, labels, CHOICES)
+    with pytest.raises(ValueError, match="labels"):
+        al.group_costs(W, H, labels[:5], CHOICES)
+    with pytest.raises(ValueError, match="labels"):
+        al.group_costs(W, H, labels.float(), CHOICES)
+    with pytest.raises(ValueError, match="strategy"):
+        al.group_costs(W, H, labels, CHOICES, strategy="tied")
+
+
+def test_redundancy_factor_by_hand():
+    nmi = np.array(
+        [
+            [1.0, 0.5, 0.2, 0.0, 0.1],
+            [0.7, 1.0, 0.4, 0.0, 0.3],
+            [0.2, 0.4, 1.0, 0.9, 0.0],
+            [0.0, 0.0, 0.9, 1.0, 0.0],
+            [0.1, 0.3, 0.0, 0.0, 1.0],
+        ]
+    )
+    labels = torch.tensor([0, 0, 1, 1, 2])  # pairs: (0, 1) -> (0.5 + 0.7) / 2 = 0.6; (2, 3) -> 0.9
+    f = al.redundancy_factor(nmi, labels, 2.0)
+    np.testing.assert_allclose(f.numpy(), [0.4**2, 0.1**2, 1.0], rtol=1e-12)
+    three = al.redundancy_factor(nmi, torch.tensor([0, 0, 0, 1, 1]), 1.0)
+    np.testing.assert_allclose(three.numpy(), [1 - (0.6 + 0.2 + 0.4) / 3, 1.0], rtol=1e-12)
+    assert torch.equal(al.redundancy_factor(nmi, labels, 0.0), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="alpha"):
+        al.redundancy_factor(nmi, labels, -1.0)
+
+
+def _layer_with_nmi(rows=24, cols=16, k=5, seed=1):
+    W, H = _layer(rows, cols, seed)
+    labels = torch.arange(rows) % k
+    nmi = np.random.default_rng(seed).random((rows, rows))
+    return W, H, labels, nmi
+
+
+def test_hessian_mi_alpha_zero_equals_hessian():
+    W, H, labels, nmi = _layer_with_nmi()
+    for budget in (2.0, 3.5, 4.25, 8.0):
+        h = al.allocate("hessian", W, H, labels, None, CHOICES, budget)
+        assert torch.equal(al.allocate("hessian-mi", W, H, labels, nmi, CHOICES, budget, alpha=0.0), h)
+
+
+def test_hessian_mi_scales_costs():
+    W, H, labels, nmi = _layer_with_nmi()
+    costs = al.group_costs(W, H, labels, CHOICES)
+    sizes = torch.bincount(labels)
+    for alpha in (0.5, 3.0):
+        factor = al.redundancy_factor(nmi, labels, alpha)
+        ref = al.allocate_bits(costs * factor[:, None], sizes, CHOICES, 3.5)
+        assert torch.equal(al.allocate("hessian-mi", W, H, labels, nmi, CHOICES, 3.5, alpha=alpha), ref)
+    default = al.allocate("hessian-mi", W, H, labels, nmi, CHOICES, 3.5, alpha=None)
+    explicit = al.allocate("hessian-mi", W, H, labels, nmi, CHOICES, 3.5, alpha=al.DEFAULT_MI_ALPHA)
+    assert torch.equal(default, explicit)
+    with pytest.raises(ValueError, match="NMI"):
+        al.allocate("hessian-mi", W, H, labels, None, CHOICES, 3.5, alpha=1.0)
+    # every row alone: all factors are one, so no NMI is needed and the result is plain hessian
+    alone = torch.arange(W.shape[0])
+    assert torch.equal(
+        al.allocate("hessian-mi", W, H, alone, None, CHOICES, 3.5, alpha=1.0),
+        al.allocate("hessian", W, H, alone, None, CHOICES, 3.5),
+    )
+
+
+def test_allocate_hessian_respects_budget_and_prefers_sensitive_groups():
+    W, H, labels, _ = _layer_with_nmi()
+    W[labels == 2] *= 20  # a group with much larger weights has much larger error at equal bits
+    bits = al.allocate("hessian", W, H, labels, None, CHOICES, 3.5)
+    assert bits.shape == (5,) and bits.dtype == torch.int64
+    assert bits[labels].double().mean() <= 3.5
+    assert bits[2] == bits.max()
+
+
+def test_uniform():
+    W, H, labels, _ = _layer_with_nmi()
+    for budget, expect in [(3.5, 3), (2.0, 2), (7.9, 6), (8.0, 8)]:
+        bits = al.allocate("uniform", W, H, labels, None, CHOICES, budget)
+        assert bits.tolist() == [expect] * 5
+    with pytest.raises(ValueError, match="bit budget"):
+        al.allocate("uniform", W, H, labels, None, CHOICES, 1.5)
+
+
+def test_allocate_invalid():
+    W, H, labels, nmi = _layer_with_nmi()
+    with pytest.raises(ValueError, match="bit allocation"):
+        al.allocate("greedy", W, H, labels, nmi, CHOICES, 3.5)
+    with pytest.raises(ValueError, match="empty"):
+        al.allocate("hessian", W, H, labels * 2, nmi, CHOICES, 3.5)
+
+
+def test_table_size_guard(monkeypatch):
+    monkeypatch.setattr(al, "MAX_TABLE_BYTES", 1000)
+    with pytest.raises(MemoryError, match="knapsack table"):
+        al.allocate_bits(np.ones((100, 2)), np.ones(100, dtype=np.int64), [2, 4], 3.0)
