@@ -1,0 +1,71 @@
+"""Figures for the analysis, written straight to PNG files (matplotlib, headless "Agg" backend)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+matplotlib.use("Agg")  # figures only ever go to files; no display needed
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, possibly on a GPU
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _save_atomic(fig: Figure, path) -> None:
+    """Write fig as a PNG to a temporary file next to `path`, then rename it: no half-written figure."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".plot-", suffix=".png.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def plot_nmi_heatmap(nmi, labels, path, title: str | None = None):
+    """Heatmap of an NMI matrix with the channels ordered by group.
+
+    nmi: [C, C] tensor or array; labels: [C] integer group of each channel. Channels are stably sorted by
+    label, white lines mark the group boundaries. The colour scale runs from 0 to the 99th percentile of the
+    off-diagonal NMI: the diagonal (1 by definition) and a few duplicate channels would otherwise wash out
+    the structure. Writes a 900 x 750 pixel PNG to `path` (atomically) and returns `path`.
+    """
+    nmi = _to_numpy(nmi).astype(np.float64)
+    labels = _to_numpy(labels)
+    if nmi.ndim != 2 or nmi.shape[0] != nmi.shape[1]:
+        raise ValueError(f"nmi must be a square [C, C] matrix, got shape {nmi.shape}")
+    if labels.shape != (nmi.shape[0],):
+        raise ValueError(f"labels must have shape ({nmi.shape[0]},), got {labels.shape}")
+
+    order = np.argsort(labels, kind="stable")
+    m = nmi[np.ix_(order, order)]
+    sorted_labels = labels[order]
+    off = m[~np.eye(len(m), dtype=bool)]
+    vmax = float(np.quantile(off, 0.99)) if off.size else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+
+    fig = Figure(figsize=(9, 7.5), dpi=100)
+    ax = fig.add_subplot()
+    im = ax.imshow(m, cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+    for b in np.flatnonzero(sorted_labels[1:] != sorted_labels[:-1]) + 0.5:  # between the last and first
+        ax.axhline(b, color="white", linewidth=0.8)
+        ax.axvline(b, color="white", linewidth=0.8)
+    ax.set_xlabel("channel (sorted by group)")
+    ax.set_ylabel("channel (sorted by group)")
+    n_groups = len(np.unique(labels))
+    ax.set_title(title if title is not None else f"NMI, {len(m)} channels in {n_groups} groups")
+    fig.colorbar(im, ax=ax, label="NMI", extend="max" if vmax < nmi.max() else "neither")
+    fig.tight_layout()
+    _save_atomic(fig, path)
+    return path
