@@ -99,12 +99,15 @@ def walk(
     dev: torch.device,
     visit: Visit | None = None,
     desc: str = "layers",
+    batch: int = 1,
 ) -> torch.Tensor:
     """Feed ``inps`` [n, seqlen, hidden] through every decoder layer; return the last layer's outputs.
 
     For each layer: move it to ``dev``, call ``visit(index, layer, inps)`` (compression hooks in here and may
     change the layer's weights), then compute the layer's outputs on ``inps`` *after* the visit, so each layer
-    is compressed from the already compressed model's activations, and move the layer back.
+    is compressed from the already compressed model's activations, and move the layer back. ``batch``
+    windows go through a layer per call: the captured kwargs (mask, positions) have batch size one and
+    broadcast, so the result is the same up to float summation order.
     """
     layers = decoder_layers(model)
     outs = torch.empty_like(inps)
@@ -112,8 +115,8 @@ def walk(
         layer = layers[i].to(dev)
         if visit is not None:
             visit(i, layer, inps)
-        for j in range(inps.shape[0]):
-            outs[j : j + 1] = layer(inps[j : j + 1], **kwargs)
+        for j in range(0, inps.shape[0], batch):
+            outs[j : j + batch] = layer(inps[j : j + batch], **kwargs)
         if dev.type != "cpu":
             layers[i] = layer.cpu()
             torch.cuda.empty_cache()
@@ -128,22 +131,30 @@ def run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict) -> None:
 
 
 @torch.no_grad()
-def window_losses(model: nn.Module, hidden: torch.Tensor, windows: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """Mean next-token cross-entropy of each window [n] from the last layer's outputs [n, seqlen, hidden]."""
+def window_losses(model: nn.Module, hidden: torch.Tensor, windows: torch.Tensor, dev: torch.device,
+                  logits_budget: int = 2**27) -> torch.Tensor:
+    """Mean next-token cross-entropy of each window [n] from the last layer's outputs [n, seqlen, hidden].
+
+    Windows go through the head in chunks holding at most ``logits_budget`` float32 logits (512 MB), since a
+    50k vocabulary makes logits the largest tensor of evaluation.
+    """
     heads = _head_modules(model)
     for m in heads:
         m.to(dev)
-    losses = torch.empty(windows.shape[0], dtype=torch.float64)
+    n, seqlen = windows.shape
+    chunk = max(1, logits_budget // (seqlen * model.lm_head.out_features))
+    losses = torch.empty(n, dtype=torch.float64)
     d = decoder(model)
-    for j in range(windows.shape[0]):
-        h = hidden[j : j + 1]
+    for j in range(0, n, chunk):
+        h = hidden[j : j + chunk]
         if d.final_layer_norm is not None:
             h = d.final_layer_norm(h)
         if d.project_out is not None:
             h = d.project_out(h)
-        logits = model.lm_head(h).float()
-        target = windows[j : j + 1, 1:].to(dev)
-        losses[j] = nn.functional.cross_entropy(logits[0, :-1], target[0]).double().cpu()
+        logits = model.lm_head(h).float()[:, :-1]
+        target = windows[j : j + chunk, 1:].to(dev)
+        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+        losses[j : j + chunk] = nll.view(target.shape).double().mean(1).cpu()
     if dev.type != "cpu":
         for m in heads:
             m.cpu()
@@ -157,11 +168,12 @@ def eval_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, dev: torch.device, desc: str = "eval") -> float:
+def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, dev: torch.device, desc: str = "eval",
+               batch: int = 8) -> float:
     """exp(mean window loss) over non-overlapping windows, computed layer by layer (reference ``opt_eval``)."""
     windows = eval_windows(tokens, seqlen)
     inps, kwargs = capture_inputs(model, windows, dev)
-    hidden = walk(model, inps, kwargs, dev, desc=desc)
+    hidden = walk(model, inps, kwargs, dev, desc=desc, batch=batch)
     return float(torch.exp(window_losses(model, hidden, windows, dev).mean()))
 
 

@@ -75,6 +75,7 @@ def build_parser() -> Parser:
     b.add_argument("--device", type=str, default=None, help="cuda, cuda:1, cpu ... (default cuda when available)")
     b.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="model dtype; auto = float32 on cpu, the checkpoint's dtype on cuda")
+    b.add_argument("--eval-batch", type=int, default=16, help="windows per layer call during evaluation")
     b.add_argument("--json", type=str, default="", help="write results here (atomically)")
     b.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     m = p.add_argument_group("MI channel grouping")
@@ -124,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         bad("--nsamples", args.nsamples, "must be at least 1")
     if args.seqlen is not None and args.seqlen < 2:
         bad("--seqlen", args.seqlen, "must be at least 2")
+    if args.eval_batch < 1:
+        bad("--eval-batch", args.eval_batch, "must be at least 1")
     if args.blocksize < 1:
         bad("--blocksize", args.blocksize, "must be at least 1")
     if args.percdamp <= 0:
@@ -513,7 +516,7 @@ def run(args) -> dict:
     t = time.time()
     ppl = {}
     for name, tokens in eval_tokens.items():
-        ppl[name] = layerwalk.perplexity(model, tokens, args.seqlen, dev, desc=f"eval {name}")
+        ppl[name] = layerwalk.perplexity(model, tokens, args.seqlen, dev, desc=f"eval {name}", batch=args.eval_batch)
         if not math.isfinite(ppl[name]):
             print(f"warning: perplexity on {name} is not finite", file=sys.stderr)
     eval_s = time.time() - t + eval_load_s

@@ -334,3 +334,14 @@ def test_plot_nmi_heatmap(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["nmi.png"]  # no temporary file left behind
     with pytest.raises(ValueError):
         plot_nmi_heatmap(res.nmi, labels[:-1], tmp_path / "bad.png")
+
+
+def test_grouping_result_png(tmp_path):
+    import matplotlib.image as mpimg
+
+    from plots import plot_grouping_result
+
+    p = plot_grouping_result([5, 3, 8], [4, 2, 3], [0.5, None, 0.2], [0.1, 0.1, 0.05], tmp_path / "g.png", title="t")
+    img = mpimg.imread(p)
+    assert img.shape[1] >= 800 and img.shape[0] >= 600
+    assert list(tmp_path.iterdir()) == [tmp_path / "g.png"]

@@ -150,3 +150,19 @@ def test_layer_selection_flags(toy_path, tmp_path):
     assert [x["name"] for x in r["layers"]] == ["model.decoder.layers.1.fc1", "model.decoder.layers.1.fc2"]
     inv = run(toy_path, tmp_path, "--sparsity", "0.5", "--minlayer", "1", "--prune_only", "fc", "--invert", name="i")
     assert len(inv["layers"]) == 10
+
+
+def test_walker_handles_opt350m_layout():
+    """OPT-350m projects 512 <-> 1024 around the decoder and norms after attention: same walker, same PPL."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                    max_position_embeddings=64, word_embed_proj_dim=16, do_layer_norm_before=False)
+    model = OPTForCausalLM(cfg).eval()
+    assert model.model.decoder.project_in is not None and model.model.decoder.final_layer_norm is None
+    tokens = torch.randint(4, 97, (1, 32 * 6))
+    dev = torch.device("cpu")
+    a = layerwalk.perplexity(model, tokens, 32, dev)
+    b = layerwalk.full_forward_perplexity(model, tokens, 32, dev)
+    assert abs(a - b) / b < 1e-5
