@@ -93,7 +93,7 @@ def _levels_within_bits(save_dir) -> tuple[int, float]:
     for name, info in qinfo["layers"].items():
         W = weights[f"{name}.weight"]
         row_bits = [info["group_bits"][g] for g in info["labels"]] if info["group_bits"] else [info["bits"]] * len(W)
-        for r, b in zip(W, row_bits):
+        for r, b in zip(W, row_bits, strict=True):
             assert torch.unique(r).numel() <= 2**b
             rows += 1
         bits_sum += sum(row_bits) * W.shape[1]
@@ -120,7 +120,7 @@ def test_mi_methods_end_to_end_with_budget_and_levels(toy_path, tmp_path, extra)
     for layer in r["layers"]:
         sizes, bits = layer["group_sizes"], layer["group_bits"]
         assert len(sizes) == 6 and min(sizes) > 0
-        assert sum(s * b for s, b in zip(sizes, bits)) <= 3.5 * layer["channels"] + 1e-9
+        assert sum(s * b for s, b in zip(sizes, bits, strict=True)) <= 3.5 * layer["channels"] + 1e-9
         assert set(layer["timing"]) >= {"mi_s", "cluster_s", "alloc_s", "prune_s"}
     rows, mean_bits = _levels_within_bits(save)
     assert rows == sum(layer["channels"] for layer in r["layers"])
