@@ -1,0 +1,145 @@
+"""Tests for the built-in toy model: loading, tokenizer conventions, quality, determinism, caching."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import toy  # noqa: E402
+from datautils import get_eval_tokens, synthetic_text  # noqa: E402
+
+# Measured here (torch 2.13 CPU): the toy's held-out perplexity on synthetic_text("test") is 73.3. The bound
+# leaves ~20% for other CPUs / torch builds and is still far below the vocabulary (1,876 tokens), a
+# unigram model of the corpus (313) and an interpolated bigram model (~150).
+HELDOUT_PPL_MAX = 90.0
+# Measured: zeroing the smaller half of each decoder linear layer's weights raises it by ~12%.
+MAGNITUDE_50_MIN_RATIO = 1.05
+
+
+@pytest.fixture(scope="module")
+def toy_dir() -> str:
+    return toy.toy_model_path()  # the real cached toy: built once (~25 s), then reused
+
+
+@pytest.fixture(scope="module")
+def loaded(toy_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(toy_dir)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(toy_dir)
+
+
+def test_folder_and_config(toy_dir):
+    folder = Path(toy_dir)
+    assert folder.name == toy.TOY_VERSION
+    for name in (*toy.MODEL_FILES, "TOY.md"):
+        assert (folder / name).is_file(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "opt" and config["architectures"] == ["OPTForCausalLM"]
+    assert config["do_layer_norm_before"] and config["dropout"] == 0.0
+    assert config["max_position_embeddings"] == toy.SEQLEN
+    facts = json.loads((folder / "TOY.json").read_text())
+    assert {k: facts[k] for k in toy.recipe()} == toy.recipe()
+    assert facts["vocab_size"] == config["vocab_size"]
+    assert (config["num_hidden_layers"], config["hidden_size"], config["ffn_dim"]) == (
+        toy.LAYERS, toy.HIDDEN, toy.FFN)
+
+
+def test_tokenizer_follows_opt(loaded):
+    model, tok = loaded
+    assert type(tok).__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast")
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("</s>", "</s>", "<pad>", "<unk>")
+    assert (tok.pad_token_id, tok.bos_token_id, tok.unk_token_id) == (1, 2, 3) == (
+        model.config.pad_token_id, model.config.bos_token_id, 3)
+    ids = tok("the chil, was thutitous.").input_ids
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert tok.unk_token_id not in ids
+    # Arbitrary text still tokenizes: case folds, unknown words become <unk>.
+    assert tok("The Quokka 42!").input_ids == [2, tok.convert_tokens_to_ids("the"), 3, 3,
+                                                tok.convert_tokens_to_ids("!")]
+    assert len(tok) == model.config.vocab_size
+
+
+def test_heldout_perplexity(loaded, toy_dir):
+    model, tok = loaded
+    ids = get_eval_tokens("synthetic", toy.SEQLEN, tok)
+    assert ids.shape[1] > 20_000 and not (ids == tok.unk_token_id).any()
+    ppl = toy.window_perplexity(model, ids)
+    recorded = json.loads((Path(toy_dir) / "TOY.json").read_text())["heldout_ppl"]
+    assert ppl == pytest.approx(recorded, rel=1e-3)  # the saved weights are the trained ones
+    assert ppl < HELDOUT_PPL_MAX, ppl
+    with torch.no_grad():
+        loss = model(ids[:, :128], labels=ids[:, :128]).loss
+    assert math.isfinite(loss) and loss < math.log(len(tok)) - 1
+
+
+def test_pruning_half_the_weights_hurts(loaded):
+    """Trained weights, not noise: zeroing the smaller half of each linear layer costs perplexity."""
+    model, tok = loaded
+    ids = get_eval_tokens("synthetic", toy.SEQLEN, tok)[:, : 64 * toy.SEQLEN]
+    dense = toy.window_perplexity(model, ids)
+    pruned = type(model)(model.config)
+    pruned.load_state_dict(model.state_dict())
+    pruned.eval()
+    with torch.no_grad():
+        for layer in pruned.model.decoder.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                        layer.self_attn.out_proj, layer.fc1, layer.fc2):
+                w = lin.weight
+                w[w.abs() <= w.abs().flatten().kthvalue(w.numel() // 2).values] = 0
+    assert toy.window_perplexity(pruned, ids) > MAGNITUDE_50_MIN_RATIO * dense
+
+
+def test_build_is_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    facts_a = toy.build_toy(str(a), steps=2, seed=1)  # few steps: determinism, not quality, is tested
+    facts_b = toy.build_toy(str(b), steps=2, seed=1)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert facts_a["heldout_ppl"] == facts_b["heldout_ppl"]
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    toy.build_toy(str(tmp_path / "c"), steps=2, seed=2)
+    wc = load_file(tmp_path / "c" / "model.safetensors")
+    assert not torch.equal(wa["model.decoder.layers.0.fc1.weight"], wc["model.decoder.layers.0.fc1.weight"])
+
+
+def test_cache_is_atomic_reused_and_rebuilt_when_outdated(tmp_path, monkeypatch):
+    monkeypatch.setattr(toy, "TOY_STEPS", 1)  # the machinery, not the quality, is under test here
+    stale = tmp_path / f".{toy.TOY_VERSION}.tmp-killed"  # what a killed build leaves
+    stale.mkdir()
+    half = tmp_path / toy.TOY_VERSION  # a folder that is not a complete toy (not written by us)
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    path = toy.toy_model_path(str(tmp_path))
+    assert path == str(half) and all((half / f).is_file() for f in toy.MODEL_FILES)
+    assert {p.name for p in tmp_path.iterdir()} == {toy.TOY_VERSION, stale.name}  # our temp dir is gone
+    built = (half / "model.safetensors").stat().st_mtime_ns
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("rebuilt a current cached toy")
+
+    with monkeypatch.context() as m:
+        m.setattr(toy, "build_toy", no_rebuild)
+        assert toy.toy_model_path(str(tmp_path)) == path
+        m.setenv("MIQ_CACHE_DIR", str(tmp_path))
+        assert toy.toy_model_path() == path
+    # Another recipe (here: steps) makes the cached folder outdated: it is rebuilt in place.
+    monkeypatch.setattr(toy, "TOY_STEPS", 2)
+    assert toy.toy_model_path(str(tmp_path)) == path
+    assert json.loads((half / "TOY.json").read_text())["steps"] == 2
+    assert (half / "model.safetensors").stat().st_mtime_ns != built
+    assert {p.name for p in tmp_path.iterdir()} == {toy.TOY_VERSION, stale.name}
+
+
+def test_corpus_is_the_training_text():
+    # The toy is trained on the same text the 'synthetic' dataset calibrates on.
+    tok = toy.build_tokenizer()
+    assert not (tok(synthetic_text("train"), return_tensors="pt").input_ids == tok.unk_token_id).any()
