@@ -201,7 +201,7 @@ class _HubUnreachable(Exception):
 
 
 @functools.cache
-def _hub_probe() -> str | None:
+def hub_probe() -> str | None:
     """None when the hub endpoint (or the https proxy) accepts a TCP connection, else a short reason.
 
     Runs once per process. The connect happens in a daemon thread so that a hanging DNS lookup, which
@@ -229,7 +229,7 @@ def _hub_probe() -> str | None:
 
 
 @contextlib.contextmanager
-def _offline_mode() -> Iterator[None]:
+def offline_mode() -> Iterator[None]:
     """Temporarily what HF_HUB_OFFLINE=1 does: datasets and huggingface_hub read the local cache only.
 
     Both libraries read these module constants at call time (the env vars only seed them at import).
@@ -253,9 +253,9 @@ def _load_hub(dataset: str, hub_id: str, **kwargs):
 
     # Offline already (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): datasets reads the cache without network.
     offline = constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE
-    reason = None if offline else _hub_probe()
+    reason = None if offline else hub_probe()
     try:
-        with _offline_mode() if reason else contextlib.nullcontext():
+        with offline_mode() if reason else contextlib.nullcontext():
             return datasets.load_dataset(hub_id, **kwargs)
     except Exception as e:  # any failure here is "could not load", told in one line
         why = f"{reason} and not in the cache" if reason else (str(e).strip().splitlines() or [repr(e)])[0]

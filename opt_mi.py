@@ -12,6 +12,7 @@ same layer walker.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -235,11 +236,16 @@ def load_config_and_tokenizer(args):
     hf_logging.disable_progress_bar()  # our own bars cover layers and evaluation; keep stderr for errors
     path = resolve_model(args.model)
     trust = args.trust_remote_code
+    reason = None if os.path.isdir(path) else datautils.hub_probe()
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+        # unreachable hub: read the local cache only, instead of huggingface_hub's retries (about 25 s)
+        with datautils.offline_mode() if reason else contextlib.nullcontext():
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     except (OSError, ValueError) as e:
+        why = f"{reason} and not in the cache" if reason else _first_line(e)
         raise UserError(f"MODEL {args.model}: could not load it from the Hugging Face hub or the local cache "
-                        f"({_first_line(e)}); offline? pass a local model folder or 'toy'") from None
+                        f"({why}); offline? pass a local model folder or 'toy'") from None
+    args._hub_offline = bool(reason)
     if config.model_type != "opt":
         raise UserError(f"MODEL {args.model}: model_type '{config.model_type}' is not OPT; this toolkit walks OPT")
     positions = config.max_position_embeddings
@@ -247,7 +253,8 @@ def load_config_and_tokenizer(args):
         args.seqlen = min(2048, positions)
     elif args.seqlen > positions:
         raise UserError(f"--seqlen {args.seqlen}: larger than the model's {positions} positions")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    with datautils.offline_mode() if reason else contextlib.nullcontext():
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     return path, tokenizer
 
 
@@ -258,7 +265,8 @@ def load_model(args, path: str, dev: torch.device):
         dtype = torch.float32 if dev.type == "cpu" else "auto"
     else:
         dtype = getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    with datautils.offline_mode() if getattr(args, "_hub_offline", False) else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
     model.eval()
     model.config.use_cache = False
     return model

@@ -86,3 +86,12 @@ def test_user_error_has_no_traceback_as_a_process(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == ["opt_mi.py: error: --sparsity 2.0: must be in [0, 1)"]
     assert not out.exists()
+
+
+def test_hub_model_unreachable_is_one_line(capsys, tmp_path, monkeypatch):
+    import datautils
+
+    monkeypatch.setattr(datautils, "hub_probe", lambda: "no connection to huggingface.co (test)")
+    err = _fails(capsys, tmp_path, ["nonexistent-org/opt-nothing", "synthetic"], "MODEL", "nonexistent-org/opt-nothing",
+                 "local model folder")
+    assert "no connection" in err
