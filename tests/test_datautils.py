@@ -217,6 +217,8 @@ def test_no_long_sequence_warning(tmp_path):
     handler.emit = lambda record: messages.append(record.getMessage())
     logger = logging.getLogger("transformers.tokenization_utils_base")
     logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # an earlier in-process CLI run may have silenced transformers
     try:
         path = tmp_path / "long.txt"
         path.write_text(words_of(500))
@@ -231,6 +233,7 @@ def test_no_long_sequence_warning(tmp_path):
         assert [m for m in messages if "longer than the specified maximum" in m]
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 # --------------------------------------------------------------------------------------- errors

@@ -13,7 +13,7 @@ import layerwalk
 import opt_mi
 
 pytestmark = pytest.mark.slow
-FAST = ["--nsamples", "16", "--seqlen", "64", "--analysis-dir", ""]
+FAST = ["--nsamples", "16", "--seqlen", "64", "--analysis-dir", "", "--eval", "synthetic"]
 
 
 def run(toy_path, tmp_path, *extra, name="r") -> dict:
@@ -135,8 +135,8 @@ def test_mi_methods_end_to_end_with_budget_and_levels(toy_path, tmp_path, extra)
 
 def test_layer_records_and_figures(toy_path, tmp_path):
     out = tmp_path / "r.json"
-    code = opt_mi.main([toy_path, "synthetic", "--nsamples", "16", "--seqlen", "64", "--wbits", "4",
-                        "--groups", "4", "--analysis-dir", str(tmp_path / "an"), "--json", str(out)])
+    code = opt_mi.main([toy_path, "synthetic", "--nsamples", "16", "--seqlen", "64", "--wbits", "4", "--groups", "4",
+                        "--eval", "synthetic", "--analysis-dir", str(tmp_path / "an"), "--json", str(out)])
     assert code == 0
     r = json.loads(out.read_text())
     names = [x["name"] for x in r["layers"]]
