@@ -453,12 +453,26 @@ def save_model(model, tokenizer, res: CompressionResult, args, out: str) -> None
     os.replace(tmp, out)
 
 
+def code_version() -> str:
+    """Hash of the toolkit's own .py files: results from different code must not mix silently in a sweep."""
+    import hashlib
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha1()
+    for f in sorted(os.listdir(here)):
+        if f.endswith(".py"):
+            with open(os.path.join(here, f), "rb") as fh:
+                h.update(f.encode() + b"\0" + fh.read())
+    return h.hexdigest()[:12]
+
+
 def env_info(dev: torch.device) -> dict:
     import transformers
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     return {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(dev),
-            "device_name": name, "python": platform.python_version(), "machine": platform.machine()}
+            "device_name": name, "python": platform.python_version(), "machine": platform.machine(),
+            "code_version": code_version()}
 
 
 def summary(out: dict) -> str:
