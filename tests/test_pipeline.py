@@ -23,24 +23,16 @@ def run(toy_path, tmp_path, *extra, name="r") -> dict:
     return json.loads(out.read_text())
 
 
-def test_dense_walker_equals_full_forward(toy_path):
-    model = AutoModelForCausalLM.from_pretrained(toy_path).eval()
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_dense_walker_equals_full_forward(toy_path, attn):
+    """SDPA layers get attention_mask=None and rely on is_causal; eager ones get an explicit 4-D mask.
+    The walker replays whatever the model passed, so both must equal the full forward pass."""
+    model = AutoModelForCausalLM.from_pretrained(toy_path, attn_implementation=attn).eval()
     tok = AutoTokenizer.from_pretrained(toy_path)
     tokens = datautils.get_eval_tokens("synthetic", 128, tok)[:, : 128 * 60]
     dev = torch.device("cpu")
     a = layerwalk.perplexity(model, tokens, 128, dev)
     b = layerwalk.full_forward_perplexity(model, tokens, 128, dev)
-    assert abs(a - b) / b < 1e-4
-
-
-def test_eager_attention_walker_equals_full_forward(toy_path):
-    """Eager attention receives an explicit mask instead of is_causal: the walker must replay it too."""
-    model = AutoModelForCausalLM.from_pretrained(toy_path, attn_implementation="eager").eval()
-    tok = AutoTokenizer.from_pretrained(toy_path)
-    tokens = datautils.get_eval_tokens("synthetic", 64, tok)[:, : 64 * 20]
-    dev = torch.device("cpu")
-    a = layerwalk.perplexity(model, tokens, 64, dev)
-    b = layerwalk.full_forward_perplexity(model, tokens, 64, dev)
     assert abs(a - b) / b < 1e-4
 
 
