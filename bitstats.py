@@ -15,7 +15,7 @@ Conventions (stated in the README and the summary):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass
@@ -63,7 +63,3 @@ def summarize(layers: list[LayerBits]) -> dict:
     meta = sum(x.metadata_bits for x in layers) / n
     return {"avg_weight_bits": avg, "metadata_bpw": meta, "bpw": avg + meta,
             "mask_bpw": sum(x.mask_bits for x in layers) / n}
-
-
-def as_dict(x: LayerBits) -> dict:
-    return asdict(x)

@@ -80,8 +80,9 @@ def capture_inputs(model: nn.Module, windows: torch.Tensor, dev: torch.device) -
                 pass
     finally:
         layers[0] = first
-        for m in _embedding_modules(model):
-            m.cpu() if dev.type != "cpu" else None
+        if dev.type != "cpu":
+            for m in _embedding_modules(model):
+                m.cpu()
     inps = torch.cat([h for h, _, _ in store], dim=0)
     _, args, kwargs = store[0]
     if args:

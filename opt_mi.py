@@ -286,7 +286,6 @@ class CompressionResult:
     layers: list[dict] = field(default_factory=list)
     bits: list[bitstats.LayerBits] = field(default_factory=list)
     timing: dict = field(default_factory=lambda: {"mi_s": 0.0, "cluster_s": 0.0, "alloc_s": 0.0, "prune_s": 0.0})
-    plans: dict[str, LayerPlan] = field(default_factory=dict)
     plot: tuple | None = None  # (layer name, LayerPlan) kept for the figures
 
 
@@ -389,7 +388,6 @@ def _record(res: CompressionResult, args, name, rows, cols, g: SparseGPT | None,
         rec.update({"labels": labels, "group_sizes": sizes, "group_bits": plan.group_bits.tolist(),
                     "nmi_intra": plan.nmi_intra, "nmi_inter": plan.nmi_inter})
         rec["timing"].update({k: plan.timing[k] for k in ("mi_s", "cluster_s", "alloc_s")})
-        res.plans[name] = plan
     res.layers.append(rec)
 
 

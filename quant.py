@@ -142,9 +142,6 @@ class Quantizer(nn.Module):
             return quantize(x, self.scale, self.zero, self.maxq)
         return x
 
-    def enabled(self) -> bool:
-        return bool((self.maxq > 0).all())
-
     def ready(self) -> bool:
         return bool(torch.all(self.scale != 0))
 

@@ -11,7 +11,6 @@ method, damping retries when Cholesky fails, and finite-input checks naming the 
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch import nn
@@ -218,9 +217,3 @@ def magnitude_prune(W: torch.Tensor, sparsity: float, prunen: int = 0, prunem: i
         return torch.zeros_like(W, dtype=torch.bool)
     thresh = torch.sort(W.abs().flatten())[0][k]
     return W.abs() <= thresh
-
-
-def timed(fn, *args, **kwargs):
-    t = time.time()
-    out = fn(*args, **kwargs)
-    return out, time.time() - t
