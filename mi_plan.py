@@ -99,9 +99,10 @@ def plan_layer(
     t = time.time()
     if groups == "all":
         labels = torch.arange(C)
+    elif nmi is None:  # contiguous groups need no MI
+        labels = torch.from_numpy(channel_grouping.contiguous_labels(C, int(groups)))
     else:
-        labels = channel_grouping.group_channels(nmi if nmi is not None else torch.eye(C), int(groups),
-                                                 method=cluster, seed=seed)
+        labels = channel_grouping.group_channels(nmi, int(groups), method=cluster, seed=seed)
     timing["cluster_s"] = time.time() - t
 
     t = time.time()

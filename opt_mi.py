@@ -313,6 +313,13 @@ def compress_sparsegpt(model, calib: torch.Tensor, args, dev: torch.device) -> C
     use_plan = quantizing and args.groups != 0
     plot_layer = args.plot_layer or default_plot_layer(model)
     mi = MIOptions(args.mi_bins, args.mi_binning, args.mi_bias, args.mi_normalize, args.mi_estimator)
+    if use_plan and args.groups != "all":
+        narrow = sorted({m.out_features for i, layer in enumerate(layerwalk.decoder_layers(model))
+                         for n, m in layerwalk.find_linears(layer, f"model.decoder.layers.{i}.").items()
+                         if selected(args, i, n) and m.out_features < args.groups})
+        if narrow:
+            print(f"warning: --groups {args.groups} exceeds the {narrow[0]} channels of some layers; "
+                  f"using K = channels where a layer has fewer", file=sys.stderr)
     inps, kwargs = layerwalk.capture_inputs(model, calib, dev)
     total_rows = calib.shape[0] * calib.shape[1]
 
@@ -335,10 +342,6 @@ def compress_sparsegpt(model, calib: torch.Tensor, args, dev: torch.device) -> C
             plan = None
             if use_plan:
                 k = args.groups if args.groups == "all" else min(args.groups, rows)
-                if args.groups != "all" and args.groups > rows and not getattr(args, "_warned_k", False):
-                    print(f"warning: --groups {args.groups} exceeds {rows} channels of {n}; "
-                          f"using K = channels where a layer has fewer", file=sys.stderr)
-                    args._warned_k = True
                 acts = g.sampler.samples() if g.sampler is not None else None
                 plan = plan_layer(n, g.layer.weight.data.float(), g.H, acts, groups=k, cluster=args.cluster,
                                   strategy=args.strategy, bit_alloc=args.bit_alloc, wbits=args.wbits,
@@ -373,9 +376,12 @@ def _record(res: CompressionResult, args, name, rows, cols, g: SparseGPT | None,
     else:
         row_bits = [int(args.wbits)] * rows if quantizing else None
         ngroups = None
-    n_sets = g.n_param_sets if (g is not None and quantizing) else (rows if quantizing else 0)
-    if g is None and quantizing and args.groupsize > 0:
-        n_sets = rows * math.ceil(cols / args.groupsize)
+    if not quantizing:
+        n_sets = 0
+    elif g is not None:
+        n_sets = g.n_param_sets  # counted by the quantizer as SparseGPT used it
+    else:  # round-to-nearest per row, once per --groupsize block
+        n_sets = rows * (math.ceil(cols / args.groupsize) if args.groupsize > 0 else 1)
     res.bits.append(bitstats.layer_bits(rows, cols, row_bits, n_sets, ngroups, len(args.bits_choices),
                                         _mask_kind(args)))
     rec = {"name": name, "channels": rows, "in_features": cols, "groups": ngroups,

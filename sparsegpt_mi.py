@@ -145,14 +145,12 @@ class SparseGPT:
             Losses1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
 
-            if prunen == 0:
+            if prunen == 0 and sparsity > 0:
                 # adaptive mask: the block's smallest OBS saliencies w^2 / [H^-1]_ii
                 tmp = W1**2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
                 thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
                 mask1 = tmp <= thresh
-                if sparsity == 0:
-                    mask1.zero_()
-            else:
+            else:  # n:m masks are chosen column by column below; sparsity 0 prunes nothing
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
             for i in range(count):

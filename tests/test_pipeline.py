@@ -159,3 +159,10 @@ def test_walker_handles_opt350m_layout():
     a = layerwalk.perplexity(model, tokens, 32, dev)
     b = layerwalk.full_forward_perplexity(model, tokens, 32, dev)
     assert abs(a - b) / b < 1e-5
+
+
+def test_k_above_channels_warns_once_and_clips(toy_path, tmp_path, capsys):
+    r = run(toy_path, tmp_path, "--wbits", "4", "--groups", "100")  # toy: 64-row attention, 256-row fc1
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning: --groups 100")]
+    assert len(warnings) == 1 and "64 channels" in warnings[0]
+    assert {(x["channels"], x["groups"]) for x in r["layers"]} == {(64, 64), (256, 100)}
