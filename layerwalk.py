@@ -179,12 +179,14 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, dev: torch.d
 
 
 @torch.no_grad()
-def full_forward_perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, dev: torch.device) -> float:
+def full_forward_perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, dev: torch.device,
+                            batch: int = 1) -> float:
     """The same perplexity from the model's own full forward pass: the check on the layer walker."""
     windows = eval_windows(tokens, seqlen)
     model.to(dev)
     losses = []
-    for j in range(windows.shape[0]):
-        w = windows[j : j + 1].to(dev)
-        losses.append(model(w, labels=w, use_cache=False).loss.double().cpu())
-    return float(torch.exp(torch.stack(losses).mean()))
+    for j in range(0, windows.shape[0], batch):
+        w = windows[j : j + batch].to(dev)
+        # windows are equally long, so the batch's mean token loss is the mean of its window losses
+        losses.append(model(w, labels=w, use_cache=False).loss.double().cpu() * len(w))
+    return float(torch.exp(torch.stack(losses).sum() / windows.shape[0]))

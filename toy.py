@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import layerwalk
 from datautils import synthetic_text, synthetic_vocabulary
 
 TOY_NAME = "toy"
@@ -128,16 +129,9 @@ def toy_config(vocab_size: int):
     )
 
 
-def window_perplexity(model, ids: torch.LongTensor, seqlen: int = SEQLEN, batch: int = 32) -> float:
-    """exp(mean loss) over the non-overlapping seqlen windows of ids [1, T] (remainder dropped)."""
-    n = ids.shape[1] // seqlen
-    windows = ids[0, : n * seqlen].view(n, seqlen)
-    losses = []
-    with torch.no_grad():
-        for i in range(0, n, batch):
-            x = windows[i : i + batch]
-            losses.append(model(x, labels=x).loss * len(x))
-    return math.exp(float(sum(losses)) / n)
+def window_perplexity(model, ids: torch.LongTensor) -> float:
+    """Held-out perplexity of the toy at its training context, batched (the walker module's definition)."""
+    return layerwalk.full_forward_perplexity(model, ids, SEQLEN, torch.device("cpu"), batch=32)
 
 
 def build_toy(out_dir: str, steps: int | None = None, seed: int = TOY_SEED) -> dict:
