@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import atomic
 import bitstats
 import datautils
 import layerwalk
@@ -431,12 +432,7 @@ def measured_sparsity(model, names: list[str]) -> float:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=1, allow_nan=False))
 
 
 def save_model(model, tokenizer, res: CompressionResult, args, out: str) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+
+import atomic
 
 matplotlib.use("Agg")  # figures only ever go to files; no display needed
 
@@ -18,19 +19,11 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _save_atomic(fig: Figure, path) -> None:
-    """Write fig as a PNG to a temporary file next to `path`, then rename it: no half-written figure."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".plot-", suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def save_png(fig: Figure, path, dpi: float | None = None) -> None:
+    """Write ``fig`` as a PNG to ``path`` atomically: no half-written figure, whatever interrupts us."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi if dpi is not None else "figure")
+    atomic.write_bytes(path, buf.getvalue())
 
 
 def plot_nmi_heatmap(nmi, labels, path, title: str | None = None):
@@ -67,7 +60,7 @@ def plot_nmi_heatmap(nmi, labels, path, title: str | None = None):
     ax.set_title(title if title is not None else f"NMI, {len(m)} channels in {n_groups} groups")
     fig.colorbar(im, ax=ax, label="NMI", extend="max" if vmax < nmi.max() else "neither")
     fig.tight_layout()
-    _save_atomic(fig, path)
+    save_png(fig, path)
     return path
 
 
@@ -110,5 +103,5 @@ def plot_grouping_result(group_sizes, group_bits, nmi_intra, nmi_inter, path, ti
         ax3.text(0.5, 0.5, "no MI computed for this grouping", transform=ax3.transAxes, ha="center")
     ax3.set_xticks(x if k <= 64 else x[:: max(1, k // 32)])
     fig.tight_layout()
-    _save_atomic(fig, path)
+    save_png(fig, path)
     return path

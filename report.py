@@ -21,6 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import atomic
+
 # A baseline counts as "equal bits" when it spends at least the MI run's bpw minus this: bpw is printed
 # with 4 decimals and two methods at the same budget can differ in the last digits of metadata.
 BPW_TOL = 0.005
@@ -393,9 +395,9 @@ def verdict(runs: list[Run], sets: list[str]) -> list[str]:
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=FIG_DPI)
-    os.replace(tmp, path)
+    import plots  # matplotlib only when figures are drawn
+
+    plots.save_png(fig, path, dpi=FIG_DPI)
 
 
 def _style(family: str) -> tuple[str, str]:
@@ -570,9 +572,7 @@ def build(src: Path, out: Path) -> str:
                f"{len(failed)} configuration(s) failed; the sweep's --retry-failed runs them again.", ""]
         md += md_table(["configuration", "exit code", "last error line", "log"], rows) + [""]
     text = "\n".join(md)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    atomic.write_text(out, text)
     return text
 
 
