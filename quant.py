@@ -98,7 +98,8 @@ class Quantizer(nn.Module):
     def find_params(self, x: torch.Tensor, weight: bool = False) -> None:
         """Set scale / zero from ``x`` [rows, cols] (weights) so that later ``quantize`` calls use them."""
         if not weight:
-            raise NotImplementedError("activation quantization is not part of this toolkit")
+            # kept in the signature for reference compatibility; this toolkit quantizes weights only
+            raise ValueError("find_params takes a weight matrix [rows, cols]: call it with weight=True")
         dev = x.device
         x = x.flatten(1).float()
         rows = x.shape[0]

@@ -229,3 +229,10 @@ def test_quantize_keeps_zero_exact_and_uses_at_most_2b_levels():
         Q = quantize(W, q.scale, q.zero, q.maxq)
         assert torch.all(Q[W == 0] == 0)
         assert max(torch.unique(r).numel() for r in Q) <= 2**bits
+
+
+def test_find_params_takes_weights_only():
+    q = Quantizer()
+    q.configure(4, perchannel=True, sym=False)
+    with pytest.raises(ValueError, match="weight=True"):
+        q.find_params(torch.randn(3, 5))
