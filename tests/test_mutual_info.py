@@ -195,7 +195,9 @@ def test_cuda_equals_cpu():
     cpu = pairwise_mi(x, bias="miller-madow")
     gpu = pairwise_mi(x.cuda(), bias="miller-madow")
     assert torch.equal(gpu.mi, cpu.mi) and torch.equal(gpu.entropy, cpu.entropy)
-    assert torch.equal(pairwise_mi(x.half(), device="cuda").mi, pairwise_mi(x.half()).mi)
+    # fp16 activations (as a fp16 model on CUDA gives them); scaled first: the heavy tails overflow fp16
+    xh = (x / x.abs().amax()).half()
+    assert torch.equal(pairwise_mi(xh, device="cuda").mi, pairwise_mi(xh).mi)
 
 
 # ----------------------------------------------------------------------------- statistics
