@@ -1,0 +1,292 @@
+"""The command line of ``opt_mi.py``: flags, and their validation into one frozen ``RunConfig``.
+
+Every choice list and default comes from the module that owns it (``channel_grouping``, ``allocation``,
+``mutual_info`` via ``mi_plan.MIOptions``, ``quant``), so the CLI cannot drift from what the code accepts.
+``parse(argv)`` returns a ``RunConfig`` whose fields keep one type each (``groups`` is an int or the string
+"all", ``bits_choices`` a tuple of ints, ``mi_alpha`` a float); a bad value raises ``ConfigError``, whose
+text is the one line the CLI prints before exiting with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import allocation
+import channel_grouping
+import datautils
+import mutual_info
+from mi_plan import MIOptions
+from quant import STRATEGIES
+
+DEFAULT_EVAL = "wikitext2,ptb,c4"
+TOY_EVAL = "synthetic"
+_MI = MIOptions()  # the estimator defaults
+
+
+class ConfigError(ValueError):
+    """A bad flag value or combination: ``str(e)`` is one line naming the flag, the value and what is allowed."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors (unknown flag, bad choice): one line, no usage
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="opt_mi.py", description="Compress an OPT model with SparseGPT and joint quantization, "
+                "optionally with MI channel grouping.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="hub id (facebook/opt-125m ...), a local folder, or 'toy' (built-in, offline)")
+    p.add_argument("dataset", help="calibration data: wikitext2, ptb, c4, synthetic, or a .txt/.json/.jsonl file")
+    a = p.add_argument_group("reference (IST-DASLab/sparsegpt) options")
+    a.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and everything seeded")
+    a.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    a.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal")
+    a.add_argument("--sparsity", type=float, default=0.0, help="target unstructured sparsity in [0, 1)")
+    a.add_argument("--prunen", type=int, default=0, help="N of N:M structured sparsity")
+    a.add_argument("--prunem", type=int, default=0, help="M of N:M structured sparsity")
+    a.add_argument("--blocksize", type=int, default=128, help="columns per adaptive-mask block")
+    a.add_argument("--gmp", action="store_true", help="magnitude pruning instead of SparseGPT (baseline)")
+    a.add_argument("--wbits", type=float, default=16,
+                   help="bits per weight: 2..8, or 16 for none; with --groups an average budget (e.g. 3.5)")
+    a.add_argument("--minlayer", type=int, default=-1, help="compress decoder layers with index >= this")
+    a.add_argument("--maxlayer", type=int, default=1000, help="compress decoder layers with index < this")
+    a.add_argument("--prune_only", type=str, default="", help="compress only linear layers whose name contains this")
+    a.add_argument("--invert", action="store_true", help="invert the layer selection above")
+    a.add_argument("--save", type=str, default="", help="save the compressed model (safetensors) and tokenizer here")
+    b = p.add_argument_group("toolkit options")
+    b.add_argument("--groupsize", type=int, default=-1, help="GPTQ groups: new quantization parameters every G columns")
+    b.add_argument("--sym", action="store_true", help="symmetric quantization (reference default: asymmetric)")
+    b.add_argument("--seqlen", type=int, default=None, help="window length (default min(2048, model positions))")
+    b.add_argument("--eval", type=str, default=None,
+                   help=f"comma-separated eval sets (names or files); default {DEFAULT_EVAL} ('{TOY_EVAL}' for toy)")
+    b.add_argument("--device", type=str, default=None, help="cuda, cuda:1, cpu ... (default cuda when available)")
+    b.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                   help="model dtype; auto = float32 on cpu, the checkpoint's dtype on cuda")
+    b.add_argument("--eval-batch", type=int, default=16, help="windows per layer call during evaluation")
+    b.add_argument("--json", type=str, default="", help="write results here (atomically)")
+    b.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    m = p.add_argument_group("MI channel grouping")
+    m.add_argument("--groups", type=str, default="0",
+                   help="K channel groups per layer; 0 = off (uniform per-channel); 'all' = every channel its own")
+    m.add_argument("--strategy", choices=STRATEGIES, default="independent",
+                   help="independent: a group shares bits, rows keep own scale/zero (B); shared: one scale/zero (A)")
+    m.add_argument("--cluster", choices=channel_grouping.METHODS, default="spectral", help="how channels are grouped")
+    m.add_argument("--bit-alloc", choices=allocation.BIT_ALLOC, default="hessian", help="how bits are given to groups")
+    m.add_argument("--bits-choices", type=str, default=",".join(map(str, allocation.DEFAULT_BITS_CHOICES)),
+                   help="candidate bit-widths")
+    m.add_argument("--mi-samples", type=int, default=8192, help="output rows (tokens) sampled per layer for MI")
+    m.add_argument("--mi-bins", type=int, default=_MI.bins)
+    m.add_argument("--mi-binning", choices=mutual_info.BINNINGS, default=_MI.binning)
+    m.add_argument("--mi-bias", choices=mutual_info.BIASES, default=_MI.bias)
+    m.add_argument("--mi-normalize", choices=mutual_info.NORMALIZATIONS, default=_MI.normalize)
+    m.add_argument("--mi-estimator", choices=mutual_info.ESTIMATORS, default=_MI.estimator)
+    m.add_argument("--mi-alpha", type=float, default=None,
+                   help="exponent of the MI redundancy factor (1 - intra NMI)^alpha; "
+                        f"default {allocation.DEFAULT_MI_ALPHA:g} for hessian-mi, else 0")
+    o = p.add_argument_group("analysis")
+    o.add_argument("--analysis-dir", type=str, default="analysis", help="where mi_matrix.png etc. go; '' = none")
+    o.add_argument("--plot-layer", type=str, default=None,
+                   help="layer to draw (default: fc1 of the middle decoder layer), e.g. model.decoder.layers.0.fc1")
+    return p
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One validated run of opt_mi.py. Field names are the flags' (``--bit-alloc`` -> ``bit_alloc``)."""
+
+    model: str
+    dataset: str
+    seed: int = 0
+    nsamples: int = 128
+    percdamp: float = 0.01
+    sparsity: float = 0.0
+    prunen: int = 0
+    prunem: int = 0
+    blocksize: int = 128
+    gmp: bool = False
+    wbits: float = 16
+    minlayer: int = -1
+    maxlayer: int = 1000
+    prune_only: str = ""
+    invert: bool = False
+    save: str = ""
+    groupsize: int = -1
+    sym: bool = False
+    seqlen: int | None = None  # None until the model's positions are known (``with_seqlen``)
+    eval: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    eval_batch: int = 16
+    json: str = ""
+    trust_remote_code: bool = False
+    groups: int | Literal["all"] = 0
+    strategy: str = "independent"
+    cluster: str = "spectral"
+    bit_alloc: str = "hessian"
+    bits_choices: tuple[int, ...] = allocation.DEFAULT_BITS_CHOICES
+    mi_samples: int = 8192
+    mi_bins: int = _MI.bins
+    mi_binning: str = _MI.binning
+    mi_bias: str = _MI.bias
+    mi_normalize: str = _MI.normalize
+    mi_estimator: str = _MI.estimator
+    mi_alpha: float = 0.0
+    analysis_dir: str = "analysis"
+    plot_layer: str | None = None
+
+    # --- what the run does, derived (never stored twice)
+    @property
+    def quantizing(self) -> bool:
+        return self.wbits != 16
+
+    @property
+    def pruning(self) -> bool:
+        return self.sparsity > 0 or self.prunen > 0
+
+    @property
+    def compressing(self) -> bool:
+        return self.pruning or self.quantizing
+
+    @property
+    def grouped(self) -> bool:
+        """Quantization follows a per-layer plan of channel groups (--groups K or all)."""
+        return self.quantizing and self.groups != 0
+
+    @property
+    def mask(self) -> str | tuple[int, int] | None:
+        """The pruning mask's kind, as bits accounting charges it."""
+        if self.prunen:
+            return (self.prunen, self.prunem)
+        return "unstructured" if self.sparsity > 0 else None
+
+    @property
+    def mi(self) -> MIOptions:
+        return MIOptions(self.mi_bins, self.mi_binning, self.mi_bias, self.mi_normalize, self.mi_estimator)
+
+    def eval_names(self) -> list[str]:
+        spec = self.eval if self.eval is not None else (TOY_EVAL if self.model == "toy" else DEFAULT_EVAL)
+        return [s.strip() for s in spec.split(",") if s.strip()]
+
+    def with_seqlen(self, positions: int) -> RunConfig:
+        """This config with --seqlen resolved against the model's ``positions``."""
+        if self.seqlen is None:
+            return dataclasses.replace(self, seqlen=min(2048, positions))
+        if self.seqlen > positions:
+            raise ConfigError(f"--seqlen {self.seqlen}: larger than the model's {positions} positions")
+        return self
+
+    def as_dict(self) -> dict:
+        """The JSON ``config`` block: every field, under its flag's name."""
+        return dataclasses.asdict(self)
+
+
+def fmt_bits(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+
+
+def _bad(flag: str, value, allowed: str) -> ConfigError:
+    return ConfigError(f"{flag} {value}: {allowed}")
+
+
+def _groups(text: str) -> int | Literal["all"]:
+    g = text.strip().lower()
+    if g == "all":
+        return "all"
+    try:
+        k = int(g)
+    except ValueError:
+        k = -1
+    if k < 0:
+        raise _bad("--groups", text, "must be an integer K >= 0 or 'all'")
+    return k
+
+
+def _bits_choices(text: str) -> tuple[int, ...]:
+    try:
+        choices = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        choices = []
+    if not choices or choices != sorted(set(choices)) or not all(1 <= c <= 16 for c in choices):
+        raise _bad("--bits-choices", repr(text), "need comma-separated increasing integers in 1..16, e.g. 2,3,4")
+    return tuple(choices)
+
+
+def _check_ranges(a: argparse.Namespace) -> None:
+    if not 0 <= a.sparsity < 1:
+        raise _bad("--sparsity", a.sparsity, "must be in [0, 1)")
+    if (a.prunen == 0) != (a.prunem == 0):
+        raise _bad("--prunen/--prunem", f"{a.prunen}:{a.prunem}", "set both (N < M) or neither")
+    if a.prunen and not 0 < a.prunen < a.prunem:
+        raise _bad("--prunen/--prunem", f"{a.prunen}:{a.prunem}", "need 0 < N < M")
+    if a.prunen and a.sparsity:
+        raise _bad("--sparsity", a.sparsity, "use either --sparsity or --prunen/--prunem, not both")
+    if not (2 <= a.wbits <= 8 or a.wbits == 16):
+        raise _bad("--wbits", fmt_bits(a.wbits), "must be in 2..8, or 16 for no quantization")
+    if a.groupsize <= 0 and a.groupsize != -1:
+        raise _bad("--groupsize", a.groupsize, "must be a positive number of columns, or -1 for none")
+    at_least = [("--nsamples", a.nsamples, 1), ("--eval-batch", a.eval_batch, 1), ("--blocksize", a.blocksize, 1),
+                ("--mi-samples", a.mi_samples, 2), ("--mi-bins", a.mi_bins, 2)]
+    if a.seqlen is not None:
+        at_least.insert(1, ("--seqlen", a.seqlen, 2))
+    for flag, value, low in at_least:
+        if value < low:
+            raise _bad(flag, value, f"must be at least {low}")
+    if a.percdamp <= 0:
+        raise _bad("--percdamp", a.percdamp, "must be > 0")
+
+
+def _check_grouping(a: argparse.Namespace, groups, choices: tuple[int, ...]) -> None:
+    quantizing = a.wbits != 16
+    if groups != 0:
+        if not quantizing:
+            raise _bad("--groups", groups, "needs quantization: set --wbits below 16")
+        if not choices[0] <= a.wbits <= choices[-1]:
+            raise _bad("--wbits", fmt_bits(a.wbits),
+                       f"the budget must lie within --bits-choices [{choices[0]}, {choices[-1]}]")
+        if a.gmp:
+            raise _bad("--groups", groups, "MI grouping runs inside SparseGPT; it is not available with --gmp")
+    elif quantizing and a.wbits != int(a.wbits):
+        raise _bad("--wbits", fmt_bits(a.wbits),
+                   "fractional budgets need --groups (uniform quantization uses whole bits)")
+
+
+def from_namespace(a: argparse.Namespace) -> RunConfig:
+    """Validate parsed flags into a RunConfig (ConfigError on the first problem, in flag order)."""
+    _check_ranges(a)
+    groups = _groups(a.groups)
+    choices = _bits_choices(a.bits_choices)
+    _check_grouping(a, groups, choices)
+    alpha = a.mi_alpha
+    if alpha is None:
+        alpha = allocation.DEFAULT_MI_ALPHA if a.bit_alloc == "hessian-mi" else 0.0
+    if alpha < 0:
+        raise _bad("--mi-alpha", alpha, "must be >= 0")
+    cfg = RunConfig(**{**vars(a), "groups": groups, "bits_choices": choices, "mi_alpha": float(alpha)})
+    for name in [cfg.dataset] + cfg.eval_names():
+        try:
+            datautils.validate_name(name)
+        except datautils.DataError as e:
+            raise ConfigError(f"{'DATASET' if name == cfg.dataset else '--eval'}: {e}") from None
+    return cfg
+
+
+def parse(argv: list[str] | None = None) -> RunConfig:
+    """Parse and validate opt_mi.py's command line (``-h`` prints help and exits 0)."""
+    return from_namespace(build_parser().parse_args(argv))
+
+
+def from_json(d: dict) -> RunConfig:
+    """The RunConfig recorded in a result JSON's ``config`` block (unknown keys ignored, missing ones default).
+
+    Reports and sweeps read runs through this, so they derive labels exactly as opt_mi.py did.
+    """
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    kw = {k: v for k, v in d.items() if k in names}
+    if "bits_choices" in kw:
+        kw["bits_choices"] = tuple(kw["bits_choices"])
+    if isinstance(kw.get("groups"), str) and kw["groups"] != "all":
+        kw["groups"] = int(kw["groups"])
+    return RunConfig(**{"model": "?", "dataset": "?", **kw})
