@@ -20,13 +20,43 @@ import mutual_info
 from quant import Quantizer
 
 
-@dataclass
+@dataclass(frozen=True)
 class MIOptions:
+    """How pairwise MI is estimated (``mutual_info.pairwise_mi``'s arguments); the CLI's defaults."""
+
     bins: int = 16
     binning: str = "quantile"
     bias: str = "miller-madow"
     normalize: str = "arithmetic"
     estimator: str = "histogram"
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What a layer's plan is asked for: K groups (or "all"), how to find them, how to give them bits.
+
+    groups: K >= 1 or "all" (every row alone); a K above a layer's rows is clipped to its rows.
+    wbits: the mean-bits budget; choices: candidate widths; alpha: the hessian-mi exponent.
+    seed: seeds the clustering; sym, groupsize: the quantizer's, so the costs are those of its grid.
+    """
+
+    groups: int | str
+    cluster: str = "spectral"
+    strategy: str = "independent"
+    bit_alloc: str = "hessian"
+    wbits: float = 4
+    choices: tuple[int, ...] = allocation.DEFAULT_BITS_CHOICES
+    mi: MIOptions = MIOptions()
+    alpha: float = 0.0
+    seed: int = 0
+    sym: bool = False
+    groupsize: int = -1
+
+    def needs_mi(self) -> bool:
+        """MI is computed for clustering by dependence (random keeps spectral's sizes) or for hessian-mi."""
+        if self.groups == "all":
+            return False
+        return self.cluster in ("spectral", "hierarchical", "random") or self.bit_alloc == "hessian-mi"
 
 
 @dataclass
@@ -60,34 +90,16 @@ def _finite_list(t: torch.Tensor) -> list:
     return [None if math.isnan(v) else round(v, 6) for v in t.tolist()]
 
 
-def plan_layer(
-    name: str,
-    W: torch.Tensor,
-    H: torch.Tensor,
-    acts: torch.Tensor | None,
-    *,
-    groups: int | str,
-    cluster: str,
-    strategy: str,
-    bit_alloc: str,
-    wbits: float,
-    choices: list[int],
-    mi: MIOptions,
-    alpha: float,
-    seed: int,
-    sym: bool = False,
-    groupsize: int = -1,
-) -> LayerPlan:
-    """Plan one layer. W [C, in] weights, H [in, in] Hessian, acts [N, C] sampled outputs (None if unused).
-
-    groups: K >= 1 or "all" (every row alone). K above C is clipped to C by the caller.
-    """
+def plan_layer(name: str, W: torch.Tensor, H: torch.Tensor, acts: torch.Tensor | None,
+               opts: PlanOptions) -> LayerPlan:
+    """Plan one layer. W [C, in] weights, H [in, in] Hessian, acts [N, C] sampled outputs (None if unused)."""
     C = W.shape[0]
+    groups = opts.groups if opts.groups == "all" else min(int(opts.groups), C)
     timing = {"mi_s": 0.0, "cluster_s": 0.0, "alloc_s": 0.0}
-    need_mi = groups != "all" and (cluster in ("spectral", "hierarchical", "random") or bit_alloc == "hessian-mi")
     nmi = None
-    if need_mi:
+    if opts.needs_mi():
         t = time.time()
+        mi = opts.mi
         res = mutual_info.pairwise_mi(acts, bins=mi.bins, binning=mi.binning, bias=mi.bias,
                                       normalize=mi.normalize, estimator=mi.estimator)
         nmi = res.nmi
@@ -102,17 +114,17 @@ def plan_layer(
     elif nmi is None:  # contiguous groups need no MI
         labels = torch.from_numpy(channel_grouping.contiguous_labels(C, int(groups)))
     else:
-        labels = channel_grouping.group_channels(nmi, int(groups), method=cluster, seed=seed)
+        labels = channel_grouping.group_channels(nmi, groups, method=opts.cluster, seed=opts.seed)
     timing["cluster_s"] = time.time() - t
 
     t = time.time()
-    group_bits = allocation.allocate(bit_alloc, W, H, labels, nmi, choices, wbits, strategy=strategy,
-                                     alpha=alpha, sym=sym, groupsize=groupsize)
+    group_bits = allocation.allocate(opts.bit_alloc, W, H, labels, nmi, opts.choices, opts.wbits,
+                                     strategy=opts.strategy, alpha=opts.alpha, sym=opts.sym, groupsize=opts.groupsize)
     timing["alloc_s"] = time.time() - t
 
     intra, inter = ([], [])
     if nmi is not None:
         a, b = channel_grouping.group_stats(nmi, labels)
         intra, inter = _finite_list(a), _finite_list(b)
-    return LayerPlan(labels=labels.long(), group_bits=group_bits.long(), strategy=strategy, nmi=nmi,
+    return LayerPlan(labels=labels.long(), group_bits=group_bits.long(), strategy=opts.strategy, nmi=nmi,
                      nmi_intra=intra, nmi_inter=inter, timing=timing)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import layerwalk
-from datautils import synthetic_text, synthetic_vocabulary
+from synthetic import synthetic_text, synthetic_vocabulary
 
 TOY_NAME = "toy"
 TOY_VERSION = "toy-opt-v1"  # the cache folder's name; a cached toy of another recipe() is rebuilt anyway
@@ -192,7 +192,7 @@ The built-in toy model of mutual_info_quantization (toy.py): an OPTForCausalLM w
 hidden {hidden}, {heads} heads, ffn {ffn_dim}, context {seqlen}, {parameters:,} parameters (embeddings tied
 with lm_head), and a word-level tokenizer of {vocab_size} tokens.
 
-Trained from scratch on datautils.synthetic_text('train') ({train_tokens:,} tokens): {steps} AdamW steps
+Trained from scratch on synthetic.synthetic_text('train') ({train_tokens:,} tokens): {steps} AdamW steps
 of {batch} x {seqlen} tokens, peak lr {lr}, seed {seed}: {train_seconds} s of training on {torch_threads}
 CPU threads ({build_seconds} s for the whole build); final train loss {final_train_loss}.
 

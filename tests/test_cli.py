@@ -89,9 +89,9 @@ def test_user_error_has_no_traceback_as_a_process(tmp_path):
 
 
 def test_hub_model_unreachable_is_one_line(capsys, tmp_path, monkeypatch):
-    import datautils
+    import models
 
-    monkeypatch.setattr(datautils, "hub_probe", lambda: "no connection to huggingface.co (test)")
+    monkeypatch.setattr(models, "hub_probe", lambda: "no connection to huggingface.co (test)")
     err = _fails(capsys, tmp_path, ["nonexistent-org/opt-nothing", "synthetic"], "MODEL", "nonexistent-org/opt-nothing",
                  "local model folder")
     assert "no connection" in err

@@ -7,7 +7,6 @@ import logging
 import math
 import random
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -15,20 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import datautils  # noqa: E402
-from datautils import (  # noqa: E402
-    DataError,
-    get_calibration,
-    get_eval_tokens,
-    get_loaders,
-    is_local_path,
-    synthetic_text,
-    synthetic_vocabulary,
-    validate_name,
-)
-from toy import build_tokenizer  # noqa: E402
+import datautils
+import models
+import synthetic
+from datautils import DataError, get_calibration, get_eval_tokens, is_local_path, validate_name
+from synthetic import synthetic_text, synthetic_vocabulary
+from toy import build_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WORD = re.compile(r"[a-z]+")
@@ -113,8 +104,8 @@ def test_synthetic_has_structure():
     assert h2 < h1 - 2.0, (h1, h2)
     # Agreement: a plural-only determiner is never followed directly by a singular noun, and a
     # singular-only one never by a plural noun.
-    singular = {sg for sg, _ in datautils._language().nouns}
-    plural = {pl for _, pl in datautils._language().nouns}
+    singular = {sg for sg, _ in synthetic._language().nouns}
+    plural = {pl for _, pl in synthetic._language().nouns}
     pairs = list(zip(words, words[1:], strict=False))
     after_pl = [b for a, b in pairs if a in ("several", "many", "three")]
     after_sg = [b for a, b in pairs if a in ("every", "each", "another")]
@@ -186,15 +177,6 @@ def test_calibration_windows(tmp_path, tok):
     state = random.getstate()  # windows come from a private RNG: the global one is left alone
     get_calibration(str(path), 4, 0, 64, tok)
     assert random.getstate() == state
-
-
-def test_get_loaders(tmp_path, tok):
-    path = tmp_path / "c.jsonl"
-    path.write_text("\n".join(json.dumps({"text": words_of(400, seed=i)}) for i in range(3)))
-    calib, ids = get_loaders(str(path), nsamples=4, seed=1, seqlen=32, tokenizer=tok)
-    assert len(calib) == 4 and ids.shape[0] == 1 and ids.shape[1] > 1000
-    with pytest.raises(DataError, match="tokenizer"):
-        get_loaders(str(path))
 
 
 def test_eval_cache_gives_copies_and_sees_edits(tmp_path):
@@ -325,7 +307,7 @@ def fake_hub(monkeypatch):
         return datasets.Dataset.from_dict(splits[path, kwargs["split"]])
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    monkeypatch.setattr(datautils, "hub_probe", lambda: None)
+    monkeypatch.setattr(models, "hub_probe", lambda: None)
     return splits, calls
 
 
@@ -388,7 +370,7 @@ def test_hub_unreachable_is_one_fast_line(monkeypatch, tmp_path, tok):
     from huggingface_hub import constants
 
     # Whatever this machine's network: the probe fails and the caches are empty.
-    monkeypatch.setattr(datautils, "hub_probe", lambda: "no connection to huggingface.co (test)")
+    monkeypatch.setattr(models, "hub_probe", lambda: "no connection to huggingface.co (test)")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     for name, hub_id in [("wikitext2", "Salesforce/wikitext"), ("ptb", "ptb-text-only/ptb_text_only"),
@@ -404,7 +386,7 @@ def test_hub_unreachable_is_one_fast_line(monkeypatch, tmp_path, tok):
 
 def test_real_hub_access_fails_fast_when_offline(tok):
     # No monkeypatching: what a user of this machine gets. Online machines skip.
-    if datautils.hub_probe() is None:
+    if models.hub_probe() is None:
         pytest.skip("the hub is reachable from here")
     start = time.perf_counter()
     try:
@@ -426,7 +408,7 @@ def test_cached_hub_dataset_loads_offline(monkeypatch, tmp_path, tok):
     cache = tmp_path / "datasets"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(datautils, "hub_probe", lambda: "no connection to huggingface.co (test)")
+    monkeypatch.setattr(models, "hub_probe", lambda: "no connection to huggingface.co (test)")
     texts = [words_of(30, seed=i) for i in range(20)]
     # Write the cache as a hub download of Salesforce/wikitext would (prepared under the dataset's name,
     # then moved to <org>___<name>/<config>/<version>/<hash>/).

@@ -5,8 +5,6 @@ References are independent of the code under test: sklearn's `mutual_info_score`
 """
 
 import math
-import sys
-from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -15,12 +13,8 @@ import torch
 from scipy.stats import entropy as scipy_entropy
 from sklearn.metrics import mutual_info_score, normalized_mutual_info_score
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import mutual_info  # noqa: E402
-from mutual_info import (  # noqa: E402
+import mutual_info
+from mutual_info import (
     MIResult,
     compute_mutual_information,
     discretize,
@@ -28,7 +22,7 @@ from mutual_info import (  # noqa: E402
     joint_entropy,
     pairwise_mi,
 )
-from plots import plot_nmi_heatmap  # noqa: E402
+from plots import plot_nmi_heatmap
 
 
 def structured_acts(n: int, c: int, seed: int = 0) -> torch.Tensor:

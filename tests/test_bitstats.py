@@ -1,0 +1,46 @@
+"""bitstats.layer_bits / summarize against bit counts worked out by hand from the README's conventions."""
+
+import math
+
+import pytest
+
+import bitstats
+
+
+def test_grouped_layer_counts_every_kind_of_bit():
+    # 4 rows x 10 columns, rows at 2, 3, 4, 4 bits, 4 scale/zero pairs, 2 groups out of 6 choices, 1-bit mask
+    b = bitstats.layer_bits(4, 10, [2, 3, 4, 4], n_param_sets=4, n_groups=2, n_choices=6, mask="unstructured")
+    assert b.weights == 40
+    assert b.weight_bits == (2 + 3 + 4 + 4) * 10
+    # 32 bits per pair, 3 bits (6 choices) per group's width, 1 bit (2 groups) per row's group index
+    assert b.metadata_bits == 4 * 32 + 2 * 3 + 4 * 1
+    assert b.mask_bits == 40
+
+
+def test_every_row_its_own_group_needs_no_group_index():
+    b = bitstats.layer_bits(8, 16, [3] * 8, n_param_sets=8, n_groups=8, n_choices=4, mask=None)
+    assert b.metadata_bits == 8 * 32 + 8 * 2  # the width table only: no index when groups == rows
+    assert b.mask_bits == 0
+
+
+def test_unquantized_and_uniform_layers():
+    dense = bitstats.layer_bits(3, 5, None, n_param_sets=0, n_groups=None, n_choices=6, mask=None)
+    assert (dense.weight_bits, dense.metadata_bits) == (16 * 15, 0)
+    g = bitstats.layer_bits(3, 256, [4, 4, 4], n_param_sets=3 * 2, n_groups=None, n_choices=6, mask=None)
+    assert g.metadata_bits == 6 * 32  # two --groupsize 128 blocks per row, no table, no index
+
+
+def test_n_m_mask_bits():
+    b = bitstats.layer_bits(2, 8, [4, 4], 2, None, 6, (2, 4))
+    assert b.mask_bits == 16 / 4 * math.ceil(math.log2(math.comb(4, 2)))  # C(4,2) = 6 patterns: 3 bits per 4
+
+
+def test_summarize_is_weighted_by_weights():
+    a = bitstats.layer_bits(4, 10, [2, 2, 2, 2], 4, None, 6, "unstructured")  # 40 weights at 2 bits
+    b = bitstats.layer_bits(2, 10, [8, 8], 2, None, 6, None)  # 20 weights at 8 bits
+    s = bitstats.summarize([a, b])
+    assert s["avg_weight_bits"] == pytest.approx((80 + 160) / 60)
+    assert s["metadata_bpw"] == pytest.approx(6 * 32 / 60)
+    assert s["bpw"] == pytest.approx(s["avg_weight_bits"] + s["metadata_bpw"])
+    assert s["mask_bpw"] == pytest.approx(40 / 60)
+    assert bitstats.summarize([]) == {"avg_weight_bits": 16.0, "metadata_bpw": 0.0, "bpw": 16.0, "mask_bpw": 0.0}

@@ -1,0 +1,74 @@
+"""methods.py: every entry against the real flag parser, the labels reports use, and the sweep matrix."""
+
+import pytest
+
+import methods
+from config import parse
+
+# (opt_mi.py flags, label, family): the names every report and sweep has used; a change here renames results
+LABELS = [
+    ([], "dense", "dense"),
+    (["--sparsity", "0.5", "--gmp"], "magnitude", "magnitude"),
+    (["--sparsity", "0.5"], "sparsegpt", "sparsegpt"),
+    (["--prunen", "2", "--prunem", "4"], "sparsegpt-2:4", "sparsegpt"),
+    (["--sparsity", "0.5", "--wbits", "4"], "sparsegpt+uniform", "uniform"),
+    (["--wbits", "3"], "uniform", "uniform"),
+    (["--sparsity", "0.5", "--wbits", "4", "--gmp"], "magnitude+uniform", "uniform"),
+    (["--sparsity", "0.5", "--wbits", "4", "--groupsize", "128"], "sparsegpt+uniform-g128", "uniform-g"),
+    (["--prunen", "2", "--prunem", "4", "--wbits", "4", "--groupsize", "64"], "sparsegpt-2:4+uniform-g64", "uniform-g"),
+    (["--sparsity", "0.5", "--wbits", "3.5", "--groups", "all"], "sparsegpt+per-channel", "per-channel"),
+    (["--sparsity", "0.5", "--wbits", "4", "--groups", "8"], "sparsegpt+mi-B", "mi"),
+    (["--wbits", "4", "--groups", "8", "--strategy", "shared"], "mi-A", "mi"),
+    (["--wbits", "4", "--groups", "8", "--cluster", "hierarchical"], "mi-B-hier", "mi"),
+    (["--wbits", "4", "--groups", "8", "--groupsize", "32"], "mi-B-g32", "mi"),
+    (["--wbits", "4", "--groups", "8", "--cluster", "random"], "random-B", "random"),
+    (["--wbits", "4", "--groups", "8", "--cluster", "random", "--strategy", "shared"], "random-A", "random"),
+    (["--wbits", "4", "--groups", "8", "--cluster", "contiguous"], "contiguous-B", "contiguous"),
+]
+
+
+@pytest.mark.parametrize("flags,label,family", LABELS, ids=[x[1] for x in LABELS])
+def test_labels(flags, label, family):
+    assert methods.label(parse(["toy", "synthetic", *flags])) == (label, family)
+
+
+@pytest.mark.parametrize("m", methods.METHODS, ids=[m.id for m in methods.METHODS])
+def test_every_method_is_what_its_flags_select(m):
+    cfg = methods.example_config(m)
+    assert methods.identify(cfg) is m
+    assert methods.label(cfg)[1] == m.family
+    assert cfg.quantizing == m.quantized
+    assert (cfg.groups not in (0, "all")) == m.per_k
+
+
+def test_signatures_are_unique():
+    keys = [(m.stage, m.key) for m in methods.METHODS]
+    assert len(keys) == len(set(keys))
+    assert len({m.id for m in methods.METHODS}) == len(methods.METHODS)
+
+
+def test_default_matrix_is_the_documented_one():
+    ids = [c.id for c in methods.matrix(methods.SweepOptions())]
+    assert ids == ["dense", "magnitude_s0.5", "sparsegpt_s0.5", "uniform_s0.5_w4", "g128_s0.5_w4",
+                   "perchannel_s0.5_w4", "miA_s0.5_w4_k8", "miB_s0.5_w4_k8", "random_s0.5_w4_k8",
+                   "contiguous_s0.5_w4_k8"]
+    for c in methods.matrix(methods.SweepOptions()):
+        cfg = parse(["toy", "synthetic", *c.flags])  # every configuration is a valid opt_mi.py command line
+        assert methods.identify(cfg).id == c.id.split("_")[0]
+
+
+def test_matrix_sizes_skips_and_zero_sparsity():
+    opts = methods.SweepOptions(sparsities=("0", "0.5", "0.6"), wbits=("3", "3.5"), ks=(4, 8))
+    cfgs = methods.matrix(opts)
+    # dense + 2 pruned sparsities x 2 + 3 sparsities x 2 budgets x (3 + 4 x 2)
+    assert len(cfgs) == 1 + 2 * 2 + 3 * 2 * (3 + 4 * 2)
+    assert not any(c.id.startswith(("magnitude_s0_", "sparsegpt_s0_")) or c.id in ("magnitude_s0", "sparsegpt_s0")
+                   for c in cfgs)
+    skipped = {c.id for c in cfgs if c.skip}
+    assert skipped == {f"{m}_s{s}_w3.5" for m in ("uniform", "g128") for s in ("0", "0.5", "0.6")}
+    assert all("whole bits" in c.skip for c in cfgs if c.skip)
+
+
+def test_unknown_signature_is_an_error():
+    with pytest.raises(ValueError, match="signature"):
+        methods._find("quant", ("groups", "nosuch", "independent"))
