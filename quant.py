@@ -4,6 +4,9 @@ Beyond the reference, a row may have its own bit-width (``maxq`` is a [rows, 1] 
 tied into groups that share one scale/zero (strategy A of the MI method). Everything broadcasts per row,
 so the SparseGPT column loop quantizes a column ``w [rows]`` with ``quantize(w[:, None], scale, zero, maxq)``
 whatever the configuration.
+
+Scales and zero-points are rounded to float16 as soon as they are found: the model is evaluated with
+exactly the parameters a saved checkpoint stores (zero-points are integers <= 255, exact in fp16).
 """
 
 from __future__ import annotations
@@ -12,6 +15,12 @@ import torch
 from torch import nn
 
 STRATEGIES = ("independent", "shared")
+FP16_TINY = 2.0**-24  # the smallest positive float16: a scale must stay nonzero once stored
+
+
+def to_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest float16 value (kept in x's dtype): what a checkpoint stores."""
+    return x.to(torch.float16).to(x.dtype)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
@@ -68,6 +77,8 @@ class Quantizer(nn.Module):
         if row_groups is not None:
             perchannel = True
             row_groups = row_groups.long()
+            if isinstance(bits, torch.Tensor):
+                _check_one_width_per_group(bits, row_groups)
         self.perchannel = perchannel
         self.sym = sym
         self.mse = mse
@@ -88,7 +99,7 @@ class Quantizer(nn.Module):
         empty = (xmin == 0) & (xmax == 0)
         xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
         xmax = torch.where(empty, torch.ones_like(xmax), xmax)
-        scale = (xmax - xmin) / maxq
+        scale = to_fp16((xmax - xmin) / maxq).clamp(min=FP16_TINY)
         if self.sym:
             zero = (maxq + 1) / 2
         else:
@@ -153,6 +164,16 @@ class Quantizer(nn.Module):
         if self.row_groups is not None:
             return int(torch.unique(self.row_groups).numel())
         return int(self.scale.shape[0])
+
+
+def _check_one_width_per_group(bits: torch.Tensor, row_groups: torch.Tensor) -> None:
+    """A shared grid has one width: rows of a group with different bits would need different grids."""
+    b = bits.reshape(-1).long().to(row_groups.device)
+    lo = _group_reduce(b, row_groups, "amin")
+    hi = _group_reduce(b, row_groups, "amax")
+    if not torch.equal(lo, hi):
+        bad = sorted(set(row_groups[lo != hi].tolist()))
+        raise ValueError(f"rows of a shared group must have one bit-width; groups {bad[:5]} mix widths")
 
 
 def rtn(w: torch.Tensor, bits: int | torch.Tensor, sym: bool = False, row_groups: torch.Tensor | None = None,

@@ -82,12 +82,13 @@ def obs_loop(W, H, sparsity=0.0, prunen=0, prunem=0, blocksize=128, percdamp=0.0
 
 
 def _minmax_params(W, bits):
-    """Asymmetric per-row min-max grid, written out from the definition."""
+    """Asymmetric per-row min-max grid, written out from the definition; the scale is stored in float16
+    (found in float32, as a checkpoint would hold it), the zero-point derived from the stored scale."""
     maxq = 2**bits - 1
     xmin = torch.clamp(W.min(1).values, max=0)
     xmax = torch.clamp(W.max(1).values, min=0)
     both0 = (xmin == 0) & (xmax == 0)
     xmin[both0], xmax[both0] = -1, 1
-    scale = ((xmax - xmin) / maxq)[:, None]
+    scale = ((xmax - xmin).float() / maxq).half().double()[:, None]
     zero = torch.round(-xmin[:, None] / scale)
     return scale, zero, maxq
