@@ -16,6 +16,7 @@ import matplotlib.image as mpimg
 import pytest
 from conftest import check_table_matches, md_table
 
+import plots
 import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,3 +193,18 @@ def test_cli(src, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "report.py"), str(tmp_path / "nope")], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "not a directory" in r.stderr
+
+
+def test_figures_name_eval_sets_by_base_name(src, monkeypatch):
+    """Titles and axis labels show c4_heldout.jsonl, never the folder it was read from."""
+    for p in src.glob("*.json"):
+        j = json.loads(p.read_text())
+        if "ppl" in j:
+            j["ppl"] = {"/abs/data/c4_heldout.jsonl": j["ppl"]["synthetic"]}
+            p.write_text(json.dumps(j))
+    texts = []
+    monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi=None: texts.extend(
+        t for ax in fig.axes for t in (ax.get_title(), ax.get_ylabel())))
+    build(src)
+    assert len(texts) == 4  # PPL vs bpw and PPL vs K: a title and a y label each
+    assert all("c4_heldout.jsonl" in t and "/abs" not in t for t in texts), texts
