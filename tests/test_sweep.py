@@ -15,10 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from test_report import check_table_matches  # noqa: E402
+from conftest import check_table_matches
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "compare_methods.sh"

@@ -1,0 +1,178 @@
+"""The results reader shared by the sweep and the report: one ``Run`` per result JSON, and the loading of a
+folder of them.
+
+A result JSON (written by ``opt_mi.py --json``) records its flags in a ``config`` block. ``Run`` reads that
+block back through ``config.from_json`` into the same frozen ``RunConfig`` opt_mi.py ran with, and names the
+run with the vocabulary of ``methods.py``, so a run's method, family, strategy and K are derived one way
+everywhere instead of being re-derived here from raw dict keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import methods
+from config import RunConfig, from_json
+
+# The families the verdict sorts runs into, from the method vocabulary: a new baseline or control added to
+# methods.METHODS is compared without touching the report.
+BASELINE_FAMILIES = methods.families("baseline", quantized=True)  # quantized, non-MI, not a control
+CONTROL_FAMILIES = methods.families("control")  # same group sizes as MI, other membership
+(MI_FAMILY,) = methods.families("method")  # one family under test; a second one would need a verdict rule
+
+
+def fmt_num(x: float) -> str:
+    """A budget or sparsity as configured: "4" rather than "4.0", "0.5" as is."""
+    return str(int(x)) if float(x) == int(x) else f"{x:g}"
+
+
+@dataclass
+class Run:
+    """One result JSON: its id (file stem), the JSON as read, and the RunConfig recorded in it."""
+
+    id: str
+    data: dict
+    config: RunConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.config = from_json(self.data.get("config") or {})
+
+    def _derived_label(self) -> tuple[str, str]:
+        """(label, family) from the config; the id and "?" when the config names no known method, so an odd
+        JSON is still listed rather than dropped."""
+        try:
+            return methods.label(self.config)
+        except ValueError:
+            return self.id, "?"
+
+    @property
+    def method(self) -> str:
+        """The label opt_mi.py stored (it is what the run was called when it ran), else the derived one."""
+        stored = self.data.get("method")
+        return str(stored) if stored is not None else self._derived_label()[0]
+
+    @property
+    def family(self) -> str:
+        stored = self.data.get("family")
+        return str(stored) if stored is not None else self._derived_label()[1]
+
+    @property
+    def ppl(self) -> dict:
+        return self.data["ppl"]
+
+    @property
+    def bits(self) -> dict:
+        return self.data["bits"]
+
+    @property
+    def bpw(self) -> float:
+        return float(self.bits["bpw"])
+
+    @property
+    def wbits(self) -> float:
+        return float(self.config.wbits)
+
+    @property
+    def wbits_label(self) -> str:
+        return fmt_num(self.wbits)
+
+    @property
+    def groups(self) -> int | str:
+        """0 (no grouping), "all" (every channel its own group) or an int K."""
+        g = self.config.groups
+        return g if g == "all" else int(g)
+
+    @property
+    def _nm(self) -> tuple[int, int]:
+        return int(self.config.prunen or 0), int(self.config.prunem or 0)
+
+    @property
+    def sparsity_label(self) -> str:
+        """Target sparsity as configured: "0.5", or "2:4" for N:M."""
+        n, m = self._nm
+        return f"{n}:{m}" if n else fmt_num(float(self.config.sparsity or 0.0))
+
+    @property
+    def sparsity_key(self) -> tuple:
+        """Orders unstructured sparsities first (ascending), then N:M patterns by their sparsity."""
+        n, m = self._nm
+        return (1, 1 - n / m, n, m) if n else (0, float(self.config.sparsity or 0.0), 0, 0)
+
+    @property
+    def strategy(self) -> str:
+        return methods.strategy_label(self.config)
+
+    def ppl_of(self, evalset: str) -> float:
+        """PPL on evalset, +inf when null (diverged) or missing, so that min() never picks it."""
+        v = self.ppl.get(evalset)
+        return float(v) if v is not None and math.isfinite(float(v)) else math.inf
+
+    def sort_key(self) -> tuple:
+        return (self.sparsity_key, self.wbits, self.bpw, self.method, self.id)
+
+
+def _warn(path: Path, why: object) -> None:
+    # named after the running program: the same reader serves report.py and the sweep
+    print(f"{Path(sys.argv[0]).name or 'results'}: warning: skipping {path}: {why}", file=sys.stderr)
+
+
+def _read(p: Path) -> dict | None:
+    """The JSON object in p, or None (with a warning if it is unreadable) when there is none."""
+    try:
+        obj = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        _warn(p, e)
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _as_run(p: Path, obj: dict) -> Run | None:
+    """A Run when obj is a result (it holds "ppl" and "bits" with a numeric bpw), else None."""
+    if not (isinstance(obj.get("ppl"), dict) and isinstance(obj.get("bits"), dict)):
+        return None
+    if not isinstance(obj["bits"].get("bpw"), (int, float)):
+        _warn(p, "no bits.bpw")
+        return None
+    try:
+        return Run(p.stem, obj)
+    except (TypeError, ValueError) as e:  # a config block RunConfig cannot hold
+        _warn(p, f"bad config: {e}")
+        return None
+
+
+def load_dir(d: Path) -> tuple[list[Run], list[dict], list[dict]]:
+    """(result runs, failure notes, skip notes) from the JSON files directly in d.
+
+    ``<id>.failed.json`` and ``<id>.skipped.json`` are the sweep's notes; a failure whose id has since
+    produced a result is dropped, since the rerun succeeded. Runs come sorted by ``Run.sort_key``.
+    """
+    runs, failed, skipped = [], [], []
+    for p in sorted(d.glob("*.json")):
+        if p.name.startswith("."):
+            continue
+        obj = _read(p)
+        if obj is None:
+            continue
+        if p.name.endswith(".failed.json"):
+            failed.append({"id": p.name[: -len(".failed.json")], **obj})
+        elif p.name.endswith(".skipped.json"):
+            skipped.append({"id": p.name[: -len(".skipped.json")], **obj})
+        elif (run := _as_run(p, obj)) is not None:
+            runs.append(run)
+    runs.sort(key=Run.sort_key)
+    done = {r.id for r in runs}
+    failed = [f for f in failed if f["id"] not in done]
+    return runs, failed, skipped
+
+
+def eval_sets(runs: list[Run]) -> list[str]:
+    """Every eval set any run was evaluated on, in first-seen order (the table's column order)."""
+    seen: dict[str, None] = {}
+    for r in runs:
+        for k in r.ppl:
+            seen.setdefault(k, None)
+    return list(seen)

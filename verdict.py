@@ -1,0 +1,197 @@
+"""The verdict of a sweep, as data: which run is compared with which, and what the comparison decides.
+
+For each target sparsity, MI bit budget and eval set (a *cell*), the best MI run is compared with
+- the best quantized non-MI baseline at the same sparsity that spends at least as many bits (bpw within
+  ``BPW_TOL``), since a claim that MI wins must not come from spending more bits;
+- the best run of each control family set up like it (same K, strategy, allocation, groupsize, wbits and
+  sparsity), since a control tells whether the *MI* membership matters, not grouping as such.
+
+Everything here is a pure function of the runs and returns frozen dataclasses, so tests check the decisions
+directly; ``report.py`` turns them into the verdict's text.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from results import BASELINE_FAMILIES, CONTROL_FAMILIES, MI_FAMILY, Run
+
+# A baseline counts as "equal bits" when it spends at least the MI run's bpw minus this: bpw is printed
+# with 4 decimals and two methods at the same budget can differ in the last digits of metadata.
+BPW_TOL = 0.005
+CONTROL_KEYS = ("strategy", "bit_alloc", "groupsize")  # beside sparsity, wbits and K, what a control shares
+COUNTED_CONTROL = "random"  # the control the headline counts; the others are shown for information
+if COUNTED_CONTROL not in CONTROL_FAMILIES:  # fail on import, not with a wrong count in a report
+    raise ImportError(f"methods.py has no {COUNTED_CONTROL!r} control family, which the verdict counts")
+
+Decision = Literal[
+    "better",  # the MI run's PPL is lower (or the reference's is n/a)
+    "worse",  # higher (or the MI run's is n/a)
+    "equal",  # the same PPL: no gain
+    "no comparison",  # both PPLs n/a
+    "no equal-bits baseline",  # every baseline at this sparsity spends fewer bits than the MI run
+    "no baseline",  # no quantized non-MI run at this sparsity at all
+    "no control",  # no control run set up like any MI run of the cell
+]
+
+
+def decide(p: float, q: float) -> Decision:
+    """PPL p (the MI run's) against reference PPL q; +inf stands for n/a (diverged or not evaluated)."""
+    if math.isinf(p) and math.isinf(q):
+        return "no comparison"
+    if math.isinf(q) or q > p:  # a finite PPL beats one that diverged
+        return "better"
+    if math.isinf(p) or q < p:
+        return "worse"
+    return "equal"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The MI run ``mi`` against ``reference`` on ``evalset``; ``against`` is "baseline" or a control family.
+
+    ``reference`` is the best of ``candidates`` qualifying runs; for "no equal-bits baseline" it is the
+    nearest baseline in bpw (shown, not compared), for "no baseline" and "no control" it is None.
+    ``counted`` says whether the comparison enters the verdict's count of wins.
+    """
+
+    against: str
+    decision: Decision
+    evalset: str
+    mi: Run
+    reference: Run | None = None
+    candidates: int = 0
+    counted: bool = False
+    like_for_like: bool = False  # controls: ``mi`` is not the cell's best MI run but one that has a control
+
+    @property
+    def mi_id(self) -> str:
+        return self.mi.id
+
+    @property
+    def reference_id(self) -> str | None:
+        return None if self.reference is None else self.reference.id
+
+    @property
+    def mi_ppl(self) -> float:
+        return self.mi.ppl_of(self.evalset)
+
+    @property
+    def reference_ppl(self) -> float:
+        return math.inf if self.reference is None else self.reference.ppl_of(self.evalset)
+
+    @property
+    def difference(self) -> float | None:
+        """Reference PPL minus MI PPL (positive: MI is better); None unless both are finite."""
+        p, q = self.mi_ppl, self.reference_ppl
+        return q - p if math.isfinite(p) and math.isfinite(q) else None
+
+    @property
+    def relative(self) -> float | None:
+        """``difference`` as a fraction of the reference PPL."""
+        d = self.difference
+        return None if d is None else d / self.reference_ppl
+
+    @property
+    def won(self) -> bool | None:
+        """What the count of wins records: True/False when counted, None when left out."""
+        return self.decision == "better" if self.counted else None
+
+
+def baseline_comparison(m: Run, baselines: list[Run], s: str) -> Comparison:
+    """M against the best baseline that spends at least as many bits (bpw >= M's - BPW_TOL)."""
+    comp = [r for r in baselines if r.bpw >= m.bpw - BPW_TOL]
+    if comp:
+        b = min(comp, key=lambda r: r.ppl_of(s))
+        decision = decide(m.ppl_of(s), b.ppl_of(s))
+        return Comparison("baseline", decision, s, m, b, len(comp), counted=decision != "no comparison")
+    if baselines:  # more bits than every baseline: name the nearest so a reader sees the gap
+        near = min(baselines, key=lambda r: (abs(r.bpw - m.bpw), r.ppl_of(s)))
+        return Comparison("baseline", "no equal-bits baseline", s, m, near)
+    return Comparison("baseline", "no baseline", s, m)
+
+
+def controls_of(m: Run, runs: list[Run], family: str) -> list[Run]:
+    """Control runs of a family set up like M: same sparsity, wbits, K, strategy, allocation and groupsize."""
+    return [r for r in runs if r.family == family and r.sparsity_label == m.sparsity_label
+            and r.wbits == m.wbits and r.groups == m.groups
+            and all(getattr(r.config, k) == getattr(m.config, k) for k in CONTROL_KEYS)]
+
+
+def control_comparison(m: Run, mis: list[Run], runs: list[Run], family: str, s: str) -> Comparison:
+    """The best MI run M against its control runs (the best of them: MI must beat all). When M has none
+    (say M is strategy A and the controls are B), the best MI run of the cell that has one is compared
+    instead, like for like. Counted even when both PPLs are n/a: a control the MI run cannot be shown to
+    beat is a loss."""
+    order = [m] + [r for r in sorted(mis, key=lambda r: r.ppl_of(s)) if r is not m]
+    pairs = [(r, cs) for r in order if (cs := controls_of(r, runs, family))]
+    if not pairs:
+        return Comparison(family, "no control", s, m)
+    x, same = pairs[0]
+    c = min(same, key=lambda r: r.ppl_of(s))
+    return Comparison(family, decide(x.ppl_of(s), c.ppl_of(s)), s, x, c, len(same), counted=True,
+                      like_for_like=x is not m)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (target sparsity, MI bit budget, eval set) of the verdict and its comparisons."""
+
+    sparsity: str  # as configured: "0.5" or "2:4"
+    wbits: float
+    evalset: str
+    best: Run  # the MI run with the lowest PPL in the cell
+    baseline: Comparison
+    controls: tuple[Comparison, ...]  # one per control family, in CONTROL_FAMILIES order
+
+    def control(self, family: str) -> Comparison:
+        return next(c for c in self.controls if c.against == family)
+
+
+def _tally(comparisons: list[Comparison]) -> tuple[int, int]:
+    counted = [c.won for c in comparisons if c.won is not None]
+    return sum(counted), len(counted)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Every cell, in order of sparsity, budget and eval set, and the counts of wins over them."""
+
+    cells: tuple[Cell, ...]
+
+    @property
+    def several_budgets(self) -> bool:
+        return len({c.wbits for c in self.cells}) > 1
+
+    @property
+    def baseline_wins(self) -> tuple[int, int]:
+        """(cells where MI beats the best equal-bits baseline, cells that have one to compare with)."""
+        return _tally([c.baseline for c in self.cells])
+
+    @property
+    def control_wins(self) -> tuple[int, int]:
+        """(cells where MI beats the counted control, cells that have one)."""
+        return _tally([c.control(COUNTED_CONTROL) for c in self.cells])
+
+
+def _cell(at_s: list[Run], mis: list[Run], runs: list[Run], s: str) -> Cell:
+    m = min(mis, key=lambda r: r.ppl_of(s))
+    baselines = [r for r in at_s if r.family in BASELINE_FAMILIES and r.wbits != 16]
+    controls = tuple(control_comparison(m, mis, runs, fam, s) for fam in CONTROL_FAMILIES)
+    return Cell(m.sparsity_label, m.wbits, s, m, baseline_comparison(m, baselines, s), controls)
+
+
+def judge(runs: list[Run], sets: list[str]) -> Verdict | None:
+    """The verdict over runs on the eval sets; None when there is no MI run, so no verdict can be given."""
+    mi_runs = [r for r in runs if r.family == MI_FAMILY]
+    if not mi_runs:
+        return None
+    cells = []
+    for skey in sorted({r.sparsity_key for r in mi_runs}):
+        at_s = [r for r in runs if r.sparsity_key == skey]
+        for w in sorted({r.wbits for r in at_s if r.family == MI_FAMILY}):
+            mis = [r for r in at_s if r.family == MI_FAMILY and r.wbits == w]
+            cells += [_cell(at_s, mis, runs, s) for s in sets]
+    return Verdict(tuple(cells))
