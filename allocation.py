@@ -1,11 +1,17 @@
 """Bit allocation across groups of output channels under a mean-bits budget.
 
-A group of rows gets one bit-width out of ``choices``. Its cost at b bits is the Hessian-weighted
-round-to-nearest error of its rows, sum_r (w_r - q_b(w_r)) H (w_r - q_b(w_r))ᵀ, the same second-order
-proxy SparseGPT/GPTQ minimise, optionally scaled by an MI redundancy factor. Every row has the same
-number of weights, so the mean bits over the layer's weights is sum(sizes * bits) / sum(sizes), and
-picking one width per group to minimise the total cost is a multiple-choice knapsack, solved exactly by
-dynamic programming over the (integer) bit budget.
+A group of rows gets one bit-width out of ``choices``. Its cost at b bits comes from one of two sources
+(``--alloc-cost``):
+  obs  SparseGPT's own losses: the sum over the group's rows of the OBS losses sum (w - q)^2 / [H^-1]_ii / 2
+       that a pass with every row at b bits incurs (``SparseGPT.trial``, masks fixed, error feedback
+       included). Once the mask is fixed, rows are independent, so these costs are exactly the loss of the
+       layer with the chosen widths: the knapsack below minimises the true objective.
+  rtn  the proxy of earlier versions: the Hessian-weighted round-to-nearest error of the group's dense
+       rows, sum_r (w_r - q_b(w_r)) H (w_r - q_b(w_r))ᵀ / 2, blind to the mask and to error feedback.
+Either is optionally scaled by an MI redundancy factor. Every row has the same number of weights, so the
+mean bits over the layer's weights is sum(sizes * bits) / sum(sizes), and picking one width per group to
+minimise the total cost is a multiple-choice knapsack, solved exactly by dynamic programming over the
+(integer) bit budget.
 
 Methods (``--bit-alloc``):
   uniform     every group gets the largest choice <= budget; no costs are computed.
@@ -25,6 +31,7 @@ import quant
 from channel_grouping import group_stats
 
 BIT_ALLOC = ("uniform", "hessian", "hessian-mi")
+COSTS = ("obs", "rtn")
 DEFAULT_BITS_CHOICES = (2, 3, 4, 5, 6, 8)
 # what the CLI uses for hessian-mi when the user gives no --mi-alpha (allocate() itself defaults to 0)
 DEFAULT_MI_ALPHA = 1.0
@@ -114,6 +121,14 @@ def group_costs(
         per_row = ((err @ H64) * err).sum(1)
         cost[:, j].index_add_(0, labels, per_row)
     return cost
+
+
+def obs_group_costs(row_loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Group costs [K, n] float64 from per-row losses row_loss [n, R] at n candidate widths (``trial``)."""
+    labels = _check_labels(labels, row_loss.shape[1]).to(row_loss.device)
+    k = int(labels.max()) + 1
+    cost = torch.zeros(k, row_loss.shape[0], dtype=torch.float64, device=row_loss.device)
+    return cost.index_add_(0, labels, row_loss.double().T)
 
 
 def redundancy_factor(nmi, labels, alpha: float) -> torch.Tensor:
@@ -234,12 +249,14 @@ def allocate(
     alpha: float | None = 0.0,
     sym: bool = False,
     groupsize: int = -1,
+    costs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bits per group [K] (LongTensor on labels' device) for one layer; per-row bits are bits[labels].
 
     Args:
         method: one of BIT_ALLOC.
         W [rows, cols], H [cols, cols], labels [rows] in [0, K): as group_costs (unused by "uniform").
+        costs: [K, len(choices)] group costs already known (e.g. ``obs_group_costs``); None = RTN costs.
         nmi: [C = rows, C] NMI matrix, needed only by "hessian-mi" with alpha != 0 and some group of
             two or more rows (singletons have factor 1).
         choices, budget: as allocate_bits.
@@ -259,7 +276,9 @@ def allocate(
         bits = max(b for b in choices if b <= budget)
         return torch.full((len(sizes),), bits, dtype=torch.long, device=labels.device)
 
-    costs = group_costs(W, H, labels, choices, strategy=strategy, sym=sym, groupsize=groupsize).cpu()
+    if costs is None:
+        costs = group_costs(W, H, labels, choices, strategy=strategy, sym=sym, groupsize=groupsize) / 2
+    costs = costs.cpu().double()
     if method == "hessian-mi":
         alpha = DEFAULT_MI_ALPHA if alpha is None else alpha
         # all-singleton groups (one row each) and alpha == 0 both give factors of one: no NMI needed

@@ -1,15 +1,18 @@
-"""Bits accounting over the compressed decoder linear weights.
+"""Bits accounting over the decoder's linear weights.
 
 Conventions (stated in the README and the summary):
-- ``avg_weight_bits``: mean bit-width over all compressed weights, pruned ones included (dense storage).
-  Unquantized layers count 16 (fp16).
-- ``metadata_bpw``: per weight, fp16 scale + fp16 zero (32 bits) for every parameter set the quantizer
-  produced (one per row, per group with shared parameters, and again for every ``--groupsize`` columns),
-  plus the bit-width table (ceil(log2 |choices|) bits per group) and the group index of every channel
-  (ceil(log2 K) bits) when the MI method groups rows.
+- ``avg_weight_bits``: mean bit-width over every decoder linear weight, pruned ones included (dense
+  storage); weights left uncompressed (``--prune_only``, ``--minlayer`` ...) or unquantized count 16 (fp16).
+- ``metadata_bpw``: per weight, for every parameter set the quantizer stored (one per row, per group with
+  shared parameters, and again per column group): an fp16 scale, plus an fp16 zero-point unless the grid is
+  symmetric (its zero-point is implied); plus the bit-width table (ceil(log2 |choices|) bits per group)
+  and, when rows are grouped by a criterion (not consecutive runs, not one row a group), every row's group
+  index (ceil(log2 K) bits); plus any index along the input axis a layer needs (``extra_bits``).
+- ``bpw`` = the two added; ``bpw_compressed`` the same over the compressed layers only, and
+  ``compressed_fraction`` the share of decoder linear weights they hold.
 - ``mask_bpw``: reported apart: 1 bit per weight for an unstructured mask, ceil(log2 C(m, n)) bits per m
   weights for n:m, 0 when dense.
-- Embeddings, positions, layer norms, biases and lm_head stay fp16 and are not counted.
+- Embeddings, positions, norms, biases and lm_head stay fp16 and are outside all of these.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ class LayerBits:
     mask_bits: float
 
 
+def index_bits(n: int) -> int:
+    """Bits to name one of n things (at least 1)."""
+    return math.ceil(math.log2(max(n, 2)))
+
+
 def layer_bits(
     rows: int,
     cols: int,
@@ -34,32 +42,44 @@ def layer_bits(
     n_groups: int | None,
     n_choices: int,
     mask: str | tuple[int, int] | None,
+    *,
+    sym: bool = False,
+    group_index: bool = True,
+    extra_bits: float = 0.0,
 ) -> LayerBits:
-    """Bits of one [rows, cols] layer. row_bits None = unquantized (16 bits); n_groups None = no grouping."""
+    """Bits of one [rows, cols] layer.
+
+    row_bits: each row's width (None = unquantized, 16 bits). n_groups: K row groups with a width table
+    (None = no grouping). group_index: False when the groups are consecutive runs (K sizes suffice).
+    """
     weights = rows * cols
     wb = 16.0 * weights if row_bits is None else float(sum(row_bits)) * cols
-    meta = 32.0 * n_param_sets
+    meta = (16.0 if sym else 32.0) * n_param_sets + extra_bits
     if n_groups is not None:
-        table_entries = n_groups
-        meta += table_entries * math.ceil(math.log2(max(n_choices, 2)))
-        if n_groups < rows:
-            meta += rows * math.ceil(math.log2(max(n_groups, 2)))
+        meta += n_groups * index_bits(n_choices)
+        if group_index and n_groups < rows:
+            meta += rows * index_bits(n_groups)
     if mask is None:
         mb = 0.0
     elif mask == "unstructured":
         mb = float(weights)
     else:
         n, m = mask
-        mb = weights / m * math.ceil(math.log2(math.comb(m, n)))
+        mb = weights / m * index_bits(math.comb(m, n))
     return LayerBits(weights, wb, meta, mb)
 
 
-def summarize(layers: list[LayerBits]) -> dict:
-    """{"avg_weight_bits", "metadata_bpw", "bpw", "mask_bpw"} over all layers."""
+def summarize(layers: list[LayerBits], total_weights: int | None = None) -> dict:
+    """Bits per weight over ``total_weights`` decoder linear weights (default: the compressed ones only),
+    of which ``layers`` are the compressed part; the rest count 16 bits each."""
     n = sum(x.weights for x in layers)
-    if n == 0:
-        return {"avg_weight_bits": 16.0, "metadata_bpw": 0.0, "bpw": 16.0, "mask_bpw": 0.0}
-    avg = sum(x.weight_bits for x in layers) / n
-    meta = sum(x.metadata_bits for x in layers) / n
-    return {"avg_weight_bits": avg, "metadata_bpw": meta, "bpw": avg + meta,
-            "mask_bpw": sum(x.mask_bits for x in layers) / n}
+    total = max(total_weights if total_weights is not None else n, n)
+    if total == 0:
+        return {"avg_weight_bits": 16.0, "metadata_bpw": 0.0, "bpw": 16.0, "mask_bpw": 0.0,
+                "bpw_compressed": 16.0, "compressed_fraction": 0.0}
+    wbits = sum(x.weight_bits for x in layers)
+    meta = sum(x.metadata_bits for x in layers)
+    avg = (wbits + 16.0 * (total - n)) / total
+    return {"avg_weight_bits": avg, "metadata_bpw": meta / total, "bpw": avg + meta / total,
+            "mask_bpw": sum(x.mask_bits for x in layers) / total,
+            "bpw_compressed": (wbits + meta) / n if n else 16.0, "compressed_fraction": n / total}

@@ -23,7 +23,7 @@ import layerwalk
 from config import RunConfig
 from mi_plan import LayerPlan, PlanOptions, plan_layer
 from quant import Quantizer, rtn
-from sparsegpt_mi import SparseGPT, magnitude_prune
+from sparsegpt_mi import SparseGPT, layer_error, magnitude_prune
 
 STAGES = ("mi_s", "cluster_s", "alloc_s", "prune_s")  # per-stage seconds, summed over layers
 
@@ -56,7 +56,7 @@ def default_plot_layer(model) -> str:
 def plan_options(cfg: RunConfig) -> PlanOptions:
     return PlanOptions(groups=cfg.groups, cluster=cfg.cluster, strategy=cfg.strategy, bit_alloc=cfg.bit_alloc,
                        wbits=cfg.wbits, choices=cfg.bits_choices, mi=cfg.mi, alpha=cfg.mi_alpha, seed=cfg.seed,
-                       sym=cfg.sym, groupsize=cfg.groupsize)
+                       sym=cfg.sym, groupsize=cfg.groupsize, cost=cfg.alloc_cost)
 
 
 def _warn_if_k_exceeds_channels(model, cfg: RunConfig) -> None:
@@ -108,38 +108,65 @@ def _accumulate(cfg: RunConfig, index: int, layer: nn.Module, inps: torch.Tensor
 def compress_linear(name: str, g: SparseGPT, cfg: RunConfig, res: CompressionResult) -> LayerPlan | None:
     """Plan (if grouped), quantizer, SparseGPT pass for one linear; appends its record and bits to res."""
     plan = None
+    t = time.time()
     if cfg.grouped:
         acts = g.sampler.samples() if g.sampler is not None else None
-        plan = plan_layer(name, g.layer.weight.data.float(), g.H, acts, plan_options(cfg))
-        g.quantizer = plan.quantizer(sym=cfg.sym)
+        opts = plan_options(cfg)
+        plan = plan_layer(name, g.layer.weight.data.float(), g.H, acts, opts, trial=_trial_fn(g, cfg, opts))
         for key in ("mi_s", "cluster_s", "alloc_s"):
             res.timing[key] += plan.timing[key]
-    elif cfg.quantizing:
-        g.quantizer = Quantizer()
-        g.quantizer.configure(int(cfg.wbits), perchannel=True, sym=cfg.sym)
-    t = time.time()
-    g.fasterprune(cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem, blocksize=cfg.blocksize,
-                  percdamp=cfg.percdamp, groupsize=cfg.groupsize)
-    prune_s = time.time() - t
+    t_prune = time.time()
+    if plan is not None and plan.trial is not None:  # the rows at their widths, from the trial passes
+        g.finish(plan.trial.select(plan.row_bits.to(g.dev)))
+        g.n_param_sets = plan.trial.param_sets_per_row_group
+    else:
+        if plan is not None:
+            g.quantizer = plan.quantizer(sym=cfg.sym)
+        elif cfg.quantizing:
+            g.quantizer = Quantizer()
+            g.quantizer.configure(int(cfg.wbits), perchannel=True, sym=cfg.sym)
+        g.fasterprune(cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem, blocksize=cfg.blocksize,
+                      percdamp=cfg.percdamp, groupsize=cfg.groupsize)
+    prune_s = time.time() - t_prune
     res.timing["prune_s"] += prune_s
+    W0, _, Hd = g.prepare(cfg.percdamp)
+    loss = {"incurred": float(layer_error(W0, g.result.W, Hd).sum()), "obs": g.error}
+    if plan is not None and plan.predicted_loss is not None:
+        loss["predicted"] = plan.predicted_loss
     n_sets = g.n_param_sets if cfg.quantizing else 0  # counted by the quantizer as SparseGPT used it
-    _record(res, cfg, name, g.rows, g.columns, n_sets, plan, prune_s)
+    _record(res, cfg, name, g.rows, g.columns, n_sets, plan, prune_s, int(g.result.mask.sum()), loss)
     if g.percdamp_used is not None and g.percdamp_used != cfg.percdamp:
         res.layers[-1]["percdamp_used"] = g.percdamp_used
+    res.layers[-1]["timing"]["total_s"] = time.time() - t
     g.free()
     return plan
 
 
+def _trial_fn(g: SparseGPT, cfg: RunConfig, opts: PlanOptions):
+    """The plan's trial: every candidate width at once, masks of the uniform width (see SparseGPT.trial)."""
+
+    def trial(row_groups: torch.Tensor | None):
+        return g.trial(list(cfg.bits_choices), opts.uniform_bits, sym=cfg.sym, row_groups=row_groups,
+                       sparsity=cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem, blocksize=cfg.blocksize,
+                       percdamp=cfg.percdamp, groupsize=cfg.groupsize)
+
+    return trial
+
+
 def _record(res: CompressionResult, cfg: RunConfig, name: str, rows: int, cols: int, n_sets: int,
-            plan: LayerPlan | None, prune_s: float) -> None:
+            plan: LayerPlan | None, prune_s: float, pruned: int, loss: dict | None = None) -> None:
     """Append one layer's bits account and JSON record (schema in the README)."""
     if plan is not None:
         row_bits, ngroups = plan.row_bits.tolist(), int(plan.group_bits.numel())
     else:
         row_bits, ngroups = ([int(cfg.wbits)] * rows if cfg.quantizing else None), None
-    res.bits.append(bitstats.layer_bits(rows, cols, row_bits, n_sets, ngroups, len(cfg.bits_choices), cfg.mask))
-    rec = {"name": name, "channels": rows, "in_features": cols, "groups": ngroups,
+    runs = cfg.cluster == "contiguous" and cfg.groups != "all"  # consecutive rows: group sizes name the groups
+    res.bits.append(bitstats.layer_bits(rows, cols, row_bits, n_sets, ngroups, len(cfg.bits_choices), cfg.mask,
+                                        sym=cfg.sym, group_index=not runs))
+    rec = {"name": name, "channels": rows, "in_features": cols, "groups": ngroups, "pruned": pruned,
            "timing": {"mi_s": 0.0, "cluster_s": 0.0, "alloc_s": 0.0, "prune_s": prune_s}}
+    if loss is not None:
+        rec["loss"] = loss
     if plan is not None:
         sizes = torch.bincount(plan.labels, minlength=ngroups).tolist()
         rec.update({"labels": plan.labels.tolist(), "group_sizes": sizes, "group_bits": plan.group_bits.tolist(),
@@ -156,7 +183,8 @@ def compress_magnitude(model, cfg: RunConfig) -> CompressionResult:
         for n, m in selected_linears(cfg, i, layer).items():
             t = time.time()
             W = m.weight.data
-            W[magnitude_prune(W.float(), cfg.sparsity, cfg.prunen, cfg.prunem)] = 0
+            mask = magnitude_prune(W.float(), cfg.sparsity, cfg.prunen, cfg.prunem)
+            W[mask] = 0
             if cfg.quantizing:
                 W.copy_(rtn(W.float(), int(cfg.wbits), sym=cfg.sym, groupsize=cfg.groupsize).to(W.dtype))
             dt = time.time() - t
@@ -164,7 +192,7 @@ def compress_magnitude(model, cfg: RunConfig) -> CompressionResult:
             rows, cols = W.shape
             # round-to-nearest per row, once per --groupsize block
             n_sets = rows * (math.ceil(cols / cfg.groupsize) if cfg.groupsize > 0 else 1) if cfg.quantizing else 0
-            _record(res, cfg, n, rows, cols, n_sets, None, dt)
+            _record(res, cfg, n, rows, cols, n_sets, None, dt, int(mask.sum()))
     return res
 
 
@@ -177,11 +205,22 @@ def compress(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.device) -> C
     return compress_sparsegpt(model, calib, cfg, dev)
 
 
-def measured_sparsity(model, names: list[str]) -> float:
-    """Fraction of exactly-zero weights over the named linear layers (all decoder linears if none named)."""
+def decoder_linear_weights(model) -> int:
+    """Number of weights in all decoder linear layers: what whole-model bits per weight divide by."""
+    return sum(m.weight.numel() for i, layer in enumerate(layerwalk.decoder_layers(model))
+               for m in layerwalk.find_linears(layer, layer_prefix(i)).values())
+
+
+def mask_sparsity(res: CompressionResult) -> float:
+    """Fraction of the compressed layers' weights that the pruning masks removed."""
+    total = sum(r["channels"] * r["in_features"] for r in res.layers)
+    return sum(r["pruned"] for r in res.layers) / max(total, 1)
+
+
+def zero_fraction(model, names: list[str]) -> float:
+    """Fraction of exactly-zero weights over the named linear layers after compression: pruned weights and
+    weights that quantization rounded onto the grid's zero (reported apart from the mask's sparsity)."""
     mods = dict(model.named_modules())
-    if not names:
-        names = [n for n, m in mods.items() if isinstance(m, torch.nn.Linear) and ".decoder.layers." in n]
     zeros = sum(int((mods[n].weight.data == 0).sum()) for n in names)
     total = sum(mods[n].weight.numel() for n in names)
     return zeros / max(total, 1)

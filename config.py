@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="independent: a group shares bits, rows keep own scale/zero (B); shared: one scale/zero (A)")
     m.add_argument("--cluster", choices=channel_grouping.METHODS, default="spectral", help="how channels are grouped")
     m.add_argument("--bit-alloc", choices=allocation.BIT_ALLOC, default="hessian", help="how bits are given to groups")
+    m.add_argument("--alloc-cost", choices=allocation.COSTS, default="obs",
+                   help="group costs: obs = SparseGPT's own losses at every width (trial passes); "
+                        "rtn = Hessian-weighted round-to-nearest error of the dense weights (a proxy)")
     m.add_argument("--bits-choices", type=str, default=",".join(map(str, allocation.DEFAULT_BITS_CHOICES)),
                    help="candidate bit-widths")
     m.add_argument("--mi-samples", type=int, default=8192, help="output rows (tokens) sampled per layer for MI")
@@ -126,6 +129,7 @@ class RunConfig:
     strategy: str = "independent"
     cluster: str = "spectral"
     bit_alloc: str = "hessian"
+    alloc_cost: str = "obs"
     bits_choices: tuple[int, ...] = allocation.DEFAULT_BITS_CHOICES
     mi_samples: int = 8192
     mi_bins: int = _MI.bins

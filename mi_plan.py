@@ -4,13 +4,19 @@
 activations) and returns a ``LayerPlan``: channel groups, a bit-width per group, and how the quantizer
 must be configured. The same function serves the method and its controls (random / contiguous groups,
 ``--groups all`` per-channel allocation), so every comparison runs through one code path.
+
+With ``cost="obs"`` the caller passes ``trial``: a function of the row groups that runs SparseGPT at every
+candidate width (``SparseGPT.trial``); its per-row losses are the allocation's costs, and the plan keeps the
+trial so that the compressed rows are taken from it (what the knapsack minimised is what is incurred).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +24,11 @@ import allocation
 import channel_grouping
 import mutual_info
 from quant import Quantizer
+
+if TYPE_CHECKING:
+    from sparsegpt_mi import TrialResult
+
+Trial = Callable[[torch.Tensor | None], "TrialResult"]  # row groups (strategy A) -> every width's pass
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,7 @@ class PlanOptions:
     groups: K >= 1 or "all" (every row alone); a K above a layer's rows is clipped to its rows.
     wbits: the mean-bits budget; choices: candidate widths; alpha: the hessian-mi exponent.
     seed: seeds the clustering; sym, groupsize: the quantizer's, so the costs are those of its grid.
+    cost: "obs" (SparseGPT's own losses from trial passes) or "rtn" (the dense round-to-nearest proxy).
     """
 
     groups: int | str
@@ -51,6 +63,17 @@ class PlanOptions:
     seed: int = 0
     sym: bool = False
     groupsize: int = -1
+    cost: str = "obs"
+
+    @property
+    def uniform_bits(self) -> int:
+        """The width uniform allocation gives every group: the largest choice within the budget."""
+        return max(b for b in self.choices if b <= self.wbits)
+
+    def needs_trial(self) -> bool:
+        """Trial passes at every width: whenever widths are allocated (the obs costs need them, and with
+        rtn costs the rows are still taken from them, so that the two costs differ in nothing else)."""
+        return self.bit_alloc != "uniform"
 
     def needs_mi(self) -> bool:
         """MI is computed for clustering by dependence (random keeps spectral's sizes) or for hessian-mi."""
@@ -70,6 +93,8 @@ class LayerPlan:
     nmi_intra: list = field(default_factory=list)
     nmi_inter: list = field(default_factory=list)
     timing: dict = field(default_factory=dict)
+    trial: TrialResult | None = None  # every width's pass, when widths were allocated
+    predicted_loss: float | None = None  # the allocation's objective at its optimum (1/2 dW H dW^T units)
 
     @property
     def row_bits(self) -> torch.Tensor:
@@ -91,8 +116,9 @@ def _finite_list(t: torch.Tensor) -> list:
 
 
 def plan_layer(name: str, W: torch.Tensor, H: torch.Tensor, acts: torch.Tensor | None,
-               opts: PlanOptions) -> LayerPlan:
-    """Plan one layer. W [C, in] weights, H [in, in] Hessian, acts [N, C] sampled outputs (None if unused)."""
+               opts: PlanOptions, trial: Trial | None = None) -> LayerPlan:
+    """Plan one layer. W [C, in] weights, H [in, in] Hessian, acts [N, C] sampled outputs (None if unused);
+    ``trial`` is needed when ``opts.needs_trial()``."""
     C = W.shape[0]
     groups = opts.groups if opts.groups == "all" else min(int(opts.groups), C)
     timing = {"mi_s": 0.0, "cluster_s": 0.0, "alloc_s": 0.0}
@@ -118,13 +144,27 @@ def plan_layer(name: str, W: torch.Tensor, H: torch.Tensor, acts: torch.Tensor |
     timing["cluster_s"] = time.time() - t
 
     t = time.time()
+    costs = None
+    if opts.bit_alloc != "uniform" and opts.cost == "rtn":  # before the trial, which consumes H
+        costs = allocation.group_costs(W, H, labels, opts.choices, strategy=opts.strategy, sym=opts.sym,
+                                       groupsize=opts.groupsize).cpu() / 2
+    done = trial(labels if opts.strategy == "shared" else None) if opts.needs_trial() and trial else None
+    if done is None and opts.cost == "obs" and opts.bit_alloc != "uniform":
+        raise ValueError("obs costs come from trial passes: plan_layer needs trial=")
+    if done is not None and opts.cost == "obs":
+        costs = allocation.obs_group_costs(done.row_loss, labels.to(done.row_loss.device)).cpu()
     group_bits = allocation.allocate(opts.bit_alloc, W, H, labels, nmi, opts.choices, opts.wbits,
-                                     strategy=opts.strategy, alpha=opts.alpha, sym=opts.sym, groupsize=opts.groupsize)
+                                     strategy=opts.strategy, alpha=opts.alpha, sym=opts.sym, groupsize=opts.groupsize,
+                                     costs=costs)
     timing["alloc_s"] = time.time() - t
 
     intra, inter = ([], [])
     if nmi is not None:
         a, b = channel_grouping.group_stats(nmi, labels)
         intra, inter = _finite_list(a), _finite_list(b)
-    return LayerPlan(labels=labels.long(), group_bits=group_bits.long(), strategy=opts.strategy, nmi=nmi,
-                     nmi_intra=intra, nmi_inter=inter, timing=timing)
+    plan = LayerPlan(labels=labels.long(), group_bits=group_bits.long(), strategy=opts.strategy, nmi=nmi,
+                     nmi_intra=intra, nmi_inter=inter, timing=timing, trial=done)
+    if costs is not None:  # what the allocation counted on (before any MI factor), to set beside what happened
+        pick = torch.tensor([opts.choices.index(int(b)) for b in plan.group_bits.tolist()])
+        plan.predicted_loss = float(costs[torch.arange(len(pick)), pick].sum())
+    return plan

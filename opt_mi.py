@@ -21,7 +21,7 @@ import datautils
 import layerwalk
 import methods
 import outputs
-from compress import compress, measured_sparsity
+from compress import compress, decoder_linear_weights, mask_sparsity, zero_fraction
 from config import ConfigError, RunConfig, parse
 from mi_plan import PlanError
 from models import ModelError, load_model, open_source
@@ -68,8 +68,9 @@ def run(cfg: RunConfig) -> dict:
         "method": label,
         "family": family,
         "ppl": {k: (v if math.isfinite(v) else None) for k, v in ppl.items()},
-        "sparsity": measured_sparsity(model, [r["name"] for r in res.layers]),
-        "bits": bitstats.summarize(res.bits),
+        "sparsity": mask_sparsity(res),
+        "zero_fraction": zero_fraction(model, [r["name"] for r in res.layers]),
+        "bits": bitstats.summarize(res.bits, decoder_linear_weights(model)),
         "timing": {"calibration_s": calibration_s, "compress_s": compress_s, "eval_s": eval_s,
                    **res.timing, "total_s": time.time() - t0},
         "env": outputs.env_info(dev),
@@ -89,9 +90,11 @@ def summary(out: dict) -> str:
     return "\n".join([
         f"method    {out['method']}",
         f"ppl       {ppl}",
-        f"sparsity  {out['sparsity']:.4f}",
+        f"sparsity  {out['sparsity']:.4f} removed by the masks ({out['zero_fraction']:.4f} exact zeros after "
+        "quantization)",
         f"bits      {b['avg_weight_bits']:.3f} avg weight + {b['metadata_bpw']:.4f} metadata = {b['bpw']:.3f} bpw"
-        f" (mask {b['mask_bpw']:.3f} bpw apart; embeddings, lm_head fp16)",
+        f" over all decoder linears ({100 * b['compressed_fraction']:.0f}% compressed, at "
+        f"{b['bpw_compressed']:.3f} bpw; mask {b['mask_bpw']:.3f} bpw apart; embeddings, lm_head fp16)",
         f"time      calibration {t['calibration_s']:.1f}s, compress {t['compress_s']:.1f}s "
         f"(MI {t['mi_s']:.1f}s, cluster {t['cluster_s']:.1f}s, alloc {t['alloc_s']:.1f}s, "
         f"prune {t['prune_s']:.1f}s), eval {t['eval_s']:.1f}s, total {t['total_s']:.1f}s",

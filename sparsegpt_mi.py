@@ -150,10 +150,12 @@ def obs_pass(
         Hinv1 = Hinv[i1:i2, i1:i2]
 
         if prunen == 0 and sparsity > 0:
-            # adaptive mask: the block's smallest OBS saliencies w^2 / [H^-1]_ii
+            # adaptive mask: the block's k smallest OBS saliencies w^2 / [H^-1]_ii (the reference's
+            # `tmp <= sorted[k]` prunes k + 1, one weight per block beyond the target)
             tmp = W1[:ref] ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
-            thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
-            mask1 = (tmp <= thresh).repeat(reps, 1)
+            mask1 = torch.zeros_like(tmp, dtype=torch.bool)
+            mask1.view(-1)[torch.sort(tmp.flatten(), stable=True)[1][: int(tmp.numel() * sparsity)]] = True
+            mask1 = mask1.repeat(reps, 1)
         else:  # n:m masks are chosen column by column below; sparsity 0 prunes nothing
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
 

@@ -43,9 +43,17 @@ def _schur_diag(Hinv: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return torch.stack(d)
 
 
-def obs_loop(W, H, sparsity=0.0, prunen=0, prunem=0, blocksize=128, percdamp=0.01, bits=None, groupsize=-1):
-    """Column-by-column OBS pruning (+ quantization), float64, explicit inverse, no blocks."""
+def obs_loop(W, H, sparsity=0.0, prunen=0, prunem=0, blocksize=128, percdamp=0.01, bits=None, groupsize=-1,
+             mask=None, full=False):
+    """Column-by-column OBS pruning (+ quantization), float64, explicit inverse, no blocks.
+
+    bits: an int or a per-row tensor of widths. mask: a fixed [R, C] prune mask to use instead of choosing
+    one. full: return (W, each row's summed loss (w - q)^2 / [H^-1]_ii / 2, the prune mask) instead of W.
+    """
     W = W.double().clone()
+    if bits is not None and not isinstance(bits, int):
+        bits = torch.as_tensor(bits).double().reshape(-1, 1)
+    fixed = mask
     H = H.double().clone()
     cols = W.shape[1]
     params = None
@@ -58,14 +66,17 @@ def obs_loop(W, H, sparsity=0.0, prunen=0, prunem=0, blocksize=128, percdamp=0.0
     Hinv = torch.linalg.inv(H)
     # elimination order is fixed, so [H^-1]_jj as seen at column j does not depend on the weights
     dseq = _schur_diag(Hinv, 0, cols)
-    mask = torch.zeros_like(W, dtype=torch.bool)
+    mask = torch.zeros_like(W, dtype=torch.bool) if fixed is None else fixed.clone()
+    loss = torch.zeros(len(W), dtype=torch.float64)
     for i in range(cols):
-        if prunen == 0 and sparsity > 0 and i % blocksize == 0:
+        if fixed is None and prunen == 0 and sparsity > 0 and i % blocksize == 0:
             i2 = min(i + blocksize, cols)
-            sal = W[:, i:i2] ** 2 / dseq[i:i2]
-            thresh = torch.sort(sal.flatten())[0][int(sal.numel() * sparsity)]
-            mask[:, i:i2] = sal <= thresh
-        if prunen and i % prunem == 0:
+            sal = (W[:, i:i2] ** 2 / dseq[i:i2]).flatten()
+            k = int(sal.numel() * sparsity)  # exactly k pruned: the k smallest saliencies of the block
+            block = torch.zeros_like(sal, dtype=torch.bool)
+            block[sal.argsort(stable=True)[:k]] = True
+            mask[:, i:i2] = block.reshape(len(W), i2 - i)
+        if fixed is None and prunen and i % prunem == 0:
             sal = W[:, i : i + prunem] ** 2 / dseq[i : i + prunem]
             idx = torch.topk(sal, prunen, dim=1, largest=False)[1]
             mask[:, i : i + prunem].scatter_(1, idx, True)
@@ -76,23 +87,27 @@ def obs_loop(W, H, sparsity=0.0, prunen=0, prunem=0, blocksize=128, percdamp=0.0
         q[mask[:, i]] = 0
         if params is not None:
             scale, zero, maxq = params
-            q = (scale * (torch.clamp(torch.round(q[:, None] / scale) + zero, 0, maxq) - zero)).flatten()
+            codes = torch.round(q[:, None] / scale) + zero
+            codes = torch.minimum(torch.clamp(codes, min=0), torch.as_tensor(maxq, dtype=codes.dtype))
+            q = (scale * (codes - zero)).flatten()
+        loss += (w - q) ** 2 / Hinv[i, i] / 2
         # processed columns are final; only the remaining ones absorb the error
         W[:, i:] -= torch.outer((w - q) / Hinv[i, i], Hinv[i, i:])
         W[:, i] = q
         Hinv -= torch.outer(Hinv[:, i], Hinv[i, :]) / Hinv[i, i]
-    return W
+    return (W, loss, mask) if full else W
 
 
 def _minmax_params(W, bits):
     """Asymmetric per-row min-max grid, written out from the definition; the scale is stored in float16
     (found in float32, as a checkpoint would hold it), the zero-point derived from the stored scale."""
-    maxq = 2**bits - 1
+    maxq = 2**bits - 1  # an int, or per-row [R, 1]
     xmin = torch.clamp(W.min(1).values, max=0)
     xmax = torch.clamp(W.max(1).values, min=0)
     both0 = (xmin == 0) & (xmax == 0)
     xmin[both0], xmax[both0] = -1, 1
-    scale = ((xmax - xmin).float() / maxq).half().double()[:, None]
+    span = (xmax - xmin).float()[:, None]
+    scale = (span / (maxq.float() if torch.is_tensor(maxq) else maxq)).half().double()
     zero = torch.round(-xmin[:, None] / scale)
     return scale, zero, maxq
 

@@ -43,4 +43,23 @@ def test_summarize_is_weighted_by_weights():
     assert s["metadata_bpw"] == pytest.approx(6 * 32 / 60)
     assert s["bpw"] == pytest.approx(s["avg_weight_bits"] + s["metadata_bpw"])
     assert s["mask_bpw"] == pytest.approx(40 / 60)
-    assert bitstats.summarize([]) == {"avg_weight_bits": 16.0, "metadata_bpw": 0.0, "bpw": 16.0, "mask_bpw": 0.0}
+    assert s["bpw_compressed"] == pytest.approx(s["bpw"]) and s["compressed_fraction"] == 1.0
+    assert bitstats.summarize([])["bpw"] == 16.0
+
+
+def test_whole_decoder_counts_uncompressed_weights_at_16():
+    # --prune_only fc1 --wbits 3: a third of the decoder at 3 bits (+ metadata), two thirds fp16
+    fc1 = bitstats.layer_bits(4, 12, [3] * 4, 4, None, 6, None)
+    s = bitstats.summarize([fc1], total_weights=3 * 48)
+    assert s["compressed_fraction"] == pytest.approx(1 / 3)
+    assert s["bpw_compressed"] == pytest.approx((3 * 48 + 4 * 32) / 48)
+    assert s["bpw"] == pytest.approx((3 * 48 + 4 * 32 + 16 * 96) / 144)
+    assert s["avg_weight_bits"] == pytest.approx((3 * 48 + 16 * 96) / 144)
+
+
+def test_symmetric_grids_store_no_zero_point_and_runs_no_group_index():
+    asym = bitstats.layer_bits(8, 16, [3] * 8, 8, None, 6, None)
+    sym = bitstats.layer_bits(8, 16, [3] * 8, 8, None, 6, None, sym=True)
+    assert asym.metadata_bits - sym.metadata_bits == 8 * 16  # one fp16 zero-point per parameter set
+    runs = bitstats.layer_bits(8, 16, [3] * 8, 8, 2, 6, None, group_index=False)
+    assert runs.metadata_bits == 8 * 32 + 2 * 3  # scale/zero pairs and the width table, no per-row index
