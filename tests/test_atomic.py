@@ -1,5 +1,9 @@
 """atomic.py: a file is either its old complete self or the new complete content, never half."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import atomic
@@ -20,3 +24,23 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
         atomic.write_bytes(p, "not bytes")  # fails inside the write, after the temp file exists
     assert p.read_text() == "old"
     assert [x.name for x in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_remove_leftovers_takes_only_that_writers_temp_files(tmp_path):
+    mine, other = tmp_path / ".r.json.41.tmp", tmp_path / ".r.json.4.tmp"
+    for p in (mine, other, tmp_path / "r.json"):
+        p.write_text("x")
+    assert atomic.remove_leftovers(tmp_path, 41) == [str(mine)]
+    assert sorted(x.name for x in tmp_path.iterdir()) == [".r.json.4.tmp", "r.json"]
+    assert atomic.remove_leftovers(tmp_path / "absent", 41) == []
+
+
+def test_remove_leftovers_finds_what_a_killed_writer_left(tmp_path):
+    code = ("import atomic, os, signal, sys; os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL); "
+            "atomic.write_text(sys.argv[1], 'half')")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "r.json")],
+                         cwd=Path(atomic.__file__).parent)
+    assert p.wait() == -9
+    assert [x.name for x in tmp_path.iterdir()] == [f".r.json.{p.pid}.tmp"]
+    atomic.remove_leftovers(tmp_path, p.pid)
+    assert list(tmp_path.iterdir()) == []

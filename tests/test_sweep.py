@@ -1,10 +1,15 @@
-"""compare_methods.sh: resume, skip, failure records, interruption; and one real sweep on the toy model.
+"""sweep.py: resume, skip, failure records, interruption; and one real sweep on the toy model.
 
-Most tests drive the script with a fake opt_mi (OPT_MI_CMD) that writes a plausible result JSON after a
-short sleep, with a PPL that is a deterministic function of its flags: the sweep's bookkeeping is what is
-under test there, in seconds instead of minutes. The test marked slow runs the real opt_mi.py.
+Most tests run ``sweep.main`` with a fake runner (``FakeRunner``) in place of opt_mi.py. It reads each
+configuration's flags with the real ``config.parse`` and names the run with ``methods.label``, as opt_mi.py
+does, and writes a plausible result JSON whose PPL is a deterministic function of the flags, through a
+child process that sleeps a little first: the sweep's bookkeeping is what is under test there, in seconds
+instead of minutes. The JSON is built in the sweep's process because importing ``config`` (torch) in every
+child would cost seconds each. Tests where signals reach the sweep run it in a subprocess. The tests marked
+slow run the real opt_mi.py.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -12,96 +17,126 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import check_table_matches
 
+import atomic
+import config
+import methods
+import sweep
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "compare_methods.sh"
 DEFAULT_IDS = {"dense", "magnitude_s0.5", "sparsegpt_s0.5", "uniform_s0.5_w4", "g128_s0.5_w4",
                "perchannel_s0.5_w4", "miA_s0.5_w4_k8", "miB_s0.5_w4_k8", "random_s0.5_w4_k8",
                "contiguous_s0.5_w4_k8"}
 
-FAKE = r'''
-import argparse, json, os, sys, time, zlib
-p = argparse.ArgumentParser()
-p.add_argument("model")
-p.add_argument("dataset")
-p.add_argument("--sparsity", type=float, default=0.0)
-p.add_argument("--wbits", type=float, default=16.0)
-p.add_argument("--groupsize", type=int, default=-1)
-p.add_argument("--nsamples", type=int, default=128)
-p.add_argument("--groups", default="0")
-p.add_argument("--strategy", default="independent")
-p.add_argument("--cluster", default="spectral")
-p.add_argument("--eval", default="synthetic")
-p.add_argument("--json", required=True)
-p.add_argument("--analysis-dir", default="")
-p.add_argument("--seqlen", type=int, default=128)
-p.add_argument("--gmp", action="store_true")
-a = p.parse_args()
-rid = os.path.basename(a.json)[: -len(".json")]
-with open(os.environ["FAKE_LOG"], "a") as f:
+# The fake configuration process, DIR/fake_opt_mi.py: argv = root, runner fields (JSON), staged result, result
+# path, then the opt_mi.py arguments (unused: they are there so that logs and failure notes read as for opt_mi.py).
+CHILD = r"""
+import json, os, sys, time
+root, fake, staged, target = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+sys.path.insert(0, root)
+import atomic
+rid = os.path.basename(target)[: -len(".json")]
+with open(os.path.join(fake["dir"], "invocations.txt"), "a") as f:
     f.write(rid + "\n")
-if os.environ.get("FAKE_PID_DIR"):
-    with open(os.path.join(os.environ["FAKE_PID_DIR"], rid + ".pid"), "w") as f:
-        f.write(str(os.getpid()))
-time.sleep(float(os.environ.get("FAKE_SLEEP", "0.05")))
-if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in rid:
+atomic.write_text(os.path.join(fake["dir"], "pids", rid + ".pid"), str(os.getpid()))
+time.sleep(fake["sleep"])
+if fake["fail"] and fake["fail"] in rid:
     sys.exit("RuntimeError: fake failure in " + rid)
-groups = "all" if a.groups == "all" else int(a.groups)
-letter = "A" if a.strategy == "shared" else "B"
-if a.wbits == 16:
-    method = family = "dense" if a.sparsity == 0 else ("magnitude" if a.gmp else "sparsegpt")
-elif groups == 0:
-    method, family = ("uniform-g%d" % a.groupsize, "uniform-g") if a.groupsize > 0 else ("uniform", "uniform")
-elif groups == "all":
-    method, family = "per-channel", "per-channel"
-elif a.cluster == "spectral":
-    method, family = "mi-" + letter, "mi"
-else:
-    method, family = a.cluster + "-" + letter, a.cluster
-if a.sparsity > 0 and a.wbits != 16:
-    method = "sparsegpt+" + method
-key = " ".join(x for x in sys.argv[1:] if not x.startswith(os.path.dirname(a.json)))
-ppl = {e: 10 + zlib.crc32((key + e).encode()) % 1000 / 100 for e in a.eval.split(",")}
-meta = 0.0 if a.wbits == 16 else 0.06 + zlib.crc32(key.encode()) % 100 / 10000
-cfg = {"model": a.model, "dataset": a.dataset, "sparsity": a.sparsity, "wbits": a.wbits, "groups": groups,
-       "strategy": a.strategy, "cluster": a.cluster, "bit_alloc": "hessian", "groupsize": a.groupsize,
-       "prunen": 0, "prunem": 0, "gmp": a.gmp, "seed": 0, "nsamples": a.nsamples, "seqlen": a.seqlen,
-       "eval": a.eval}
-out = {"config": cfg, "method": method, "family": family, "ppl": ppl, "sparsity": a.sparsity,
-       "bits": {"avg_weight_bits": a.wbits, "metadata_bpw": meta, "bpw": a.wbits + meta,
-                "mask_bpw": 1.0 if a.sparsity else 0.0},
-       "timing": {"calibration_s": 0.1, "compress_s": 0.2, "eval_s": 0.1, "mi_s": 0.05, "cluster_s": 0.01,
-                  "alloc_s": 0.01, "prune_s": 0.1, "total_s": 0.5},
-       "env": {"torch": "fake", "transformers": "fake", "device": "cpu", "device_name": "fake",
-               "python": "3", "machine": "x"},
-       "figures": [], "layers": []}
-tmp = a.json + ".%d.tmp" % os.getpid()
-with open(tmp, "w") as f:
-    json.dump(out, f)
-os.replace(tmp, a.json)
-print("method", method)
-'''
+with open(staged) as f:
+    text = f.read()
+atomic.write_text(target, text)
+print("method", json.loads(text)["method"])
+"""
+
+
+def fake_result(cfg: config.RunConfig) -> dict:
+    """A plausible opt_mi.py result for cfg, its numbers a function of the flags (not of where it is written)."""
+    key = json.dumps({k: v for k, v in cfg.as_dict().items() if k not in ("json", "analysis_dir")}, sort_keys=True)
+    method, family = methods.label(cfg)
+    ppl = {e: 10 + zlib.crc32((key + e).encode()) % 1000 / 100 for e in cfg.eval_names()}
+    meta = 0.06 + zlib.crc32(key.encode()) % 100 / 10000 if cfg.quantizing else 0.0
+    return {"config": cfg.as_dict(), "method": method, "family": family, "ppl": ppl, "sparsity": cfg.sparsity,
+            "bits": {"avg_weight_bits": cfg.wbits, "metadata_bpw": meta, "bpw": cfg.wbits + meta,
+                     "mask_bpw": 1.0 if cfg.pruning else 0.0},
+            "timing": {"calibration_s": 0.1, "compress_s": 0.2, "eval_s": 0.1, "mi_s": 0.05, "cluster_s": 0.01,
+                       "alloc_s": 0.01, "prune_s": 0.1, "total_s": 0.5},
+            "env": {"torch": "fake", "transformers": "fake", "device": "cpu", "device_name": "fake",
+                    "python": "3", "machine": "x"},
+            "figures": [], "layers": []}
+
+
+@dataclass(frozen=True)
+class FakeRunner:
+    """A sweep runner: each configuration logs its id to DIR/invocations.txt and its pid to DIR/pids/, sleeps
+    ``sleep`` seconds, then fails if its id contains ``fail``, else writes ``fake_result`` atomically."""
+
+    dir: str
+    sleep: float = 0.05
+    fail: str = ""
+
+    def __call__(self, args: list[str]) -> list[str]:
+        cfg = config.parse(args)
+        staged = Path(self.dir, "staged", Path(cfg.json).name)
+        atomic.write_text(staged, json.dumps(fake_result(cfg)))
+        script = Path(self.dir, "fake_opt_mi.py")
+        if not script.exists():
+            atomic.write_text(script, CHILD)
+        return [sys.executable, str(script), str(ROOT), json.dumps(dataclasses.asdict(self)), str(staged), cfg.json,
+                *args]
+
+    def invocations(self) -> list[str]:
+        log = Path(self.dir, "invocations.txt")
+        return log.read_text().split() if log.exists() else []
+
+    def pid(self, rid: str) -> int | None:
+        p = Path(self.dir, "pids", f"{rid}.pid")
+        return int(p.read_text()) if p.exists() else None
+
+
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 @pytest.fixture
-def fake(tmp_path):
-    """Environment for compare_methods.sh with the fake opt_mi; returns (env, path of the invocation log)."""
-    script = tmp_path / "fake_opt_mi.py"
-    script.write_text(FAKE)
-    log = tmp_path / "invocations.txt"
-    log.touch()
-    env = {**os.environ, "OPT_MI_CMD": f"{sys.executable} {script}", "PYTHON": sys.executable,
-           "FAKE_LOG": str(log), "FAKE_SLEEP": "0.05"}
-    return env, log
+def fake(tmp_path) -> FakeRunner:
+    return FakeRunner(str(tmp_path / "fake"))
 
 
-def sweep(out: Path, env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), "--out", str(out), *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, dict]:
+    """The results of an uninterrupted default sweep (the fake's PPLs depend on the flags alone)."""
+    out = tmp_path_factory.mktemp("reference")
+    assert sweep.main(["--out", str(out / "sweep")], runner=FakeRunner(str(out / "fake"))) == 0
+    assert set(results(out / "sweep")) == DEFAULT_IDS
+    return results(out / "sweep")
+
+
+@pytest.fixture
+def run(capsys):
+    """run(out, runner, *args): sweep.main in this process, its exit status and output."""
+    def run(out: Path, runner, *args: str) -> Done:
+        capsys.readouterr()
+        rc = sweep.main(["--out", str(out), *args], runner=runner)
+        return Done(rc, *capsys.readouterr())
+    return run
+
+
+def start(out: Path, runner: FakeRunner, *args: str) -> subprocess.Popen:
+    """The sweep in a process of its own (and its own process group), for signals."""
+    code = ("import json, sys; sys.path[:0] = sys.argv[1:3]; import sweep, test_sweep; "
+            "sys.exit(sweep.main(sys.argv[4:], runner=test_sweep.FakeRunner(**json.loads(sys.argv[3]))))")
+    return subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(ROOT / "tests"),
+                             json.dumps(dataclasses.asdict(runner)), "--out", str(out), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def results(out: Path) -> dict[str, dict]:
@@ -110,59 +145,77 @@ def results(out: Path) -> dict[str, dict]:
             if not p.name.endswith((".failed.json", ".skipped.json"))}
 
 
-def invocations(log: Path) -> list[str]:
-    return log.read_text().split()
+def wait_for(condition, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
 
 
-def test_sweep_runs_matrix_then_rerun_does_nothing_new(tmp_path, fake):
-    env, log = fake
+def alive(pid: int) -> bool:
+    """pid is still one of our fake configurations, not exited (nor a zombie, nor a reused pid)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"fake_opt_mi.py" in cmdline
+
+
+def test_sweep_runs_matrix_then_rerun_does_nothing_new(tmp_path, fake, run):
     out = tmp_path / "sweep"
-    r = sweep(out, env)
+    r = run(out, fake)
     assert r.returncode == 0, r.stderr
     assert set(results(out)) == DEFAULT_IDS
-    assert sorted(invocations(log)) == sorted(DEFAULT_IDS)
+    assert sorted(fake.invocations()) == sorted(DEFAULT_IDS)
     for rid in DEFAULT_IDS:
-        assert (out / f"{rid}.log").is_file()
+        log = (out / f"{rid}.log").read_text()
+        assert log.startswith(f"# {sys.executable} ") and log.splitlines()[0].endswith(
+            f"--json {out}/{rid}.json --analysis-dir {out}/analysis/{rid}")
+        assert json.loads((out / f"{rid}.json").read_text())["config"]["analysis_dir"] == str(out / "analysis" / rid)
     # progress: which of how many, elapsed, and an estimate once one configuration has finished
     assert re.search(r"^\[1/10\] dense \.\.\. \(elapsed \d+s\)$", r.stdout, re.M), r.stdout
     assert re.search(r"^\[10/10\] contiguous_s0.5_w4_k8 \.\.\. \(elapsed \S+, about \S+ left\)$", r.stdout,
                      re.M)
+    assert re.search(r"^\[10/10\] contiguous_s0.5_w4_k8 done in \d+s$", r.stdout, re.M)
     report = (out / "performance_report.md").read_text()
     check_table_matches(report, out)
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
 
-    r2 = sweep(out, env)
+    r2 = run(out, fake)
     assert r2.returncode == 0, r2.stderr
-    assert sorted(invocations(log)) == sorted(DEFAULT_IDS), "the rerun ran opt_mi again"
+    assert sorted(fake.invocations()) == sorted(DEFAULT_IDS), "the rerun ran opt_mi again"
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == mtimes
     assert r2.stdout.count("exists, skipped") == 10
     assert "[2/10] magnitude_s0.5 exists, skipped" in r2.stdout
 
 
-@pytest.mark.parametrize("target", ["sweep", "group"])
-def test_killed_sweep_resumes_to_the_same_results(tmp_path, fake, target):
-    """SIGTERM to the sweep alone (it must stop its child itself), or to its whole process group (as
-    timeout(1) or a batch scheduler does; the child dies of the signal too, which is no failure to record)."""
-    env, log = fake
-    env = {**env, "FAKE_SLEEP": "0.4"}
-    whole = tmp_path / "whole"
-    assert sweep(whole, env).returncode == 0
-    expected = results(whole)
-    assert set(expected) == DEFAULT_IDS
-
+@pytest.mark.parametrize("target, sig", [("sweep", signal.SIGTERM), ("group", signal.SIGINT),
+                                         ("everything", signal.SIGTERM)])
+def test_killed_sweep_resumes_to_the_same_results(tmp_path, fake, run, reference, target, sig):
+    """SIGTERM to the sweep alone (it must stop its child itself); SIGINT to its whole process group (Ctrl-C,
+    or timeout(1) with SIGTERM; the configurations run in process groups of their own, so the sweep stops
+    them); or SIGTERM to the sweep and its running configuration at once (as a batch scheduler does: the
+    child dies of it, which is no failure to record)."""
+    expected = reference
     out = tmp_path / "killed"
-    p = subprocess.Popen(["bash", str(SCRIPT), "--out", str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 60
-    while not results(out) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.1)  # the next configuration is running now
+    slow = dataclasses.replace(fake, sleep=0.4)
+    p = start(out, slow)
+
+    def running() -> list[int]:
+        return [pid for rid in DEFAULT_IDS - set(results(out)) if (pid := slow.pid(rid)) and alive(pid)]
+
+    wait_for(lambda: results(out) and running())  # one has finished, the next one is running
+    children = running()
     if target == "sweep":
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)
     else:
-        os.killpg(p.pid, signal.SIGTERM)
+        os.killpg(p.pid, sig)
+    if target == "everything":
+        for pid in children:
+            os.kill(pid, sig)
     _, err = p.communicate(timeout=60)
-    assert p.returncode != 0
+    assert p.returncode == 128 + sig, err
     assert "interrupted" in err
     partial = results(out)
     assert 1 <= len(partial) < len(DEFAULT_IDS)
@@ -172,41 +225,46 @@ def test_killed_sweep_resumes_to_the_same_results(tmp_path, fake, target):
     time.sleep(0.5)  # a child left running would still write its JSON now
     assert results(out) == partial, "a configuration kept running after the sweep was killed"
 
-    before = len(invocations(log))
-    r = sweep(out, env)
+    before = len(fake.invocations())
+    r = run(out, fake)
     assert r.returncode == 0, r.stderr
     assert results(out) == expected
-    ran = len(invocations(log)) - before
+    ran = len(fake.invocations()) - before
     assert ran == len(DEFAULT_IDS) - len(partial), "finished configurations ran again"
     assert r.stdout.count("exists, skipped") == len(partial)
 
 
 def test_configuration_killed_by_sigterm_stops_the_sweep_unrecorded(tmp_path, fake):
     """A child that dies of SIGTERM/SIGINT means the run is being stopped: nothing is recorded for it."""
-    env, log = fake
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    env = {**env, "FAKE_SLEEP": "5", "FAKE_PID_DIR": str(pids)}
+    slow = dataclasses.replace(fake, sleep=5)
     out = tmp_path / "sweep"
-    p = subprocess.Popen(["bash", str(SCRIPT), "--out", str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 30
-    while not (pids / "dense.pid").is_file() and time.time() < deadline:
-        time.sleep(0.05)
+    p = start(out, slow, "--jobs", "2")
+    wait_for(lambda: slow.pid("dense") and slow.pid("magnitude_s0.5"))
     time.sleep(0.2)
-    os.kill(int((pids / "dense.pid").read_text()), signal.SIGTERM)
+    os.kill(slow.pid("dense"), signal.SIGTERM)
     _, err = p.communicate(timeout=30)
-    assert p.returncode != 0 and "dense interrupted" in err
-    assert invocations(log) == ["dense"]
+    assert p.returncode == 143 and "dense interrupted" in err, err
+    assert sorted(slow.invocations()) == ["dense", "magnitude_s0.5"]
+    assert not alive(slow.pid("magnitude_s0.5")), "the other configuration was not stopped"
     assert not list(out.glob("*.json"))
 
 
-def test_failed_configuration_is_recorded_and_the_sweep_goes_on(tmp_path, fake):
-    env, log = fake
+@pytest.mark.skipif(sys.platform != "linux", reason="the children die with the sweep through PR_SET_PDEATHSIG")
+def test_sigkilled_sweep_leaves_no_configuration_running(tmp_path, fake):
+    slow = dataclasses.replace(fake, sleep=30)
+    p = start(tmp_path / "sweep", slow)
+    wait_for(lambda: slow.pid("dense") and alive(slow.pid("dense")))
+    p.kill()
+    p.communicate(timeout=30)
+    wait_for(lambda: not alive(slow.pid("dense")), timeout=10)
+
+
+def test_failed_configuration_is_recorded_and_the_sweep_goes_on(tmp_path, fake, run):
     out = tmp_path / "sweep"
-    r = sweep(out, {**env, "FAKE_FAIL": "miA_"})
-    assert r.returncode != 0
+    r = run(out, dataclasses.replace(fake, fail="miA_"))
+    assert r.returncode == 1
     assert "1 failed" in r.stdout
+    assert "miA_s0.5_w4_k8 FAILED (exit 1) after" in r.stderr
     note = json.loads((out / "miA_s0.5_w4_k8.failed.json").read_text())
     assert note["id"] == "miA_s0.5_w4_k8" and note["returncode"] == 1
     assert "fake failure" in note["error"] and "--strategy shared" in note["command"]
@@ -214,36 +272,34 @@ def test_failed_configuration_is_recorded_and_the_sweep_goes_on(tmp_path, fake):
     report = (out / "performance_report.md").read_text()
     assert "miA_s0.5_w4_k8" in report.split("## Failed configurations")[1]
 
-    n = len(invocations(log))
-    r = sweep(out, env)  # without --retry-failed a rerun does nothing new, and still reports the failure
-    assert r.returncode != 0 and len(invocations(log)) == n
+    n = len(fake.invocations())
+    r = run(out, fake)  # without --retry-failed a rerun does nothing new, and still reports the failure
+    assert r.returncode == 1 and len(fake.invocations()) == n
     assert "miA_s0.5_w4_k8 failed before, skipped" in r.stdout
 
-    r = sweep(out, env, "--retry-failed")
+    r = run(out, fake, "--retry-failed")
     assert r.returncode == 0, r.stderr
-    assert invocations(log)[n:] == ["miA_s0.5_w4_k8"]
+    assert fake.invocations()[n:] == ["miA_s0.5_w4_k8"]
     assert not (out / "miA_s0.5_w4_k8.failed.json").exists()
     assert set(results(out)) == DEFAULT_IDS
 
 
-def test_parallel_jobs_give_the_same_results(tmp_path, fake):
-    env, _ = fake
+def test_parallel_jobs_give_the_same_results(tmp_path, fake, run):
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"
     args = ("--sparsities", "0.5 0.6", "--groups", "4 8", "--wbits", "4")
-    assert sweep(serial, env, *args).returncode == 0
-    r = sweep(parallel, env, *args, "--jobs", "3")
+    assert run(serial, fake, *args).returncode == 0
+    r = run(parallel, fake, *args, "--jobs", "3")
     assert r.returncode == 0, r.stderr
     assert results(parallel) == results(serial)
     assert len(results(serial)) == 1 + 2 * (2 + 3 + 2 * 4)
 
 
-def test_fractional_budget_skips_uniform_rows_with_a_note(tmp_path, fake):
-    env, log = fake
+def test_fractional_budget_skips_uniform_rows_with_a_note(tmp_path, fake, run):
     out = tmp_path / "sweep"
-    r = sweep(out, env, "--wbits", "3.5", "--methods", "uniform g128 perchannel miB")
+    r = run(out, fake, "--wbits", "3.5", "--methods", "uniform g128 perchannel miB")
     assert r.returncode == 0, r.stderr
     assert set(results(out)) == {"perchannel_s0.5_w3.5", "miB_s0.5_w3.5_k8"}
-    assert sorted(invocations(log)) == sorted(results(out))
+    assert sorted(fake.invocations()) == sorted(results(out))
     for rid in ("uniform_s0.5_w3.5", "g128_s0.5_w3.5"):
         assert "whole bits" in json.loads((out / f"{rid}.skipped.json").read_text())["reason"]
         assert f"{rid} skipped: uniform quantization needs whole bits" in r.stdout
@@ -252,29 +308,46 @@ def test_fractional_budget_skips_uniform_rows_with_a_note(tmp_path, fake):
 
 
 @pytest.mark.parametrize("args", [["--jobs", "0"], ["--bogus"], ["--wbits"], ["--methods", "miC"],
-                                  ["--sparsities", "1.5"], ["--groups", "all"]])
-def test_bad_arguments_exit_2_with_one_line(tmp_path, fake, args):
-    env, log = fake
-    r = sweep(tmp_path / "sweep", env, *args)
+                                  ["--sparsities", "1.5"], ["--groups", "all"], ["--extra", "--eval 'x"]])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, fake, run, args):
+    r = run(tmp_path / "sweep", fake, *args)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr
-    assert invocations(log) == []
+    assert r.stdout == "" and fake.invocations() == [] and not (tmp_path / "sweep").exists()
+
+
+def test_help(run, tmp_path):
+    r = run(tmp_path / "sweep", None, "--help")
+    assert r.returncode == 0 and r.stderr == "" and not (tmp_path / "sweep").exists()
+    assert all(flag in r.stdout for flag in [*sweep.FLAGS, "--retry-failed"])
+
+
+def test_compare_methods_sh_runs_sweep_py(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(ROOT / "compare_methods.sh"), "--jobs", "0", "--out", str(tmp_path / "x")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "sweep.py: error: --jobs 0: must be a positive integer"
 
 
 @pytest.mark.slow
 def test_real_sweep_on_the_toy_model(tmp_path):
-    """The full method matrix at one sparsity, K and budget with the real opt_mi.py, then a rerun."""
+    """The full method matrix at one sparsity, K and budget with the real opt_mi.py, through
+    compare_methods.sh, then a rerun."""
     from datautils import synthetic_text
 
     out = tmp_path / "sweep"
     evalset = tmp_path / "heldout.txt"  # a slice of the synthetic test split: evaluating all of it dominates
     evalset.write_text(synthetic_text("test")[:6_000])
     env = {**os.environ, "PYTHON": sys.executable}
-    env.pop("OPT_MI_CMD", None)
-    args = ["--groups", "4", "--nsamples", "8", "--eval", str(evalset), "--jobs", "2",
+    args = ["--out", str(out), "--groups", "4", "--nsamples", "8", "--eval", str(evalset), "--jobs", "2",
             "--extra", "--seqlen 32 --mi-samples 256"]
+
+    def sweep_sh() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "compare_methods.sh"), *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=900)
+
     t = time.time()
-    r = sweep(out, env, *args, timeout=900)
+    r = sweep_sh()
     first = time.time() - t
     assert r.returncode == 0, r.stdout + r.stderr
     ids = {i.replace("_k8", "_k4") for i in DEFAULT_IDS}
@@ -288,7 +361,7 @@ def test_real_sweep_on_the_toy_model(tmp_path):
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
 
     t = time.time()
-    r = sweep(out, env, *args)
+    r = sweep_sh()
     again = time.time() - t
     assert r.returncode == 0, r.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == mtimes

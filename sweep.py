@@ -1,0 +1,391 @@
+"""Run the method matrix of ``methods.py`` with ``opt_mi.py``, one process per configuration, then the report.
+
+    python sweep.py                                  # toy model, offline, a few minutes on a laptop
+    python sweep.py --model facebook/opt-125m --calib c4 --eval wikitext2,c4 \\
+        --sparsities "0.5" --groups "16 50" --wbits "3 4" --out results/opt125m --jobs 2
+
+``compare_methods.sh`` runs this with the same flags. Contract:
+
+- one result per configuration: OUT/<id>.json (written atomically by ``opt_mi.py --json``), its output in
+  OUT/<id>.log (first line ``# <command line>``) and its figures in OUT/analysis/<id>/;
+- a configuration whose OUT/<id>.json exists is skipped, so a killed sweep resumes where it stopped and a
+  second run does nothing new (after changing the code, sweep into a new --out);
+- a configuration that exits non-zero writes OUT/<id>.failed.json (id, command, returncode, error = the last
+  log lines) and the sweep goes on; reruns skip it too unless --retry-failed;
+- a configuration that cannot run (a whole-bit method at a fractional budget) gets OUT/<id>.skipped.json;
+- SIGINT/SIGTERM to the sweep, or a configuration dying of one, stop every running configuration and record
+  nothing for them: exit 130 (SIGINT) or 143 (SIGTERM), no report;
+- no configuration outlives the sweep (a rerun must never run one twice at once): each runs in a process group
+  of its own, which the sweep terminates and waits for when it stops, and (Linux) is SIGTERMed by the kernel
+  if the sweep dies of anything else, SIGKILL included;
+- otherwise the sweep ends with ``python report.py OUT`` and exits 1 when any configuration has failed;
+- bad arguments: exit 2 with one line on stderr, nothing run.
+
+``main(argv, runner)``: ``runner`` turns opt_mi.py's arguments into the command that runs a configuration
+(default ``opt_mi_command``); tests swap in a fake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import atomic
+import methods
+import report
+from config import DEFAULT_EVAL, TOY_EVAL
+
+HERE = Path(__file__).resolve().parent
+Runner = Callable[[list[str]], list[str]]
+POLL_S = 0.05  # how often running configurations are looked at (a cheap waitpid each)
+STOP_GRACE_S = 10  # a configuration still alive this long after SIGTERM is killed
+ERROR_LINES = 20  # log lines kept in a failure note
+NOT_RUN = {"exists": "exists, skipped", "failed": "failed before, skipped (--retry-failed to run it again)",
+           "skip": "skipped: {reason}"}  # progress lines of configurations that do not run
+
+# flag -> (metavar, default, help); "" defaults depend on --model
+FLAGS: dict[str, tuple[str, str, str]] = {
+    "--model": ("M", "toy", "hub id, local folder or 'toy' (default toy)"),
+    "--calib": ("D", "synthetic", "calibration data (default synthetic)"),
+    "--eval": ("LIST", "", f"comma-separated eval sets (default {TOY_EVAL} for toy, else {DEFAULT_EVAL})"),
+    "--sparsities": ("LIST", "0.5", 'target sparsities (default "0.5"); 0 runs the quantize-only rows'),
+    "--groups": ("LIST", "8", 'K values for the MI and control rows (default "8")'),
+    "--wbits": ("LIST", "4", 'bit budgets (default "4"); fractional budgets skip the uniform and g128 rows'),
+    "--out": ("DIR", "results/sweep", "results folder (default results/sweep)"),
+    "--jobs": ("N", "1", "configurations run at a time (default 1)"),
+    "--nsamples": ("N", "", "calibration windows (default 32 for toy, else 128)"),
+    "--extra": ('"..."', "", 'flags appended to every opt_mi.py call, e.g. "--seqlen 64 --seed 1"'),
+    "--methods": ("LIST", " ".join(methods.MATRIX_IDS), "methods to run (default the matrix: "
+                  f"{' '.join(methods.MATRIX_IDS)}; also "
+                  f"{' '.join(m.id for m in methods.METHODS if not m.in_matrix)})"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: sweep.py [--FLAG VALUE ...] [--retry-failed]  (compare_methods.sh takes the same)", ""]
+    lines += [f"  {flag + ' ' + meta:<19}{textwrap.fill(text, 100, subsequent_indent=' ' * 21)}"
+              for flag, (meta, _, text) in FLAGS.items()]
+    return "\n".join(lines + [f"  {'--retry-failed':<19}run configurations that have an <id>.failed.json again"])
+
+
+def opt_mi_command(args: list[str]) -> list[str]:
+    """The default runner: opt_mi.py beside this file, under the interpreter running the sweep."""
+    return [sys.executable, str(HERE / "opt_mi.py"), *args]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the command line
+
+
+class UsageError(Exception):
+    """A bad argument: ``str(e)`` is the one line printed before exiting with code 2."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated command line."""
+
+    model: str
+    calib: str
+    eval: str
+    nsamples: int
+    out: Path
+    jobs: int
+    extra: tuple[str, ...]
+    retry_failed: bool
+    matrix: methods.SweepOptions
+
+
+def parse_args(argv: Sequence[str]) -> Sweep | None:
+    """The validated command line, or None after printing --help."""
+    raw = {flag: default for flag, (_, default, _) in FLAGS.items()}
+    retry, args = False, list(argv)
+    while args:  # by hand, not argparse: a value may start with "-" (--extra "--sym")
+        flag = args.pop(0)
+        if flag in ("-h", "--help"):
+            print(usage())
+            return None
+        if flag == "--retry-failed":
+            retry = True
+        elif flag not in FLAGS:
+            raise UsageError(f"unknown option {flag} (see --help)")
+        elif not args:
+            raise UsageError(f"{flag} needs a value (see --help)")
+        else:
+            raw[flag] = args.pop(0)
+    return validate(raw, retry)
+
+
+def _check(values: list[str], pattern: str, message: str) -> None:
+    for v in values:
+        if not re.fullmatch(pattern, v):
+            raise UsageError(message.format(v))
+
+
+def validate(raw: dict[str, str], retry: bool) -> Sweep:
+    sparsities, wbits, ks, chosen = (raw[f].split() for f in ("--sparsities", "--wbits", "--groups", "--methods"))
+    _check([raw["--jobs"]], "[1-9][0-9]*", "--jobs {}: must be a positive integer")
+    _check([raw["--nsamples"]], "|[1-9][0-9]*", "--nsamples {}: must be a positive integer")
+    _check(sparsities, r"0\.?|0?\.[0-9]+", "--sparsities: {} is not in [0, 1)")
+    _check(wbits, r"[0-9]+(\.[0-9]+)?", "--wbits: {} is not a number")
+    _check(ks, "[1-9][0-9]*", "--groups: {} is not a positive integer K")
+    for m in chosen:
+        if m not in methods.BY_ID:
+            raise UsageError(f"--methods: unknown {m} (known: {' '.join(methods.BY_ID)})")
+    if not (sparsities and wbits and chosen):
+        raise UsageError("--sparsities, --wbits and --methods must not be empty")
+    try:
+        extra = shlex.split(raw["--extra"])
+    except ValueError as e:
+        raise UsageError(f"--extra: {e}") from None
+    toy = raw["--model"] == "toy"
+    return Sweep(model=raw["--model"], calib=raw["--calib"], eval=raw["--eval"] or (TOY_EVAL if toy else DEFAULT_EVAL),
+                 nsamples=int(raw["--nsamples"] or (32 if toy else 128)), out=Path(raw["--out"]),
+                 jobs=int(raw["--jobs"]), extra=tuple(extra), retry_failed=retry,
+                 matrix=methods.SweepOptions(tuple(sparsities), tuple(wbits), tuple(map(int, ks)), tuple(chosen)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running
+
+
+def fmt_dur(seconds: float) -> str:
+    """45s, 3m05s, 1h02m."""
+    t = int(seconds)
+    return f"{t}s" if t < 60 else f"{t // 60}m{t % 60:02d}s" if t < 3600 else f"{t // 3600}h{t % 3600 // 60:02d}m"
+
+
+def say(line: str, err: bool = False) -> None:
+    print(line, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+class Interrupted(Exception):
+    """The sweep is being stopped; ``args[0]`` is its exit status."""
+
+
+@dataclass
+class Job:
+    id: str
+    n: int  # its place in the matrix, for progress lines
+    command: list[str]
+    proc: subprocess.Popen
+    t0: float = field(default_factory=time.monotonic)
+
+
+def _parent_death_signal() -> Callable[[], object] | None:
+    """A hook run in a child before exec (Linux) that has it SIGTERMed when the sweep dies, even of SIGKILL,
+    which the sweep cannot catch to stop it; a rerun would otherwise run its configuration twice at once."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the forked child
+    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+DIE_WITH_SWEEP = _parent_death_signal()
+
+
+def spawn(command: list[str], log=None) -> subprocess.Popen:
+    """Start command in its own process group, so that stopping it reaches whatever it started, and a Ctrl-C
+    reaches only the sweep, which then stops its configurations itself."""
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT if log else None,
+                            start_new_session=True, preexec_fn=DIE_WITH_SWEEP)
+
+
+class Sweeper:
+    """One run of a sweep: the matrix, what of it still needs running, the running jobs and the tallies."""
+
+    def __init__(self, sweep: Sweep, runner: Runner):
+        self.s, self.runner = sweep, runner
+        self.configs = methods.matrix(sweep.matrix)
+        self.running: list[Job] = []
+        self.signalled = 0
+        self.t0 = time.monotonic()
+        self.states = [self.state(c) for c in self.configs]  # run | exists | failed | skip
+        self.to_run = self.states.count("run")
+        self.launched = self.done_n = self.new_failed = 0
+        self.done_s = 0.0
+
+    def path(self, cfg_id: str, suffix: str) -> Path:
+        return self.s.out / f"{cfg_id}{suffix}"
+
+    def state(self, cfg: methods.SweepConfig) -> str:
+        if cfg.skip:
+            return "skip"
+        if self.path(cfg.id, ".json").is_file():
+            return "exists"
+        if self.path(cfg.id, ".failed.json").is_file() and not self.s.retry_failed:
+            return "failed"
+        return "run"
+
+    def run(self) -> int:
+        self.s.out.mkdir(parents=True, exist_ok=True)
+        say(f"sweep: {len(self.configs)} configurations, {self.to_run} to run, {self.s.jobs} at a time -> "
+            f"{self.s.out}")
+        old = {sig: signal.signal(sig, self.note_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            # the default runner needs the toy model: a fake one (tests) does not
+            if self.to_run and self.s.model == "toy" and self.runner is opt_mi_command and (rc := self.build_toy()):
+                return rc
+            self.run_all()
+        except Interrupted as e:
+            say(f"interrupted: stopping {len(self.running)} running configuration(s); rerun the same command to "
+                "resume", err=True)
+            return e.args[0]
+        finally:
+            self.stop_all()  # whatever happened (an error included), nothing is left running
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        return self.conclude()
+
+    def note_signal(self, signum: int, frame) -> None:
+        # Only noted: the sweep acts on it between steps (check_signal), so that it never lands between
+        # starting a process and recording it, which would leave that process running unseen.
+        self.signalled = signum
+
+    def run_all(self) -> None:
+        for n, (cfg, state) in enumerate(zip(self.configs, self.states, strict=True), 1):
+            if state == "run":
+                while len(self.running) >= self.s.jobs:
+                    self.finish(*self.wait_any())
+                self.launch(n, cfg)
+                continue
+            say(f"[{n}/{len(self.configs)}] {cfg.id} " + NOT_RUN[state].format(reason=cfg.skip))
+            note = self.path(cfg.id, ".skipped.json")
+            if state == "skip" and not note.is_file():
+                atomic.write_text(note, json.dumps({"id": cfg.id, "reason": cfg.skip}, indent=1))
+        while self.running:
+            self.finish(*self.wait_any())
+
+    def build_toy(self) -> int:
+        """Build the toy model once here rather than in several jobs at the same time; its exit status."""
+        code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import toy; toy.toy_model_path()"
+        command = [sys.executable, "-c", code]
+        self.running.append(Job("toy model", 0, command, spawn(command)))
+        _, rc = self.wait_any()
+        if rc in (130, 143):
+            raise Interrupted(rc)
+        if rc:
+            say(f"sweep.py: error: building the toy model failed (exit {rc})", err=True)
+        return rc
+
+    def launch(self, n: int, cfg: methods.SweepConfig) -> None:
+        self.check_signal()
+        left = self.to_run - self.launched
+        eta = ""
+        if self.done_n:  # the mean time per configuration so far, over the jobs that will run at once
+            eta = f", about {fmt_dur(self.done_s / self.done_n * left / min(left, self.s.jobs))} left"
+        say(f"[{n}/{len(self.configs)}] {cfg.id} ... (elapsed {fmt_dur(time.monotonic() - self.t0)}{eta})")
+        s = self.s
+        command = self.runner([s.model, s.calib, "--eval", s.eval, "--nsamples", str(s.nsamples), *cfg.flags,
+                               *s.extra, "--json", str(self.path(cfg.id, ".json")),
+                               "--analysis-dir", str(s.out / "analysis" / cfg.id)])
+        self.path(cfg.id, ".failed.json").unlink(missing_ok=True)  # a retry: the old failure no longer stands
+        with open(self.path(cfg.id, ".log"), "w") as log:
+            log.write(f"# {shlex.join(command)}\n")
+            log.flush()  # before the child writes after it, through the same file offset
+            self.running.append(Job(cfg.id, n, command, spawn(command, log)))
+        self.launched += 1
+
+    def check_signal(self) -> None:
+        if self.signalled:
+            raise Interrupted(128 + self.signalled)
+
+    def wait_any(self) -> tuple[Job, int]:
+        """The first running job to end and its exit status (128 + N for signal N, as a shell reports it)."""
+        while True:
+            self.check_signal()
+            for job in self.running:
+                rc = job.proc.poll()
+                if rc is not None:
+                    self.running.remove(job)
+                    return job, 128 - rc if rc < 0 else rc
+            time.sleep(POLL_S)
+
+    def finish(self, job: Job, rc: int) -> None:
+        """Record how one configuration ended."""
+        dt = time.monotonic() - job.t0
+        head = f"[{job.n}/{len(self.configs)}] {job.id}"
+        result, log = self.path(job.id, ".json"), self.path(job.id, ".log")
+        if rc in (130, 143):
+            # killed by SIGINT/SIGTERM from outside (Ctrl-C to its group, a scheduler): the run is being
+            # stopped, so this is no failure to record; stop the rest as well
+            say(f"{head} interrupted after {fmt_dur(dt)}; not recorded", err=True)
+            self.remove_leftovers(job)
+            raise Interrupted(rc)
+        if rc == 0 and result.is_file():
+            self.path(job.id, ".failed.json").unlink(missing_ok=True)
+            say(f"{head} done in {fmt_dur(dt)}")
+        else:
+            if rc == 0:
+                rc = 1
+                with open(log, "a") as f:
+                    f.write(f"opt_mi exited 0 but wrote no {result}\n")
+            self.record_failure(job, rc)
+            say(f"{head} FAILED (exit {rc}) after {fmt_dur(dt)}; see {log}", err=True)
+        self.done_n += 1
+        self.done_s += dt
+
+    def record_failure(self, job: Job, rc: int) -> None:
+        try:
+            error = "\n".join(self.path(job.id, ".log").read_text(errors="replace").splitlines()[-ERROR_LINES:])
+        except OSError as e:
+            error = f"(no log: {e})"
+        note = {"id": job.id, "command": shlex.join(job.command), "returncode": rc, "error": error}
+        atomic.write_text(self.path(job.id, ".failed.json"), json.dumps(note, indent=1))
+        self.new_failed += 1
+
+    def stop_all(self) -> None:
+        """Terminate every running job's process group, wait for it, and remove its half-written files."""
+        for job in self.running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.proc.pid, signal.SIGTERM)
+        for job in self.running:
+            try:
+                job.proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(job.proc.pid, signal.SIGKILL)
+                job.proc.wait()
+            self.remove_leftovers(job)
+        self.running.clear()
+
+    def remove_leftovers(self, job: Job) -> None:
+        for folder in (self.s.out, self.s.out / "analysis" / job.id):
+            atomic.remove_leftovers(folder, job.proc.pid)
+
+    def conclude(self) -> int:
+        failed = sum(self.path(c.id, ".failed.json").is_file() for c in self.configs)
+        say(f"sweep done in {fmt_dur(time.monotonic() - self.t0)}: {self.launched} run now, "
+            f"{len(self.configs) - self.launched} present or skipped; {failed} failed ({self.new_failed} in this "
+            "run)")
+        rc = report.main([str(self.s.out)])
+        if rc or not failed:
+            return rc
+        say(f"{failed} configuration(s) failed; see {self.s.out}/*.failed.json, rerun with --retry-failed", err=True)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None, runner: Runner = opt_mi_command) -> int:
+    try:
+        sweep = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        say(f"sweep.py: error: {e}", err=True)
+        return 2
+    return 0 if sweep is None else Sweeper(sweep, runner).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
