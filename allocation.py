@@ -149,6 +149,32 @@ def redundancy_factor(nmi, labels, alpha: float) -> torch.Tensor:
     return torch.where(torch.isnan(intra), torch.ones_like(factor), factor)
 
 
+def _check_costs_sizes(costs, sizes, n_choices: int) -> tuple[np.ndarray, np.ndarray]:
+    """costs [K, n] finite >= 0 as float64 numpy; sizes [K] positive ints as int64 numpy."""
+    if isinstance(costs, torch.Tensor):
+        costs = costs.detach().cpu().double().numpy()
+    costs = np.asarray(costs, dtype=np.float64)
+    if isinstance(sizes, torch.Tensor):
+        sizes = sizes.detach().cpu().numpy()
+    sizes_arr = np.asarray(sizes)
+    if costs.ndim != 2 or costs.shape[1] != n_choices or costs.shape[0] == 0:
+        raise ValueError(f"costs must be [K >= 1, {n_choices}], got shape {costs.shape}")
+    k = costs.shape[0]
+    if sizes_arr.shape != (k,):
+        raise ValueError(f"sizes must have shape ({k},), got {sizes_arr.shape}")
+    if not np.issubdtype(sizes_arr.dtype, np.integer):
+        raise ValueError(f"sizes must be integers, got dtype {sizes_arr.dtype}")
+    if (sizes_arr <= 0).any():
+        raise ValueError("sizes must be > 0 (every group needs at least one row)")
+    n_nan = int(np.isnan(costs).sum())
+    if n_nan:
+        raise ValueError(f"costs have {n_nan} NaN entries")
+    if not np.isfinite(costs).all() or (costs < 0).any():
+        raise ValueError("costs must be finite and >= 0")
+    sizes_arr = sizes_arr.astype(np.int64)
+    return costs, sizes_arr
+
+
 def allocate_bits(costs, sizes, choices, budget: float) -> torch.Tensor:
     """Exact minimum-cost choice of one bit-width per group under a mean-bits budget.
 
@@ -175,27 +201,8 @@ def allocate_bits(costs, sizes, choices, budget: float) -> torch.Tensor:
     """
     choices = _check_choices(choices)
     budget = _check_budget(budget, choices)
-    if isinstance(costs, torch.Tensor):
-        costs = costs.detach().cpu().double().numpy()
-    costs = np.asarray(costs, dtype=np.float64)
-    if isinstance(sizes, torch.Tensor):
-        sizes = sizes.detach().cpu().numpy()
-    sizes_arr = np.asarray(sizes)
-    if costs.ndim != 2 or costs.shape[1] != len(choices) or costs.shape[0] == 0:
-        raise ValueError(f"costs must be [K >= 1, {len(choices)}], got shape {costs.shape}")
+    costs, sizes_arr = _check_costs_sizes(costs, sizes, len(choices))
     k, n = costs.shape
-    if sizes_arr.shape != (k,):
-        raise ValueError(f"sizes must have shape ({k},), got {sizes_arr.shape}")
-    if not np.issubdtype(sizes_arr.dtype, np.integer):
-        raise ValueError(f"sizes must be integers, got dtype {sizes_arr.dtype}")
-    if (sizes_arr <= 0).any():
-        raise ValueError("sizes must be > 0 (every group needs at least one row)")
-    n_nan = int(np.isnan(costs).sum())
-    if n_nan:
-        raise ValueError(f"costs have {n_nan} NaN entries")
-    if not np.isfinite(costs).all() or (costs < 0).any():
-        raise ValueError("costs must be finite and >= 0")
-    sizes_arr = sizes_arr.astype(np.int64)
 
     extra = np.asarray(choices, dtype=np.int64) - choices[0]
     weights = sizes_arr[:, None] * extra[None, :]  # [K, n], column 0 is 0
