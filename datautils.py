@@ -5,7 +5,8 @@ dataset the toolkit knows, in the spirit of IST-DASLab/sparsegpt's ``datautils.p
 
 - ``wikitext2``, ``ptb``, ``c4``: the reference Hugging Face datasets, joined and windowed exactly as the
   reference does (same separators, same ``random.randint`` window draws for a given seed);
-- a local ``.txt`` / ``.json`` / ``.jsonl`` file, for offline work and for your own text;
+- a local file, for offline work and for your own text: ``.json`` / ``.jsonl`` records' "text" fields,
+  any other name (``.txt``, WikiText's ``wiki.test.tokens`` ...) read whole as UTF-8 text;
 - ``synthetic``: the seeded corpus of ``synthetic.py`` (no download at all).
 
 Calibration items are ``(inp, tar)`` pairs of ``LongTensor[1, seqlen]`` with ``tar[:, :-1] = -100``;
@@ -32,7 +33,7 @@ import models
 from synthetic import synthetic_text
 
 KNOWN = ("wikitext2", "ptb", "c4", "synthetic")
-FILE_SUFFIXES = (".txt", ".json", ".jsonl")
+RECORD_SUFFIXES = (".json", ".jsonl")  # files of {"text": ...} records; any other file is plain text
 
 # Hub ids. The reference loads "ptb_text_only" through a loading script, which datasets >= 4 refuses;
 # the dataset now lives under "ptb-text-only/ptb_text_only" and the hub's automatic parquet export of it
@@ -70,7 +71,7 @@ def is_local_path(name: str) -> bool:
 
 
 def validate_name(name: str) -> None:
-    """Raise :class:`DataError` unless ``name`` is a KNOWN dataset or an existing .txt/.json/.jsonl file.
+    """Raise :class:`DataError` unless ``name`` is a KNOWN dataset or an existing file.
 
     Cheap (no loading), so a CLI can call it before spending time on the model.
     """
@@ -78,10 +79,10 @@ def validate_name(name: str) -> None:
         return
     if not is_local_path(name):
         choices = ", ".join(KNOWN)
-        raise DataError(f"unknown dataset {name!r}: use {choices} or a path to a .txt/.json/.jsonl file")
+        raise DataError(f"unknown dataset {name!r}: use {choices} or a path to a text, .json or .jsonl file")
     path = Path(name).expanduser()
-    if path.suffix.lower() not in FILE_SUFFIXES:
-        raise DataError(f"unsupported dataset file {name!r}: use a .txt, .json or .jsonl file")
+    if path.is_dir():
+        raise DataError(f"unsupported dataset {name!r}: a folder; give a text, .json or .jsonl file")
     if not path.is_file():
         raise DataError(f"file not found: {name}")
 
@@ -146,18 +147,22 @@ def _check_eval_length(name: str, ntokens: int, seqlen: int) -> None:
 def read_text_file(path: str) -> str:
     """The text of a local dataset file, as tokenized in one pass.
 
-    ``.txt``: the whole file. ``.jsonl`` (one object per line) and ``.json`` (a list of objects, or JSON
-    lines): the records' ``"text"`` fields joined with a blank line ("\\n\\n").
+    ``.jsonl`` (one object per line) and ``.json`` (a list of objects, or JSON lines): the records'
+    ``"text"`` fields joined with a blank line ("\\n\\n"). Any other file: all of it, as UTF-8 text.
     """
     validate_name(path)
     p = Path(path).expanduser()
     try:
-        raw = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        data = p.read_bytes()
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from e
-    if p.suffix.lower() == ".txt":
+    if b"\0" in data[:1 << 20]:
+        raise DataError(f"{path}: a binary file (NUL bytes), not text")
+    try:
+        raw = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if p.suffix.lower() not in RECORD_SUFFIXES:
         return raw
     return "\n\n".join(_records_text(path, _json_records(path, raw, p.suffix.lower())))
 

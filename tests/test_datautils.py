@@ -238,12 +238,27 @@ def test_validate_name_messages(tmp_path):
     assert "\n" not in msg
     with pytest.raises(DataError, match=r"^file not found: .*nope\.txt$"):
         validate_name(str(tmp_path / "nope.txt"))
-    bad = tmp_path / "data.csv"
-    bad.write_text("a,b\n")
-    with pytest.raises(DataError, match=r"unsupported dataset file .*\.txt, \.json or \.jsonl"):
-        validate_name(str(bad))
-    with pytest.raises(DataError, match="unsupported"):
+    with pytest.raises(DataError, match="unsupported.*folder"):
         validate_name(str(tmp_path))  # a folder
+
+
+def test_any_other_file_name_is_plain_text(tmp_path, tok):
+    """WikiText's own file name (wiki.test.tokens) and other suffixes are read whole as UTF-8 text."""
+    words = words_of(300, seed=3)
+    for name in ("wiki.test.tokens", "data.csv", "README"):
+        path = tmp_path / name
+        path.write_text(words)
+        validate_name(str(path))
+        assert datautils.read_text_file(str(path)) == words
+        assert torch.equal(get_eval_tokens(str(path), 32, tok), tok(words, return_tensors="pt").input_ids)
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    with pytest.raises(DataError, match=r"weights\.bin: a binary file"):
+        datautils.read_text_file(str(binary))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    with pytest.raises(DataError, match=r"latin1\.txt: not UTF-8 text"):
+        datautils.read_text_file(str(latin1))
     with pytest.raises(DataError, match="unknown dataset"):
         get_eval_tokens("foo", 8, None)  # validated before anything else
 
