@@ -22,8 +22,8 @@ import bitstats
 import layerwalk
 from config import RunConfig
 from mi_plan import LayerPlan, PlanOptions, plan_layer
-from quant import Quantizer, rtn
-from sparsegpt_mi import SparseGPT, layer_error, magnitude_prune
+from quant import QuantizedLayer, Quantizer, rtn_grid
+from sparsegpt_mi import PassResult, SparseGPT, column_groups, layer_error, magnitude_prune
 
 STAGES = ("mi_s", "cluster_s", "alloc_s", "prune_s")  # per-stage seconds, summed over layers
 
@@ -34,6 +34,7 @@ class CompressionResult:
     bits: list[bitstats.LayerBits] = field(default_factory=list)
     timing: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     plot: tuple[str, LayerPlan] | None = None  # the layer the figures show, with its plan
+    saved: list[QuantizedLayer] = field(default_factory=list)  # every compressed layer as stored (with --save)
 
 
 def selected(cfg: RunConfig, index: int, name: str) -> bool:
@@ -138,8 +139,22 @@ def compress_linear(name: str, g: SparseGPT, cfg: RunConfig, res: CompressionRes
     if g.percdamp_used is not None and g.percdamp_used != cfg.percdamp:
         res.layers[-1]["percdamp_used"] = g.percdamp_used
     res.layers[-1]["timing"]["total_s"] = time.time() - t
+    if cfg.save:
+        shared = plan is not None and cfg.strategy == "shared"
+        res.saved.append(_stored(name, g.result, cfg, plan.labels if shared else None))
     g.free()
     return plan
+
+
+def _stored(name: str, r: PassResult, cfg: RunConfig, row_groups: torch.Tensor | None) -> QuantizedLayer:
+    """A compressed layer as a checkpoint would hold it (CPU copies: the walk moves on to the next layer)."""
+
+    def cpu(t):
+        return None if t is None else t.detach().cpu().clone()
+
+    return QuantizedLayer(name, cpu(r.W).float(), cpu(r.mask) if cfg.pruning else None, cpu(r.scale), cpu(r.zero),
+                          cpu(r.maxq), column_groups(r.W.shape[1], cfg.groupsize), sym=cfg.sym,
+                          row_groups=cpu(row_groups))
 
 
 def _trial_fn(g: SparseGPT, cfg: RunConfig, opts: PlanOptions):
@@ -185,13 +200,18 @@ def compress_magnitude(model, cfg: RunConfig) -> CompressionResult:
             W = m.weight.data
             mask = magnitude_prune(W.float(), cfg.sparsity, cfg.prunen, cfg.prunem)
             W[mask] = 0
+            grid = (None, None, None)
             if cfg.quantizing:
-                W.copy_(rtn(W.float(), int(cfg.wbits), sym=cfg.sym, groupsize=cfg.groupsize).to(W.dtype))
+                Q, *grid = rtn_grid(W.float(), int(cfg.wbits), sym=cfg.sym, groupsize=cfg.groupsize)
+                W.copy_(Q.to(W.dtype))
             dt = time.time() - t
             res.timing["prune_s"] += dt
             rows, cols = W.shape
             # round-to-nearest per row, once per --groupsize block
             n_sets = rows * (math.ceil(cols / cfg.groupsize) if cfg.groupsize > 0 else 1) if cfg.quantizing else 0
+            if cfg.save:
+                res.saved.append(_stored(n, PassResult(W.float(), mask, torch.zeros(0), torch.zeros(0), *grid),
+                                         cfg, None))
             _record(res, cfg, n, rows, cols, n_sets, None, dt, int(mask.sum()))
     return res
 

@@ -11,6 +11,8 @@ exactly the parameters a saved checkpoint stores (zero-points are integers <= 25
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -176,21 +178,56 @@ def _check_one_width_per_group(bits: torch.Tensor, row_groups: torch.Tensor) -> 
         raise ValueError(f"rows of a shared group must have one bit-width; groups {bad[:5]} mix widths")
 
 
-def rtn(w: torch.Tensor, bits: int | torch.Tensor, sym: bool = False, row_groups: torch.Tensor | None = None,
-        groupsize: int = -1) -> torch.Tensor:
+@dataclass
+class QuantizedLayer:
+    """A compressed linear layer as a checkpoint stores it.
+
+    Every kept weight is ``scale[r, g] * (code - zero[r, g])`` with ``g = g_idx[c]`` and an integer code in
+    [0, maxq[r, g]]; pruned weights (``mask`` True) are 0. ``weight`` [R, C] float32 holds exactly those
+    values (what was evaluated). ``scale``/``zero``/``maxq`` [R, G] (fp16-representable) are None for an
+    unquantized layer. ``perm`` [C]: the order columns were processed in (act-order), or None.
+    ``row_groups`` [R]: rows sharing one grid (strategy A), or None.
+    """
+
+    name: str
+    weight: torch.Tensor
+    mask: torch.Tensor | None
+    scale: torch.Tensor | None
+    zero: torch.Tensor | None
+    maxq: torch.Tensor | None
+    g_idx: torch.Tensor
+    sym: bool = False
+    perm: torch.Tensor | None = None
+    row_groups: torch.Tensor | None = None
+
+    def bits(self) -> torch.Tensor | None:
+        """[R, G] bit-width of every (row, column group)."""
+        return None if self.maxq is None else torch.log2(self.maxq.double() + 1).round().long()
+
+
+def rtn_grid(w: torch.Tensor, bits: int | torch.Tensor, sym: bool = False, row_groups: torch.Tensor | None = None,
+             groupsize: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest quantization of w [rows, cols] with per-row (or per-group) min-max parameters.
 
-    With ``groupsize`` > 0, parameters are recomputed for every block of that many columns. Used to cost
-    bit-widths for allocation, not inside SparseGPT (which quantizes with error feedback).
+    Returns (quantized w [rows, cols] float32, scale, zero, maxq [rows, G]); with ``groupsize`` > 0 the
+    parameters are recomputed for every block of that many columns (G blocks), else G = 1.
     """
     q = Quantizer()
     q.configure(bits, perchannel=True, sym=sym, row_groups=row_groups)
-    if groupsize <= 0:
-        q.find_params(w, weight=True)
-        return q.quantize(w)
+    step = groupsize if groupsize > 0 else w.shape[1]
     out = torch.empty_like(w, dtype=torch.float32)
-    for c in range(0, w.shape[1], groupsize):
-        blk = w[:, c : c + groupsize]
+    params = []
+    for c in range(0, w.shape[1], step):
+        blk = w[:, c : c + step].float()
         q.find_params(blk, weight=True)
-        out[:, c : c + groupsize] = q.quantize(blk.float())
-    return out
+        out[:, c : c + step] = q.quantize(blk)
+        params.append((q.scale, q.zero, q.maxq))
+    scale, zero, maxq = (torch.cat([p[i] for p in params], dim=1) for i in range(3))
+    return out, scale, zero, maxq
+
+
+def rtn(w: torch.Tensor, bits: int | torch.Tensor, sym: bool = False, row_groups: torch.Tensor | None = None,
+        groupsize: int = -1) -> torch.Tensor:
+    """``rtn_grid``'s quantized weights alone. Used to cost bit-widths for the rtn allocation and by the
+    magnitude baseline, not inside SparseGPT (which quantizes with error feedback)."""
+    return rtn_grid(w, bits, sym, row_groups, groupsize)[0]

@@ -378,8 +378,7 @@ def magnitude_prune(W: torch.Tensor, sparsity: float, prunen: int = 0, prunem: i
         idx = torch.topk(tmp, prunen, dim=2, largest=False)[1]
         mask = torch.zeros_like(tmp, dtype=torch.bool).scatter_(2, idx, True)
         return mask.reshape(W.shape)
-    k = int(W.numel() * sparsity)
-    if k == 0:
-        return torch.zeros_like(W, dtype=torch.bool)
-    thresh = torch.sort(W.abs().flatten())[0][k]
-    return W.abs() <= thresh
+    k = int(W.numel() * sparsity)  # exactly k: the k smallest magnitudes (the reference's <= prunes k + 1)
+    mask = torch.zeros(W.numel(), dtype=torch.bool, device=W.device)
+    mask[torch.sort(W.abs().flatten(), stable=True)[1][:k]] = True
+    return mask.reshape(W.shape)
