@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import allocation
 from config import RunConfig, parse
 
 Role = Literal["reference", "baseline", "method", "control"]
@@ -33,6 +34,7 @@ class Method:
     per_k: bool = False  # one run per number of groups K
     whole_bits: bool = False  # integer bit budgets only
     in_matrix: bool = True  # part of the default sweep
+    seeded: bool = True  # its result depends on --seed (calibration windows, MI samples, clustering)
     about: str = ""
 
     @property
@@ -40,13 +42,13 @@ class Method:
         return self.stage == "quant"
 
 
-def _prune(id: str, role: Role, flags: str, about: str) -> Method:
-    return Method(id, id, id, role, "prune", (id,), flags, about=about)
+def _prune(id: str, role: Role, flags: str, about: str, seeded: bool = True) -> Method:
+    return Method(id, id, id, role, "prune", (id,), flags, seeded=seeded, about=about)
 
 
 METHODS: tuple[Method, ...] = (
-    _prune("dense", "reference", "", "the model as loaded"),
-    _prune("magnitude", "baseline", "--gmp", "magnitude pruning per layer (reference --gmp)"),
+    _prune("dense", "reference", "", "the model as loaded", seeded=False),
+    _prune("magnitude", "baseline", "--gmp", "magnitude pruning per layer (reference --gmp)", seeded=False),
     _prune("sparsegpt", "baseline", "", "SparseGPT pruning only"),
     Method("uniform", "uniform", "uniform", "baseline", "quant", ("uniform", False), whole_bits=True,
            about="SparseGPT + per-channel B-bit quantization (the reference)"),
@@ -128,7 +130,28 @@ def label(cfg: RunConfig) -> tuple[str, str]:
     quant = m.label.format(groupsize=cfg.groupsize)
     if cfg.groupsize > 0 and "{groupsize}" not in m.label:
         quant += f"-g{cfg.groupsize}"
+    details = allocation_details(cfg)
+    if details:
+        quant += f"[{','.join(details)}]"
     return (quant if prune == "dense" else f"{prune}+{quant}"), m.family
+
+
+def allocation_details(cfg: RunConfig) -> list[str]:
+    """What distinguishes runs of one method besides K: the allocation, its MI exponent, the cost source and
+    the MI estimator, each named only when it is not the default (so default runs keep their plain label)."""
+    if not cfg.grouped:
+        return []
+    out = []
+    if cfg.bit_alloc != "hessian":
+        out.append(cfg.bit_alloc)
+    if cfg.bit_alloc == "hessian-mi" and cfg.mi_alpha != allocation.DEFAULT_MI_ALPHA:
+        out.append(f"alpha={cfg.mi_alpha:g}")
+    if cfg.bit_alloc != "uniform" and cfg.alloc_cost != "obs":
+        out.append(f"cost={cfg.alloc_cost}")
+    uses_mi = cfg.groups != "all" and (cfg.cluster != "contiguous" or cfg.bit_alloc == "hessian-mi")
+    if uses_mi and cfg.mi_estimator != "histogram":
+        out.append(cfg.mi_estimator)
+    return out
 
 
 def strategy_label(cfg: RunConfig) -> str:
@@ -155,6 +178,7 @@ class SweepOptions:
     wbits: tuple[str, ...] = ("4",)
     ks: tuple[int, ...] = (8,)
     methods: tuple[str, ...] = MATRIX_IDS
+    seeds: tuple[int, ...] = (0,)  # other than (0,): every seeded configuration once per seed, id + _seed<n>
 
 
 @dataclass(frozen=True)
@@ -183,8 +207,20 @@ def _whole(wbits: str) -> bool:
 
 def matrix(options: SweepOptions) -> list[SweepConfig]:
     """Every configuration of a sweep, in run order: references, then per sparsity the pruning baselines,
-    per budget the quantized methods, per K the grouped ones. Sparsity 0 has no pruning-only rows (they
-    would repeat dense); whole-bit methods at a fractional budget are listed with a skip reason."""
+    per budget the quantized methods, per K the grouped ones, each once per seed (seed-independent ones,
+    dense and magnitude, once). Sparsity 0 has no pruning-only rows (they would repeat dense); whole-bit
+    methods at a fractional budget are listed with a skip reason."""
+    out = []
+    for c in _matrix_one_seed(options):
+        m = BY_ID[c.id.split("_")[0]]
+        if options.seeds == (0,) or not m.seeded:
+            out.append(c)
+        else:
+            out += [SweepConfig(f"{c.id}_seed{n}", (*c.flags, "--seed", str(n)), c.skip) for n in options.seeds]
+    return out
+
+
+def _matrix_one_seed(options: SweepOptions) -> list[SweepConfig]:
     chosen = [m for m in METHODS if m.id in options.methods]
     out = [SweepConfig(m.id, tuple(run_flags(m, "0", "16", None))) for m in chosen if m.role == "reference"]
     for s in options.sparsities:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import atomic
 import plots
-from results import BASELINE_FAMILIES, Run, eval_sets, fmt_num, load_dir
-from verdict import BPW_TOL, COUNTED_CONTROL, Cell, Comparison, judge
+from results import BASELINE_FAMILIES, Run, eval_sets, fmt_num, load_dir, units
+from verdict import BPW_TOL, COUNTED_CONTROL, SIGNIFICANCE, Cell, Comparison, judge
 
 BIT_KEYS = ("avg_weight_bits", "metadata_bpw", "bpw", "mask_bpw")  # the table's bit columns, in order
 
@@ -141,6 +141,22 @@ def results_table(runs: list[Run], sets: list[str]) -> list[str]:
     ] + md_table(header, rows) + [""]
 
 
+def seeds_table(runs: list[Run], sets: list[str]) -> list[str]:
+    """Mean +- standard deviation over seeds of every configuration run with two or more; [] when none was."""
+    many = [u for u in units(runs) if u.seeds > 1]
+    if not many:
+        return []
+    header = ["configuration", "method", "target sparsity", "wbits budget", "K", "seeds", "bpw (mean)"] + \
+        [f"PPL {s} (mean +- std)" for s in sets]
+    rows = [[u.id, u.method, u.sparsity_label, u.wbits_label, fmt_k(u.groups), str(u.seeds), fmt_bits(u.bpw)]
+            + [f"{fmt_ppl(u.ppl_of(s))} +- {u.spread(s):.3f}" if math.isfinite(u.ppl_of(s)) else "n/a"
+               for s in sets] for u in many]
+    return ["## Over seeds", "",
+            "Configurations run with several seeds (calibration windows, MI samples, clustering): mean and "
+            "sample standard deviation of the PPL over seeds. The verdict compares these configurations "
+            "by the PPL differences paired by seed.", ""] + md_table(header, rows) + [""]
+
+
 def overhead_table(runs: list[Run]) -> list[str]:
     header = ["run", "method", "MI s", "clustering s", "allocation s", "pruning s", "evaluation s", "total s",
               "MI+clustering+allocation share", "pruning share"]
@@ -193,17 +209,21 @@ def figures(runs: list[Run], sets: list[str], src: Path, out_dir: Path) -> list[
 # ----------------------------------------------------------------------------------------------------------
 # the verdict's text (the decisions are verdict.py's)
 
-VERDICT_HEAD = [
-    "## Verdict", "",
+VERDICT_RULES = (
     "Computed from the table above. For each target sparsity, wbits budget and eval set, the best MI "
     "run (family mi, lowest PPL) is compared with the best quantized non-MI baseline "
     f"({', '.join(BASELINE_FAMILIES)}) at the same target sparsity whose bpw is at least the MI "
     f"run's bpw minus {BPW_TOL} (a rounding tolerance): the MI run uses equal or fewer bits. "
     "It is also compared with the random-group control (same K, strategy, allocation, wbits and "
     "sparsity); when the best MI run has no such control, the best MI run that has one is compared, "
-    "like for like. Relative differences are of the reference PPL. Each configuration ran once, with "
-    "one seed: differences of a fraction of a percent may be run-to-run noise (sweep again with "
-    "`--extra \"--seed 1\"` into another folder to see).", ""]
+    "like for like. Relative differences are of the reference PPL. ")
+ONE_SEED = ("Each configuration ran once, with one seed: differences of a fraction of a percent may be "
+            "run-to-run noise (sweep again with `--seeds \"0 1 2\"` to see).")
+OVER_SEEDS = (f"Configurations run with several seeds are judged on their mean PPL, and compared on the PPL "
+              f"differences paired by seed: one beats the other only when the mean paired difference exceeds "
+              f"{SIGNIFICANCE:g} standard errors; otherwise there is no significant difference. Configurations "
+              "with one seed are compared on that one PPL.")
+VERDICT_HEAD = ["## Verdict", "", VERDICT_RULES + ONE_SEED, ""]
 
 
 def describe(r: Run) -> str:
@@ -212,7 +232,17 @@ def describe(r: Run) -> str:
 
 
 def outcome_text(c: Comparison) -> str:
-    """'better by 0.400 (2.74%)' and the like: the decision, with the difference when both PPLs exist."""
+    """'better by 0.400 (2.74%)' and the like: the decision, with the difference when both PPLs exist; over
+    seeds, the mean paired difference with its standard error."""
+    if c.paired is not None:
+        d, se, n = c.paired.mean, c.paired.se, c.paired.n
+        stats = f"{abs(d):.3f} +- {se:.3f} SE over {n} seeds ({100 * abs(d) / c.reference_ppl:.2f}%)"
+        if c.decision == "no significant difference":
+            return (f"no significant difference (mean paired difference {d:+.3f} +- {se:.3f} SE over {n} seeds, "
+                    f"within {SIGNIFICANCE:g} SE)")
+        if c.decision == "equal":
+            return f"equal over {n} seeds (no gain)"
+        return f"{c.decision} by {stats}"
     p, q = c.mi_ppl, c.reference_ppl
     if c.decision == "no comparison":
         return "no comparison (both n/a)"
@@ -248,7 +278,8 @@ def control_text(c: Comparison) -> str:
     of = f"best of {c.candidates} runs: " if c.candidates > 1 else ""
     who = "MI" if not c.like_for_like else (f"the best MI run has no {name} with its settings; like for like, "
                                             f"{x.id} (PPL {fmt_ppl(x.ppl.get(s))})")
-    verb = "beats" if c.decision == "better" else "does NOT beat"
+    verb = {"better": "beats", "no significant difference": "does not significantly differ from"}.get(
+        c.decision, "does NOT beat")
     return f"{who} {verb} the {name} ({of}{ctl.id}, PPL {fmt_ppl(ctl.ppl.get(s))}): {outcome_text(c)}."
 
 
@@ -268,14 +299,19 @@ def verdict_section(runs: list[Run], sets: list[str]) -> list[str]:
     v = judge(runs, sets)
     if v is None:
         return VERDICT_HEAD + ["**No MI-grouping run (family mi) in this directory: no verdict can be given.**", ""]
+    head = VERDICT_HEAD if not v.over_seeds else ["## Verdict", "", VERDICT_RULES + OVER_SEEDS, ""]
     (bw, bn), (rw, rn) = v.baseline_wins, v.control_wins
     overall = (f"**MI grouping beats the best baseline at equal bits in {bw} of {bn} "
                f"cells; beats the random control in {rw} of {rn}.**")
+    nb, nr = v.not_significant
+    if v.over_seeds:
+        overall += (f" No significant difference from the baseline in {nb} of {bn} cells, from the random "
+                    f"control in {nr} of {rn}.")
     if bn < len(v.cells):
         overall += (f" ({len(v.cells) - bn} of {len(v.cells)} cells have no baseline at equal or higher bpw "
                     "to compare with.)")
     lines = [ln for cell in v.cells for ln in cell_lines(cell, v.several_budgets)]
-    return VERDICT_HEAD + [overall, ""] + lines + [""]
+    return head + [overall, ""] + lines + [""]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,7 +351,7 @@ def build(src: Path, out: Path) -> str:
     if not runs:
         md += ["No result JSONs (with \"ppl\" and \"bits\") were found.", ""]
     else:
-        md += environment(runs) + results_table(runs, sets) + overhead_table(runs)
+        md += environment(runs) + results_table(runs, sets) + seeds_table(runs, sets) + overhead_table(runs)
         md += figures(runs, sets, src, out_dir) + verdict_section(runs, sets)
     if skipped:
         md += skipped_section(skipped)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,73 @@ class Run:
 
     def sort_key(self) -> tuple:
         return (self.sparsity_key, self.wbits, self.bpw, self.method, self.id)
+
+    @property
+    def seeds(self) -> int:
+        return 1
+
+    def seed_ppl(self, evalset: str) -> dict[int, float]:
+        """{seed: PPL} (+inf for n/a): what paired comparisons over seeds pair."""
+        return {self.config.seed: self.ppl_of(evalset)}
+
+
+SEED_SUFFIX = re.compile(r"_seed\d+$")
+
+
+@dataclass
+class Unit:
+    """One configuration over seeds: the runs whose ids differ only in a ``_seed<n>`` suffix (as a sweep with
+    ``--seeds`` names them). It reads like a Run: its PPL is the mean over seeds (n/a if any seed's is), its
+    bpw the mean (runs differ in bpw only through data-dependent allocations), its config the first run's."""
+
+    id: str
+    runs: list[Run]
+
+    def __getattr__(self, name: str):  # the configuration's attributes are those of any of its runs
+        if name in ("method", "family", "wbits", "wbits_label", "groups", "sparsity_label", "sparsity_key",
+                    "strategy", "config", "data", "bits"):
+            return getattr(self.runs[0], name)
+        raise AttributeError(name)
+
+    @property
+    def seeds(self) -> int:
+        return len(self.runs)
+
+    @property
+    def bpw(self) -> float:
+        return sum(r.bpw for r in self.runs) / len(self.runs)
+
+    def seed_ppl(self, evalset: str) -> dict[int, float]:
+        return {r.config.seed: r.ppl_of(evalset) for r in self.runs}
+
+    def ppl_of(self, evalset: str) -> float:
+        v = [r.ppl_of(evalset) for r in self.runs]
+        return sum(v) / len(v) if all(math.isfinite(x) for x in v) else math.inf
+
+    @property
+    def ppl(self) -> dict:
+        sets = dict.fromkeys(k for r in self.runs for k in r.ppl)
+        return {s: (self.ppl_of(s) if math.isfinite(self.ppl_of(s)) else None) for s in sets}
+
+    def spread(self, evalset: str) -> float:
+        """Standard deviation of the PPL over seeds (0 for one seed; +inf if any is n/a)."""
+        v = [r.ppl_of(evalset) for r in self.runs]
+        if not all(math.isfinite(x) for x in v):
+            return math.inf
+        mean = sum(v) / len(v)
+        return math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+
+    def sort_key(self) -> tuple:
+        return (self.sparsity_key, self.wbits, self.bpw, self.method, self.id)
+
+
+def units(runs: list[Run]) -> list[Unit]:
+    """Runs grouped into configurations over seeds (a run without a seed suffix is a unit of one)."""
+    by_key: dict[str, list[Run]] = {}
+    for r in runs:
+        by_key.setdefault(SEED_SUFFIX.sub("", r.id), []).append(r)
+    out = [Unit(k, sorted(rs, key=lambda r: r.config.seed)) for k, rs in by_key.items()]
+    return sorted(out, key=Unit.sort_key)
 
 
 def _warn(path: Path, why: object) -> None:

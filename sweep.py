@@ -65,7 +65,10 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "--out": ("DIR", "results/sweep", "results folder (default results/sweep)"),
     "--jobs": ("N", "1", "configurations run at a time (default 1)"),
     "--nsamples": ("N", "", "calibration windows (default 32 for toy, else 128)"),
-    "--extra": ('"..."', "", 'flags appended to every opt_mi.py call, e.g. "--seqlen 64 --seed 1"'),
+    "--seeds": ("LIST", "0", 'seeds (calibration, MI sampling, clustering); several, e.g. "0 1 2", run every '
+                "seeded configuration once per seed (ids end in _seed<n>) and give the report mean +- std and "
+                "a seed-aware verdict"),
+    "--extra": ('"..."', "", 'flags appended to every opt_mi.py call, e.g. "--seqlen 64"'),
     "--methods": ("LIST", " ".join(methods.MATRIX_IDS), "methods to run (default the matrix: "
                   f"{' '.join(methods.MATRIX_IDS)}; also "
                   f"{' '.join(m.id for m in methods.METHODS if not m.in_matrix)})"),
@@ -134,12 +137,16 @@ def _check(values: list[str], pattern: str, message: str) -> None:
 
 
 def validate(raw: dict[str, str], retry: bool) -> Sweep:
-    sparsities, wbits, ks, chosen = (raw[f].split() for f in ("--sparsities", "--wbits", "--groups", "--methods"))
+    sparsities, wbits, ks, chosen, seeds = (raw[f].split() for f in
+                                            ("--sparsities", "--wbits", "--groups", "--methods", "--seeds"))
     _check([raw["--jobs"]], "[1-9][0-9]*", "--jobs {}: must be a positive integer")
     _check([raw["--nsamples"]], "|[1-9][0-9]*", "--nsamples {}: must be a positive integer")
     _check(sparsities, r"0\.?|0?\.[0-9]+", "--sparsities: {} is not in [0, 1)")
     _check(wbits, r"[0-9]+(\.[0-9]+)?", "--wbits: {} is not a number")
     _check(ks, "[1-9][0-9]*", "--groups: {} is not a positive integer K")
+    _check(seeds, "[0-9]{1,9}", "--seeds: {} is not a seed (an integer 0 .. 999999999)")
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise UsageError(f"--seeds {raw['--seeds']!r}: give distinct seeds, e.g. \"0 1 2\"")
     for m in chosen:
         if m not in methods.BY_ID:
             raise UsageError(f"--methods: unknown {m} (known: {' '.join(methods.BY_ID)})")
@@ -153,7 +160,8 @@ def validate(raw: dict[str, str], retry: bool) -> Sweep:
     return Sweep(model=raw["--model"], calib=raw["--calib"], eval=raw["--eval"] or (TOY_EVAL if toy else DEFAULT_EVAL),
                  nsamples=int(raw["--nsamples"] or (32 if toy else 128)), out=Path(raw["--out"]),
                  jobs=int(raw["--jobs"]), extra=tuple(extra), retry_failed=retry,
-                 matrix=methods.SweepOptions(tuple(sparsities), tuple(wbits), tuple(map(int, ks)), tuple(chosen)))
+                 matrix=methods.SweepOptions(tuple(sparsities), tuple(wbits), tuple(map(int, ks)), tuple(chosen),
+                                             tuple(int(n) for n in seeds)))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ For each target sparsity, MI bit budget and eval set (a *cell*), the best MI run
 - the best run of each control family set up like it (same K, strategy, allocation, groupsize, wbits and
   sparsity), since a control tells whether the *MI* membership matters, not grouping as such.
 
+Runs that differ only in their seed (a sweep's ``--seeds``) are judged together, as ``results.Unit``s: their
+PPL is the mean over seeds, and two of them are compared on the PPL differences paired by seed. One beats
+the other only when the mean paired difference exceeds twice its standard error; otherwise the decision is
+"no significant difference". A configuration with one seed is compared on its single PPL, as before.
+
 Everything here is a pure function of the runs and returns frozen dataclasses, so tests check the decisions
 directly; ``report.py`` turns them into the verdict's text.
 """
@@ -16,12 +21,14 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from results import BASELINE_FAMILIES, CONTROL_FAMILIES, MI_FAMILY, Run
+from results import BASELINE_FAMILIES, CONTROL_FAMILIES, MI_FAMILY, Run, Unit, units
 
 # A baseline counts as "equal bits" when it spends at least the MI run's bpw minus this: bpw is printed
 # with 4 decimals and two methods at the same budget can differ in the last digits of metadata.
 BPW_TOL = 0.005
-CONTROL_KEYS = ("strategy", "bit_alloc", "groupsize")  # beside sparsity, wbits and K, what a control shares
+# beside sparsity, wbits and K, what a control shares with the MI run it controls
+CONTROL_KEYS = ("strategy", "bit_alloc", "groupsize", "alloc_cost", "mi_alpha")
+SIGNIFICANCE = 2.0  # standard errors the mean paired difference must exceed
 COUNTED_CONTROL = "random"  # the control the headline counts; the others are shown for information
 if COUNTED_CONTROL not in CONTROL_FAMILIES:  # fail on import, not with a wrong count in a report
     raise ImportError(f"methods.py has no {COUNTED_CONTROL!r} control family, which the verdict counts")
@@ -34,7 +41,41 @@ Decision = Literal[
     "no equal-bits baseline",  # every baseline at this sparsity spends fewer bits than the MI run
     "no baseline",  # no quantized non-MI run at this sparsity at all
     "no control",  # no control run set up like any MI run of the cell
+    "no significant difference",  # over seeds: the mean paired difference is within 2 standard errors
 ]
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Reference PPL minus MI PPL, paired by seed: ``n`` seeds, their ``mean`` and its standard error ``se``."""
+
+    n: int
+    mean: float
+    se: float
+
+
+def paired(mi: Run | Unit, ref: Run | Unit, s: str) -> Paired | None:
+    """The paired differences over the seeds both have (finite PPLs only); None with fewer than two."""
+    a, b = mi.seed_ppl(s), ref.seed_ppl(s)
+    d = [b[k] - a[k] for k in sorted(set(a) & set(b)) if math.isfinite(a[k]) and math.isfinite(b[k])]
+    if len(d) < 2:
+        return None
+    mean = sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+    return Paired(len(d), mean, sd / math.sqrt(len(d)))
+
+
+def decide_runs(mi: Run | Unit, ref: Run | Unit, s: str) -> tuple[Decision, Paired | None]:
+    """The decision between two configurations: over seeds when both have two or more in common, else on
+    their (single) PPLs."""
+    p = paired(mi, ref, s)
+    if p is None:
+        return decide(mi.ppl_of(s), ref.ppl_of(s)), None
+    if p.mean == 0 and p.se == 0:
+        return "equal", p
+    if abs(p.mean) > SIGNIFICANCE * p.se:
+        return ("better" if p.mean > 0 else "worse"), p
+    return "no significant difference", p
 
 
 def decide(p: float, q: float) -> Decision:
@@ -65,6 +106,7 @@ class Comparison:
     candidates: int = 0
     counted: bool = False
     like_for_like: bool = False  # controls: ``mi`` is not the cell's best MI run but one that has a control
+    paired: Paired | None = None  # over seeds, when both sides have two or more in common
 
     @property
     def mi_id(self) -> str:
@@ -105,8 +147,8 @@ def baseline_comparison(m: Run, baselines: list[Run], s: str) -> Comparison:
     comp = [r for r in baselines if r.bpw >= m.bpw - BPW_TOL]
     if comp:
         b = min(comp, key=lambda r: r.ppl_of(s))
-        decision = decide(m.ppl_of(s), b.ppl_of(s))
-        return Comparison("baseline", decision, s, m, b, len(comp), counted=decision != "no comparison")
+        decision, p = decide_runs(m, b, s)
+        return Comparison("baseline", decision, s, m, b, len(comp), counted=decision != "no comparison", paired=p)
     if baselines:  # more bits than every baseline: name the nearest so a reader sees the gap
         near = min(baselines, key=lambda r: (abs(r.bpw - m.bpw), r.ppl_of(s)))
         return Comparison("baseline", "no equal-bits baseline", s, m, near)
@@ -131,8 +173,8 @@ def control_comparison(m: Run, mis: list[Run], runs: list[Run], family: str, s: 
         return Comparison(family, "no control", s, m)
     x, same = pairs[0]
     c = min(same, key=lambda r: r.ppl_of(s))
-    return Comparison(family, decide(x.ppl_of(s), c.ppl_of(s)), s, x, c, len(same), counted=True,
-                      like_for_like=x is not m)
+    decision, p = decide_runs(x, c, s)
+    return Comparison(family, decision, s, x, c, len(same), counted=True, like_for_like=x is not m, paired=p)
 
 
 @dataclass(frozen=True)
@@ -166,6 +208,17 @@ class Verdict:
         return len({c.wbits for c in self.cells}) > 1
 
     @property
+    def over_seeds(self) -> bool:
+        """Whether any comparison was made over seeds."""
+        return any(c.paired is not None for cell in self.cells for c in (cell.baseline, *cell.controls))
+
+    @property
+    def not_significant(self) -> tuple[int, int]:
+        """(baseline comparisons, counted-control comparisons) that found no significant difference."""
+        return (sum(c.baseline.decision == "no significant difference" for c in self.cells),
+                sum(c.control(COUNTED_CONTROL).decision == "no significant difference" for c in self.cells))
+
+    @property
     def baseline_wins(self) -> tuple[int, int]:
         """(cells where MI beats the best equal-bits baseline, cells that have one to compare with)."""
         return _tally([c.baseline for c in self.cells])
@@ -184,7 +237,9 @@ def _cell(at_s: list[Run], mis: list[Run], runs: list[Run], s: str) -> Cell:
 
 
 def judge(runs: list[Run], sets: list[str]) -> Verdict | None:
-    """The verdict over runs on the eval sets; None when there is no MI run, so no verdict can be given."""
+    """The verdict over runs on the eval sets; None when there is no MI run, so no verdict can be given.
+    Runs of one configuration over several seeds are judged as one ``Unit``."""
+    runs = units(runs)
     mi_runs = [r for r in runs if r.family == MI_FAMILY]
     if not mi_runs:
         return None

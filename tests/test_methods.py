@@ -24,6 +24,16 @@ LABELS = [
     (["--wbits", "4", "--groups", "8", "--cluster", "random"], "random-B", "random"),
     (["--wbits", "4", "--groups", "8", "--cluster", "random", "--strategy", "shared"], "random-A", "random"),
     (["--wbits", "4", "--groups", "8", "--cluster", "contiguous"], "contiguous-B", "contiguous"),
+    # what else tells runs of one method apart, named only when not the default
+    (["--wbits", "3.5", "--groups", "all", "--bit-alloc", "uniform"], "per-channel[uniform]", "per-channel"),
+    (["--wbits", "3.5", "--groups", "all", "--alloc-cost", "rtn"], "per-channel[cost=rtn]", "per-channel"),
+    (["--wbits", "3.5", "--groups", "8", "--bit-alloc", "hessian-mi"], "mi-B[hessian-mi]", "mi"),
+    (["--wbits", "3.5", "--groups", "8", "--bit-alloc", "hessian-mi", "--mi-alpha", "0.5", "--alloc-cost", "rtn"],
+     "mi-B[hessian-mi,alpha=0.5,cost=rtn]", "mi"),
+    (["--wbits", "3.5", "--groups", "8", "--mi-estimator", "gaussian"], "mi-B[gaussian]", "mi"),
+    (["--wbits", "3.5", "--groups", "8", "--cluster", "contiguous", "--mi-estimator", "gaussian"],
+     "contiguous-B", "contiguous"),  # contiguous groups estimate no MI
+    (["--wbits", "4", "--groups", "8", "--bit-alloc", "uniform", "--alloc-cost", "rtn"], "mi-B[uniform]", "mi"),
 ]
 
 

@@ -208,3 +208,28 @@ def test_figures_name_eval_sets_by_base_name(src, monkeypatch):
     build(src)
     assert len(texts) == 4  # PPL vs bpw and PPL vs K: a title and a y label each
     assert all("c4_heldout.jsonl" in t and "/abs" not in t for t in texts), texts
+
+
+def test_seeds_give_mean_std_and_a_paired_verdict(tmp_path):
+    """A sweep with --seeds: one row per run, a mean +- std row per configuration, paired decisions."""
+    d = tmp_path / "seeds"
+    d.mkdir()
+    ppls = {"miB_s0.5_w4_k8": [14.0, 14.6, 14.2], "perchannel_s0.5_w4": [14.5, 14.3, 14.3],
+            "random_s0.5_w4_k8": [14.4, 15.0, 14.6]}
+    for rid, values in ppls.items():
+        j = json.loads((FIXTURES / f"{rid}.json").read_text())
+        for seed, v in enumerate(values):
+            j["config"]["seed"], j["ppl"] = seed, {"synthetic": v}
+            (d / f"{rid}_seed{seed}.json").write_text(json.dumps(j))
+    md = build(d)
+    check_table_matches(md, d)
+    over = {r["configuration"]: r for r in md_table(md, "Over seeds")}
+    assert over["miB_s0.5_w4_k8"]["PPL synthetic (mean +- std)"] == "14.267 +- 0.306"
+    assert over["perchannel_s0.5_w4"]["seeds"] == "3"
+    syn = verdict_line(md, "synthetic")
+    # MI vs per-channel: paired differences 0.5, -0.3, 0.1 -> 0.100 +- 0.231 SE: not significant
+    assert "no significant difference (mean paired difference +0.100 +- 0.231 SE over 3 seeds" in syn[0]
+    # MI vs random: 0.4 on every seed -> beats
+    assert "MI beats the random-group control" in syn[1] and "better by 0.400 +- 0.000 SE over 3 seeds" in syn[1]
+    assert "No significant difference from the baseline in 1 of 1 cells" in md
+    assert "paired by seed" in md

@@ -307,8 +307,22 @@ def test_fractional_budget_skips_uniform_rows_with_a_note(tmp_path, fake, run):
     assert "## Skipped configurations" in report and "uniform_s0.5_w3.5" in report
 
 
+def test_seeds_run_every_seeded_configuration_per_seed(tmp_path, fake, run):
+    out = tmp_path / "sweep"
+    r = run(out, fake, "--seeds", "0 1 2", "--methods", "dense magnitude uniform miB")
+    assert r.returncode == 0, r.stderr
+    # dense and magnitude use no calibration: once; the rest once per seed, with --seed n
+    assert set(results(out)) == {"dense", "magnitude_s0.5"} | {
+        f"{c}_seed{n}" for c in ("uniform_s0.5_w4", "miB_s0.5_w4_k8") for n in range(3)}
+    for n in range(3):
+        assert json.loads((out / f"miB_s0.5_w4_k8_seed{n}.json").read_text())["config"]["seed"] == n
+    report = (out / "performance_report.md").read_text()
+    assert "## Over seeds" in report and "paired by seed" in report
+
+
 @pytest.mark.parametrize("args", [["--jobs", "0"], ["--bogus"], ["--wbits"], ["--methods", "miC"],
-                                  ["--sparsities", "1.5"], ["--groups", "all"], ["--extra", "--eval 'x"]])
+                                  ["--sparsities", "1.5"], ["--groups", "all"], ["--extra", "--eval 'x"],
+                                  ["--seeds", "0 0"], ["--seeds", "-1"], ["--seeds", ""]])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, fake, run, args):
     r = run(tmp_path / "sweep", fake, *args)
     assert r.returncode == 2

@@ -157,3 +157,50 @@ def test_cells_in_order_and_budgets():
 
 def test_no_mi_run_no_verdict():
     assert judge([run("pc", "perchannel", {"syn": 14.6}, 4.0703)], ["syn"]) is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# over seeds: configurations run with several seeds are compared on differences paired by seed
+
+
+def seeded(method: str, ppls: list[float], bpw: float) -> list[Run]:
+    """One configuration run with seeds 0, 1, ... as a sweep with --seeds names them."""
+    return [run(f"{method}_s0.5_w4_seed{i}", method, {"syn": p}, bpw, extra=("--seed", str(i)))
+            for i, p in enumerate(ppls)]
+
+
+def test_seed_spread_that_covers_the_gap_is_no_significant_difference():
+    # MI is 0.1 better on average, but the paired differences (0.5, -0.3, 0.1) scatter: mean 0.1,
+    # sd 0.4, se 0.4 / sqrt(3) = 0.2309 > 0.1 / 2
+    runs = seeded("miB", [14.0, 14.6, 14.2], 4.06) + seeded("perchannel", [14.5, 14.3, 14.3], 4.07)
+    c = only_cell(runs).baseline
+    assert c.paired is not None and c.paired.n == 3
+    assert c.paired.mean == pytest.approx(0.1)
+    assert c.paired.se == pytest.approx(0.4 / math.sqrt(3))
+    assert c.decision == "no significant difference" and c.won is False
+    assert (c.mi_id, c.reference_id) == ("miB_s0.5_w4", "perchannel_s0.5_w4")
+    assert c.mi_ppl == pytest.approx(14.2666667) and c.reference_ppl == pytest.approx(14.3666667)
+    v = judge(runs, ["syn"])
+    assert v.baseline_wins == (0, 1) and v.not_significant == (1, 0) and v.over_seeds
+
+
+def test_consistent_paired_gap_beats_even_when_means_are_close():
+    # every seed 0.10 +- 0.02 better: mean 0.1, se small; seeds shift both PPLs together by up to 1.0
+    runs = seeded("miB", [14.0, 15.0, 14.5], 4.06) + seeded("perchannel", [14.12, 15.08, 14.6], 4.07)
+    c = only_cell(runs).baseline
+    assert c.paired.mean == pytest.approx(0.1)
+    assert c.paired.se == pytest.approx(0.02 / math.sqrt(3))
+    assert c.decision == "better" and c.won is True
+    # and the other way round: MI consistently worse
+    worse = seeded("miB", [14.2, 15.2, 14.7], 4.06) + seeded("perchannel", [14.12, 15.08, 14.6], 4.07)
+    assert only_cell(worse).baseline.decision == "worse"
+
+
+def test_controls_are_paired_too_and_one_seed_falls_back():
+    runs = seeded("miB", [14.0, 14.6, 14.2], 4.06) + seeded("random", [14.4, 15.0, 14.6], 4.06)
+    c = only_cell(runs).control("random")
+    assert c.paired.mean == pytest.approx(0.4) and c.paired.se == pytest.approx(0.0, abs=1e-12)
+    assert c.decision == "better"
+    single = [run("mi", "miB", {"syn": 14.2}, 4.06), run("rnd", "random", {"syn": 14.3}, 4.06)]
+    c1 = only_cell(single).control("random")
+    assert c1.paired is None and c1.decision == "better"  # one seed: compared on the one PPL
