@@ -31,7 +31,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: tor
     Shapes broadcast: x [rows, cols], scale / zero / maxq [rows, 1] (or scalars). ``zero`` lies in
     [0, maxq], so an exact 0 maps to exactly 0: pruned weights stay pruned after quantization.
     """
-    q = torch.clamp(torch.round(x / scale) + zero, min=torch.zeros_like(maxq), max=maxq)
+    q = torch.minimum((torch.round(x / scale) + zero).clamp_(min=0), maxq)
     return scale * (q - zero)
 
 

@@ -153,9 +153,7 @@ def obs_pass(
             # adaptive mask: the block's k smallest OBS saliencies w^2 / [H^-1]_ii (the reference's
             # `tmp <= sorted[k]` prunes k + 1, one weight per block beyond the target)
             tmp = W1[:ref] ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
-            mask1 = torch.zeros_like(tmp, dtype=torch.bool)
-            mask1.view(-1)[torch.sort(tmp.flatten(), stable=True)[1][: int(tmp.numel() * sparsity)]] = True
-            mask1 = mask1.repeat(reps, 1)
+            mask1 = smallest(tmp, int(tmp.numel() * sparsity)).repeat(reps, 1)
         else:  # n:m masks are chosen column by column below; sparsity 0 prunes nothing
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
@@ -371,6 +369,20 @@ class SparseGPT:
             torch.cuda.empty_cache()
 
 
+def smallest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly the k smallest entries of x; ties at the threshold go in index order (as a
+    stable sort would), so the mask is deterministic. O(n) through kthvalue rather than a full sort."""
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    flat = x.flatten()
+    thresh = torch.kthvalue(flat, k).values
+    below = flat < thresh
+    ties = (flat == thresh).nonzero().flatten()[: k - int(below.sum())]
+    below[ties] = True
+    return below.reshape(x.shape)
+
+
 def magnitude_prune(W: torch.Tensor, sparsity: float, prunen: int = 0, prunem: int = 0) -> torch.Tensor:
     """Boolean prune mask [rows, cols] of the smallest |w| (global per layer, or n:m per row)."""
     if prunen:
@@ -378,7 +390,4 @@ def magnitude_prune(W: torch.Tensor, sparsity: float, prunen: int = 0, prunem: i
         idx = torch.topk(tmp, prunen, dim=2, largest=False)[1]
         mask = torch.zeros_like(tmp, dtype=torch.bool).scatter_(2, idx, True)
         return mask.reshape(W.shape)
-    k = int(W.numel() * sparsity)  # exactly k: the k smallest magnitudes (the reference's <= prunes k + 1)
-    mask = torch.zeros(W.numel(), dtype=torch.bool, device=W.device)
-    mask[torch.sort(W.abs().flatten(), stable=True)[1][:k]] = True
-    return mask.reshape(W.shape)
+    return smallest(W.abs(), int(W.numel() * sparsity))  # exactly k (the reference's <= prunes k + 1)
