@@ -20,6 +20,7 @@ from torch import nn
 
 import bitstats
 import layerwalk
+import trials
 from config import RunConfig
 from mi_plan import LayerPlan, PlanOptions, plan_layer
 from quant import QuantizedLayer, Quantizer, rtn_grid
@@ -95,7 +96,7 @@ def _accumulate(cfg: RunConfig, index: int, layer: nn.Module, inps: torch.Tensor
     gpts = {n: SparseGPT(m, n) for n, m in subset.items()}
     if cfg.grouped:
         for n, g in gpts.items():  # a seed per layer name: the same sample whatever else is selected
-            g.sample_outputs(total_rows, cfg.mi_samples, cfg.seed + zlib.crc32(n.encode()) % 2**31)
+            g.sample(total_rows, cfg.mi_samples, cfg.seed + zlib.crc32(n.encode()) % 2**31)
     hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: gpts[n].add_batch(inp[0].data, out.data))
              for n, m in subset.items()]
     try:
@@ -130,7 +131,7 @@ def compress_linear(name: str, g: SparseGPT, cfg: RunConfig, res: CompressionRes
                       percdamp=cfg.percdamp, groupsize=cfg.groupsize)
     prune_s = time.time() - t_prune
     res.timing["prune_s"] += prune_s
-    W0, _, Hd = g.prepare(cfg.percdamp)
+    W0, Hd = g.prepare(cfg.percdamp)
     loss = {"incurred": float(layer_error(W0, g.result.W, Hd).sum()), "obs": g.error}
     if plan is not None and plan.predicted_loss is not None:
         loss["predicted"] = plan.predicted_loss
@@ -161,7 +162,7 @@ def _trial_fn(g: SparseGPT, cfg: RunConfig, opts: PlanOptions):
     """The plan's trial: every candidate width at once, masks of the uniform width (see SparseGPT.trial)."""
 
     def trial(row_groups: torch.Tensor | None):
-        return g.trial(list(cfg.bits_choices), opts.uniform_bits, sym=cfg.sym, row_groups=row_groups,
+        return trials.trial(g, list(cfg.bits_choices), opts.uniform_bits, sym=cfg.sym, row_groups=row_groups,
                        sparsity=cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem, blocksize=cfg.blocksize,
                        percdamp=cfg.percdamp, groupsize=cfg.groupsize)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mi_plan import RowSampler
 from quant import Quantizer, quantize
 
 
@@ -30,41 +31,14 @@ class LayerInputError(ValueError):
     """Calibration inputs of a layer are not finite: a user-facing error naming the layer."""
 
 
-class RowSampler:
-    """Uniform sample without replacement of ``k`` out of ``total`` rows that arrive in order, in chunks.
-
-    The kept indices are drawn up front from a seeded generator, so the sample is exact, reproducible and
-    bounded by ``k`` rows whatever the chunk sizes.
-    """
-
-    def __init__(self, total: int, k: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        k = min(k, total)
-        self.keep = torch.sort(torch.randperm(total, generator=g)[:k]).values
-        self.seen = 0
-        self.rows: list[torch.Tensor] = []
-
-    def add(self, x: torch.Tensor) -> None:
-        """x [rows, C]: rows numbered seen .. seen + rows - 1."""
-        lo, hi = self.seen, self.seen + x.shape[0]
-        a, b = torch.searchsorted(self.keep, torch.tensor([lo, hi])).tolist()
-        if b > a:
-            idx = (self.keep[a:b] - lo).to(x.device)
-            self.rows.append(x[idx].detach().float().cpu())
-        self.seen = hi
-
-    def samples(self) -> torch.Tensor:
-        """[k, C] float32 on CPU."""
-        return torch.cat(self.rows) if self.rows else torch.empty(0)
-
-
 @dataclass
 class PassResult:
-    """What one OBS pass produced for W [R, C] with G column groups (G = 1 without --groupsize).
+    """What one OBS pass produced for W [R, C] with G column groups (G = 1 without groups).
 
-    W: final (pruned, quantized) weights. mask: [R, C] True where pruned. row_loss [R] / col_loss [C]:
-    sum of (w - q)^2 / [H^-1]_ii / 2 over a row / column. scale, zero, maxq: [R, G] the grid each row used
-    in each column group (None when not quantizing). n_param_sets: distinct (scale, zero) sets stored.
+    W: final (pruned, quantized) weights. mask: [R, C] True where pruned. row_loss [R] / col_loss [S, C]:
+    sum of (w - q)^2 / [H^-1]_ii / 2 over a row / over the rows of each of S stacked candidates per column.
+    scale, zero, maxq: [R, G] the grid each row used in each column group (None when not quantizing).
+    n_param_sets: distinct (scale, zero) sets stored. Columns are in the layer's own order.
     """
 
     W: torch.Tensor
@@ -81,31 +55,24 @@ class PassResult:
         return float(self.row_loss.sum())
 
 
-@dataclass
-class TrialResult:
-    """``trial``'s candidates: W [S, R, C], row_loss [S, R] and grids [S, R, G] at ``bits`` [S]; one mask."""
+@dataclass(frozen=True)
+class ColumnGrid:
+    """How quantization parameters change along the input axis, in processing order.
 
-    bits: list[int]
-    W: torch.Tensor
-    row_loss: torch.Tensor
-    mask: torch.Tensor
-    scale: torch.Tensor | None
-    zero: torch.Tensor | None
-    maxq: torch.Tensor | None
-    param_sets_per_row_group: int  # parameter sets each candidate stores per row (or shared row group)
+    gid [C]: the group of every column as the loop meets it. Without ``static``, a group must be one run of
+    columns: its parameters are found at its first column from the current, error-updated weights (GPTQ
+    groups). ``static`` (scale, zero, maxq) [R, G]: parameters fixed before the pass (GPTQ's static groups,
+    needed with act-order, where a group's columns are not met in one run). ``maxq`` [G]: every group's
+    maximum code, 2^bits - 1 (input-axis allocation); None keeps the quantizer's per-row widths.
+    """
 
-    def select(self, row_bits: torch.Tensor) -> PassResult:
-        """Row r taken from the candidate at row_bits[r]: the result of a pass with those per-row widths."""
-        pick = torch.tensor([self.bits.index(int(b)) for b in row_bits.tolist()], device=self.W.device)
-        rows = torch.arange(self.W.shape[1], device=self.W.device)
-        grid = [None if t is None else t[pick, rows] for t in (self.scale, self.zero, self.maxq)]
-        loss = self.row_loss[pick, rows]
-        return PassResult(self.W[pick, rows], self.mask, loss, torch.full((self.W.shape[2],), float("nan")),
-                          *grid)
+    gid: torch.Tensor
+    maxq: torch.Tensor | None = None
+    static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def column_groups(columns: int, groupsize: int) -> torch.Tensor:
-    """gid [C]: the quantization group of every column (all 0 without groups)."""
+    """g_idx [C]: the quantization group of every column (all 0 without groups)."""
     return torch.arange(columns) // groupsize if groupsize > 0 else torch.zeros(columns, dtype=torch.long)
 
 
@@ -118,28 +85,32 @@ def obs_pass(
     prunen: int = 0,
     prunem: int = 0,
     blocksize: int = 128,
-    groupsize: int = -1,
+    cols: ColumnGrid | None = None,
     mask_rows: int | None = None,
+    mask: torch.Tensor | None = None,
 ) -> PassResult:
-    """The SparseGPT column loop over W [R, C] (a float copy, modified in place) with Hinv = U, H^-1 = U^T U.
+    """The SparseGPT column loop over W [R, C] (a float copy, modified in place) with Hinv = U, H^-1 = U^T U,
+    both in processing order.
 
-    ``q``'s parameters must already be found when ``groupsize`` is -1 (the reference finds them on the
-    weights before the pass); with groups they are found at each group's first column from the current,
-    error-updated weights. ``mask_rows`` = m: masks are chosen on rows [0, m) and repeated for the
-    following blocks of m rows (``trial``'s stacked candidates); default: every row for itself.
+    Without ``cols``, ``q``'s parameters are found before the pass (the reference finds them on the weights
+    as loaded); with ``cols`` they change at group starts (``ColumnGrid``). ``mask_rows`` = m: masks are
+    chosen on rows [0, m) and repeated for the following blocks of m rows (``trial``'s stacked candidates).
+    ``mask`` [R, C]: a fixed prune mask instead of choosing one.
     """
     rows, columns = W.shape
     ref = rows if mask_rows is None else mask_rows
     reps = rows // ref
-    gid = column_groups(columns, groupsize)
-    ngroups = int(gid[-1]) + 1
-    grid = _GridRecorder(rows, ngroups, W.device) if q is not None else None
-    if grid is not None and groupsize <= 0:
+    gid = cols.gid.to(W.device) if cols is not None else torch.zeros(columns, dtype=torch.long, device=W.device)
+    starts = torch.ones(columns, dtype=torch.bool)
+    starts[1:] = (gid[1:] != gid[:-1]).cpu()
+    grid = _GridRecorder(rows, int(gid.max()) + 1, W.device) if q is not None else None
+    if grid is not None and cols is None:
         grid.record(0, q)
-
+    fixed = mask
     mask = torch.zeros_like(W, dtype=torch.bool)
     Losses = torch.zeros(rows, device=W.device)
-    col_loss = torch.zeros(columns, device=W.device)
+    col_loss = torch.zeros(reps, columns, device=W.device)
+
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
         count = i2 - i1
@@ -149,7 +120,9 @@ def obs_pass(
         Losses1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
 
-        if prunen == 0 and sparsity > 0:
+        if fixed is not None:
+            mask1 = fixed[:, i1:i2].clone()
+        elif prunen == 0 and sparsity > 0:
             # adaptive mask: the block's k smallest OBS saliencies w^2 / [H^-1]_ii (the reference's
             # `tmp <= sorted[k]` prunes k + 1, one weight per block beyond the target)
             tmp = W1[:ref] ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
@@ -160,11 +133,11 @@ def obs_pass(
         for i in range(count):
             w = W1[:, i]
             d = Hinv1[i, i]
-            if prunen != 0 and i % prunem == 0:
+            if fixed is None and prunen != 0 and i % prunem == 0:
                 tmp = W1[:ref, i : i + prunem] ** 2 / (torch.diag(Hinv1)[i : i + prunem].reshape((1, -1))) ** 2
                 mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1].repeat(reps, 1), True)
-            if q is not None and groupsize > 0 and (i1 + i) % groupsize == 0:
-                q.find_params(_current_columns(W, W1, Err1, Hinv, i1, i2, i, groupsize), weight=True)
+            if q is not None and cols is not None and starts[i1 + i]:
+                _group_params(q, cols, int(gid[i1 + i]), gid, W, W1, Err1, Hinv, i1, i2, i)
                 grid.record(int(gid[i1 + i]), q)
 
             qw = w.clone()
@@ -181,7 +154,7 @@ def obs_pass(
         W[:, i1:i2] = Q1
         mask[:, i1:i2] = mask1
         Losses += torch.sum(Losses1, 1) / 2
-        col_loss[i1:i2] = torch.sum(Losses1, 0) / 2
+        col_loss[:, i1:i2] = Losses1.reshape(reps, ref, count).sum(1) / 2
         # lazy batch update: the block's errors reach all later columns in one matmul
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
 
@@ -190,8 +163,20 @@ def obs_pass(
     res = PassResult(W, mask, Losses, col_loss)
     if grid is not None:
         res.scale, res.zero, res.maxq = grid.scale, grid.zero, grid.maxq
-        res.n_param_sets = ngroups * q.n_param_sets()
+        res.n_param_sets = grid.scale.shape[1] * q.n_param_sets()
     return res
+
+
+def _group_params(q: Quantizer, cols: ColumnGrid, g: int, gid, W, W1, Err1, Hinv, i1, i2, i) -> None:
+    """Set q's parameters for column group g at its first column (static, or found on the current weights)."""
+    if cols.static is not None:
+        scale, zero, maxq = cols.static
+        q.scale, q.zero, q.maxq = scale[:, g : g + 1], zero[:, g : g + 1], maxq[:, g : g + 1]
+        return
+    if cols.maxq is not None:
+        q.maxq = torch.full((W.shape[0], 1), float(cols.maxq[g]), device=W.device)
+    size = int((gid[i1 + i :] == g).int().cumprod(0).sum())  # the group's run of columns from here
+    q.find_params(_current_columns(W, W1, Err1, Hinv, i1, i2, i, size), weight=True)
 
 
 class _GridRecorder:
@@ -209,9 +194,9 @@ class _GridRecorder:
         self.maxq[:, g] = q.maxq.reshape(-1).expand(rows)
 
 
-def _current_columns(W, W1, Err1, Hinv, i1, i2, i, groupsize) -> torch.Tensor:
-    """Columns [i1+i, i1+i+groupsize) as they stand now, with the current block's pending updates."""
-    c0, c1 = i1 + i, min(i1 + i + groupsize, W.shape[1])
+def _current_columns(W, W1, Err1, Hinv, i1, i2, i, size) -> torch.Tensor:
+    """Columns [i1+i, i1+i+size) as they stand now, with the current block's pending updates."""
+    c0, c1 = i1 + i, min(i1 + i + size, W.shape[1])
     inblock = W1[:, i : min(c1, i2) - i1]
     if c1 <= i2:
         return inblock
@@ -224,6 +209,16 @@ def layer_error(W0: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> torch.Ten
     """Per-row 1/2 (w0 - w) H (w0 - w)^T [R], float64: the quadratic error SparseGPT's losses add up to."""
     d = (W0 - W).double()
     return 0.5 * ((d @ H.double()) * d).sum(1)
+
+
+def processing_order(H: torch.Tensor, g_idx: torch.Tensor | None, act_order: bool) -> torch.Tensor | None:
+    """The order the loop meets columns in: by descending diag H (act-order, GPTQ's desc_act), else groups
+    made contiguous (stable, so GPTQ's consecutive groups keep their order); None for the natural order."""
+    if act_order:
+        return torch.sort(torch.diag(H), descending=True, stable=True)[1]
+    if g_idx is not None and bool((g_idx[1:] < g_idx[:-1]).any()):
+        return torch.sort(g_idx.to(H.device), stable=True)[1]
+    return None
 
 
 class SparseGPT:
@@ -239,20 +234,27 @@ class SparseGPT:
         self.nsamples = 0
         self.quantizer: Quantizer | None = None
         self.sampler: RowSampler | None = None
+        self.sample_inputs = False
         self.percdamp_used: float | None = None
         self.error: float | None = None
         self.n_param_sets = 0
         self.result: PassResult | None = None
+        self.perm: torch.Tensor | None = None  # the processing order of the last pass (None: natural)
         self._prepared: tuple | None = None
+        self._factors: dict = {}
 
-    def sample_outputs(self, total_rows: int, k: int, seed: int) -> None:
-        """Keep a uniform sample of ``k`` of the ``total_rows`` output rows that add_batch will see."""
+    def sample(self, total_rows: int, k: int, seed: int, inputs: bool = False) -> None:
+        """Keep a uniform sample of ``k`` of the ``total_rows`` output rows (or input rows) add_batch will see."""
         self.sampler = RowSampler(total_rows, k, seed)
+        self.sample_inputs = inputs
 
     def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
         """inp [batch, seq, in] or [tokens, in] (counted as one sequence, as the reference); out [..., rows]."""
         if not torch.isfinite(inp).all():
             raise LayerInputError(f"layer {self.name}: calibration inputs hold NaN or inf")
+        if self.sampler is not None:
+            x = inp if self.sample_inputs else out
+            self.sampler.add(x.reshape(-1, x.shape[-1]))
         if inp.dim() == 2:
             inp = inp.unsqueeze(0)
         tmp = inp.shape[0]
@@ -261,33 +263,27 @@ class SparseGPT:
         self.nsamples += tmp
         inp = math.sqrt(2 / self.nsamples) * inp.float()
         self.H += inp.matmul(inp.t())
-        if self.sampler is not None:
-            self.sampler.add(out.reshape(-1, out.shape[-1]))
 
-    def _hinv_upper(self, H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U, damped H): U the upper Cholesky factor of (H + damp I)^-1, H^-1 = U^T U; damping x10 on failure."""
+    def _damped(self, H: torch.Tensor, percdamp: float) -> torch.Tensor:
+        """H + damp * mean(diag H) * I, the damping x10 until H and its inverse have Cholesky factors."""
         diag = torch.arange(self.columns, device=self.dev)
         mean_diag = torch.mean(torch.diag(H))
         for attempt in range(5):
             damp = percdamp * (10**attempt)
             Hd = H.clone()
             Hd[diag, diag] += damp * mean_diag
-            L, info = torch.linalg.cholesky_ex(Hd)
-            if info == 0:
-                Hinv = torch.cholesky_inverse(L)
-                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-                if info == 0 and torch.isfinite(U).all():
-                    if attempt:
-                        print(f"warning: {self.name}: Hessian not positive definite, damping raised to "
-                              f"{damp:g} x mean(diag H)")
-                    self.percdamp_used = damp
-                    return U, Hd
+            if _upper_factor(Hd) is not None:
+                if attempt:
+                    print(f"warning: {self.name}: Hessian not positive definite, damping raised to "
+                          f"{damp:g} x mean(diag H)")
+                self.percdamp_used = damp
+                return Hd
         raise torch.linalg.LinAlgError(
             f"layer {self.name}: Cholesky of the damped Hessian failed even at percdamp={damp:g}")
 
-    def prepare(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(W0, U, Hd): the layer's float weights with dead columns zeroed, the factor the loop uses and the
-        damped Hessian. Computed once; trial and final passes share it (the reference recomputes per pass)."""
+    def prepare(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W0, Hd): the layer's float weights with dead columns zeroed and the damped Hessian, in the
+        layer's own column order. Computed once; every pass of the layer shares them."""
         if self._prepared is None:
             W = self.layer.weight.data.clone().float()
             H = self.H
@@ -295,9 +291,19 @@ class SparseGPT:
             dead = torch.diag(H) == 0
             H[dead, dead] = 1
             W[:, dead] = 0
-            U, Hd = self._hinv_upper(H, percdamp)
-            self._prepared = (W, U, Hd)
+            self._prepared = (W, self._damped(H, percdamp))
         return self._prepared
+
+    def factor(self, perm: torch.Tensor | None) -> torch.Tensor:
+        """U, the upper Cholesky factor of Hd^-1 with Hd's columns in the order ``perm`` (cached per order)."""
+        key = None if perm is None else tuple(perm.tolist())
+        if key not in self._factors:
+            Hd = self._prepared[1]
+            U = _upper_factor(Hd if perm is None else Hd[perm][:, perm])
+            if U is None:
+                raise torch.linalg.LinAlgError(f"layer {self.name}: the reordered damped Hessian has no Cholesky")
+            self._factors[key] = U
+        return self._factors[key]
 
     def fasterprune(
         self,
@@ -307,52 +313,50 @@ class SparseGPT:
         blocksize: int = 128,
         percdamp: float = 0.01,
         groupsize: int = -1,
+        *,
+        g_idx: torch.Tensor | None = None,
+        group_bits: torch.Tensor | None = None,
+        act_order: bool = False,
+        mask: torch.Tensor | None = None,
     ) -> float:
         """Prune ``sparsity`` of the weights (or n:m) and quantize with ``self.quantizer`` if set.
 
-        Writes the result into ``layer.weight`` (and ``self.result``); returns the summed OBS error
-        sum (w - q)^2 / [U]_ii^2 / 2.
+        Column groups: ``groupsize`` (GPTQ) or any ``g_idx`` [C] (input-axis groups), with ``group_bits`` [G]
+        widths; ``act_order`` processes columns by descending diag H, with static group parameters. ``mask``:
+        a fixed prune mask. Writes the result into ``layer.weight`` (and ``self.result``); returns the
+        summed OBS error sum (w - q)^2 / [U]_ii^2 / 2.
         """
         q = self.quantizer
-        if q is not None and groupsize == -1 and not q.ready():
+        if g_idx is None and groupsize > 0:
+            g_idx = column_groups(self.columns, groupsize)
+        if q is not None and g_idx is None and not q.ready():
             # as the reference: per-row parameters from the weights as loaded, before dead columns are zeroed
             q.find_params(self.layer.weight.data.float(), weight=True)
-        W0, U, _ = self.prepare(percdamp)
-        res = obs_pass(W0.clone(), U, q, sparsity, prunen, prunem, blocksize, groupsize)
+        res = self.run_pass(q, sparsity, prunen, prunem, blocksize, percdamp, g_idx, group_bits, act_order, mask)
         self.finish(res)
         return self.error
 
-    def trial(self, bits: list[int], ref_bits: int, *, sym: bool = False, row_groups: torch.Tensor | None = None,
-              sparsity: float = 0.0, prunen: int = 0, prunem: int = 0, blocksize: int = 128,
-              percdamp: float = 0.01, groupsize: int = -1) -> TrialResult:
-        """Every row at every width of ``bits`` in one pass over the layer stacked len(bits) times.
-
-        The masks are those of the ``ref_bits`` candidate (chosen on its rows, applied to all), so rows
-        are independent: the pass with any per-row choice of widths gives exactly the chosen candidates'
-        rows (``TrialResult.select``). ``row_groups`` [R]: rows sharing one grid (strategy A).
-        """
-        order = [ref_bits] + [b for b in bits if b != ref_bits]  # masks come from the first block of rows
-        W0, U, _ = self.prepare(percdamp)
-        Wl = self.layer.weight.data.float()
-        S, R = len(order), self.rows
-        q = Quantizer()
-        stacked_groups = None
-        if row_groups is not None:
-            k = int(row_groups.max()) + 1
-            stacked_groups = torch.cat([row_groups.to(self.dev) + j * k for j in range(S)])
-        q.configure(torch.cat([torch.full((R,), b, device=self.dev) for b in order]), perchannel=True, sym=sym,
-                    row_groups=stacked_groups)
-        if groupsize == -1:
-            q.find_params(Wl.repeat(S, 1), weight=True)
-        res = obs_pass(W0.repeat(S, 1), U, q, sparsity, prunen, prunem, blocksize, groupsize, mask_rows=R)
-        back = [order.index(b) for b in bits]  # candidates in the order of ``bits``
-
-        def per_candidate(t):
-            return None if t is None else t.reshape(S, R, *t.shape[1:])[back]
-
-        return TrialResult(list(bits), per_candidate(res.W), per_candidate(res.row_loss), res.mask[:R],
-                           per_candidate(res.scale), per_candidate(res.zero), per_candidate(res.maxq),
-                           res.n_param_sets // S)
+    def run_pass(self, q, sparsity, prunen, prunem, blocksize, percdamp, g_idx, group_bits, act_order, mask,
+              reps: int = 1) -> PassResult:
+        """One obs_pass over the layer (stacked ``reps`` times), columns in their processing order and back."""
+        W0, Hd = self.prepare(percdamp)
+        perm = processing_order(Hd, g_idx, act_order)
+        cols = None
+        if g_idx is not None:
+            g_idx = g_idx.to(self.dev)
+            static = _static_params(q, W0.repeat(reps, 1), g_idx, group_bits) if act_order and q else None
+            maxq = None if group_bits is None else 2.0 ** group_bits.to(self.dev).double() - 1
+            cols = ColumnGrid(g_idx if perm is None else g_idx[perm], maxq, static)
+        W = W0.repeat(reps, 1)
+        if perm is not None:
+            W, mask = W[:, perm], (None if mask is None else mask[:, perm])
+        res = obs_pass(W, self.factor(perm), q, sparsity, prunen, prunem, blocksize, cols,
+                       mask_rows=self.rows if reps > 1 else None, mask=mask)
+        self.perm = perm
+        if perm is not None:  # back to the layer's column order
+            inv = torch.argsort(perm)
+            res.W, res.mask, res.col_loss = res.W[:, inv], res.mask[:, inv], res.col_loss[:, inv]
+        return res
 
     def finish(self, res: PassResult) -> None:
         """Write a pass's weights into the layer and keep its bookkeeping."""
@@ -365,8 +369,35 @@ class SparseGPT:
         self.H = None
         self.sampler = None
         self._prepared = None
+        self._factors = {}
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _upper_factor(Hd: torch.Tensor) -> torch.Tensor | None:
+    """U with Hd^-1 = U^T U (upper Cholesky of the inverse), or None when either factorization fails."""
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if info != 0:
+        return None
+    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    return U if info == 0 and torch.isfinite(U).all() else None
+
+
+def _static_params(q: Quantizer, W: torch.Tensor, g_idx: torch.Tensor, group_bits: torch.Tensor | None):
+    """(scale, zero, maxq) [R, G] of every column group, found before the pass on the weights W [R, C]
+    (dead columns zeroed), as GPTQ's static groups; ``group_bits`` [G] overrides the per-row widths."""
+    G = int(g_idx.max()) + 1
+    out = [torch.zeros(W.shape[0], G, device=W.device) for _ in range(3)]
+    row_maxq = q.maxq
+    for g in range(G):
+        if group_bits is not None:
+            q.maxq = torch.full((W.shape[0], 1), float(2 ** int(group_bits[g]) - 1), device=W.device)
+        else:
+            q.maxq = row_maxq
+        q.find_params(W[:, g_idx == g], weight=True)
+        for t, v in zip(out, (q.scale, q.zero, q.maxq), strict=True):
+            t[:, g] = v.reshape(-1).expand(W.shape[0])
+    return tuple(out)
 
 
 def smallest(x: torch.Tensor, k: int) -> torch.Tensor:

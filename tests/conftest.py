@@ -44,25 +44,41 @@ def _schur_diag(Hinv: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 
 def obs_loop(W, H, sparsity=0.0, prunen=0, prunem=0, blocksize=128, percdamp=0.01, bits=None, groupsize=-1,
-             mask=None, full=False):
+             mask=None, full=False, order=None, g_idx=None, static=False, group_bits=None):
     """Column-by-column OBS pruning (+ quantization), float64, explicit inverse, no blocks.
 
     bits: an int or a per-row tensor of widths. mask: a fixed [R, C] prune mask to use instead of choosing
-    one. full: return (W, each row's summed loss (w - q)^2 / [H^-1]_ii / 2, the prune mask) instead of W.
+    one. order: process the columns in this order (act-order); masks are chosen per ``blocksize`` columns of
+    that order. g_idx [C]: each column's quantization group (default: ``groupsize`` runs); a group's grid is
+    found on the weights as they stand when its first column comes up, or, with ``static``, on the weights
+    before the pass; ``group_bits`` [G]: the groups' widths. full: return (W, each row's summed loss
+    (w - q)^2 / [H^-1]_ii / 2, the prune mask) instead of W. Everything returned is in the natural order.
     """
     W = W.double().clone()
     if bits is not None and not isinstance(bits, int):
         bits = torch.as_tensor(bits).double().reshape(-1, 1)
-    fixed = mask
     H = H.double().clone()
     cols = W.shape[1]
+    if g_idx is None and groupsize > 0:
+        g_idx = torch.arange(cols) // groupsize
     params = None
-    if bits is not None and groupsize == -1:
+    if bits is not None and g_idx is None:
         params = _minmax_params(W, bits)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+
+    def width(g):
+        return bits if group_bits is None else int(group_bits[g])
+
+    grids = {}
+    if g_idx is not None and static:
+        grids = {g: _minmax_params(W[:, g_idx == g], width(g)) for g in range(int(g_idx.max()) + 1)}
+    order = torch.arange(cols) if order is None else torch.as_tensor(order)
+    W, H = W[:, order], H[order][:, order]
+    gids = None if g_idx is None else g_idx[order]
+    fixed = None if mask is None else mask[:, order]
     Hinv = torch.linalg.inv(H)
     # elimination order is fixed, so [H^-1]_jj as seen at column j does not depend on the weights
     dseq = _schur_diag(Hinv, 0, cols)
@@ -80,8 +96,13 @@ def obs_loop(W, H, sparsity=0.0, prunen=0, prunem=0, blocksize=128, percdamp=0.0
             sal = W[:, i : i + prunem] ** 2 / dseq[i : i + prunem]
             idx = torch.topk(sal, prunen, dim=1, largest=False)[1]
             mask[:, i : i + prunem].scatter_(1, idx, True)
-        if bits is not None and groupsize > 0 and i % groupsize == 0:
-            params = _minmax_params(W[:, i : i + groupsize], bits)
+        if bits is not None and gids is not None and (i == 0 or gids[i] != gids[i - 1]):
+            g = int(gids[i])
+            if static:
+                params = grids[g]
+            else:  # the group's run of columns, as they stand now
+                run = i + int((gids[i:] == g).int().cumprod(0).sum())
+                params = _minmax_params(W[:, i:run], width(g))
         w = W[:, i].clone()
         q = w.clone()
         q[mask[:, i]] = 0
@@ -95,6 +116,8 @@ def obs_loop(W, H, sparsity=0.0, prunen=0, prunem=0, blocksize=128, percdamp=0.0
         W[:, i:] -= torch.outer((w - q) / Hinv[i, i], Hinv[i, i:])
         W[:, i] = q
         Hinv -= torch.outer(Hinv[:, i], Hinv[i, :]) / Hinv[i, i]
+    inv = torch.argsort(order)
+    W, mask = W[:, inv], mask[:, inv]
     return (W, loss, mask) if full else W
 
 

@@ -13,6 +13,7 @@ from torch import nn
 import mi_plan
 from quant import Quantizer
 from sparsegpt_mi import SparseGPT, layer_error
+from trials import trial as run_trial
 
 CHOICES = [2, 3, 4, 5]
 
@@ -37,7 +38,7 @@ def _gpt(rows=24, cols=96, seed=0) -> SparseGPT:
 def test_batched_trial_equals_separate_single_width_passes(prune):
     gpt = _gpt()
     W0, H = gpt.layer.weight.data.clone(), gpt.H.clone()
-    trial = gpt.trial(CHOICES, 3, blocksize=32, **prune)
+    trial = run_trial(gpt, CHOICES, 3, blocksize=32, **prune)
     # the reference width: exactly the plain SparseGPT pass at that width (mask chosen by itself)
     ref_W, ref_loss, ref_mask = obs_loop(W0, H, bits=3, blocksize=32, full=True, **prune)
     i3 = CHOICES.index(3)
@@ -61,7 +62,7 @@ def test_final_rows_are_the_trial_rows_and_predicted_equals_incurred(strategy):
     trial_kw = dict(sparsity=0.5, blocksize=32)
 
     def trial(row_groups):
-        return gpt.trial(CHOICES, opts.uniform_bits, row_groups=row_groups, **trial_kw)
+        return run_trial(gpt, CHOICES, opts.uniform_bits, row_groups=row_groups, **trial_kw)
 
     plan = mi_plan.plan_layer("test.layer", W0.clone(), gpt.H, acts, opts, trial=trial)
     final = plan.trial.select(plan.row_bits)
@@ -72,7 +73,7 @@ def test_final_rows_are_the_trial_rows_and_predicted_equals_incurred(strategy):
         assert (final.W.double() - W).abs().max() < 1e-4
         assert float(loss.sum()) == pytest.approx(plan.predicted_loss, rel=1e-4)
     # what the knapsack counted on is what the layer incurs: 1/2 dW H dW^T of the final weights
-    W0d, _, Hd = gpt.prepare(0.01)
+    W0d, Hd = gpt.prepare(0.01)
     incurred = float(layer_error(W0d, final.W, Hd).sum())
     assert incurred == pytest.approx(plan.predicted_loss, rel=1e-3)
     assert float(final.row_loss.sum()) == pytest.approx(plan.predicted_loss, rel=1e-6)
@@ -86,9 +87,9 @@ def test_obs_costs_never_lose_to_rtn_costs_on_the_true_loss():
             gpt = _gpt(seed=seed)
             W0 = gpt.layer.weight.data.clone()
             opts = mi_plan.PlanOptions(groups="all", wbits=3.25, choices=tuple(CHOICES), cost=cost)
-            plan = mi_plan.plan_layer("l", W0.clone(), gpt.H, None, opts, trial=lambda rg, gpt=gpt, o=opts: gpt.trial(
-                CHOICES, o.uniform_bits, row_groups=rg, sparsity=0.5, blocksize=32))
-            W0d, _, Hd = gpt.prepare(0.01)
+            plan = mi_plan.plan_layer("l", W0.clone(), gpt.H, None, opts, trial=lambda rg, gpt=gpt, o=opts: run_trial(
+                gpt, CHOICES, o.uniform_bits, row_groups=rg, sparsity=0.5, blocksize=32))
+            W0d, Hd = gpt.prepare(0.01)
             losses[cost] = float(layer_error(W0d, plan.trial.select(plan.row_bits).W, Hd).sum())
             assert float((plan.row_bits.float()).mean()) <= 3.25
         assert losses["obs"] <= losses["rtn"] * (1 + 1e-6), (seed, losses)
