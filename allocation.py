@@ -123,8 +123,31 @@ def group_costs(
     return cost
 
 
+def column_group_costs(W: torch.Tensor, H: torch.Tensor, labels: torch.Tensor, choices, sym: bool = False
+                       ) -> torch.Tensor:
+    """The rtn proxy for groups of input columns: [K, len(choices)] float64, cost[g, j] = sum over rows of
+    e_g H_gg e_gᵀ, e_g the round-to-nearest error of the group's columns (one min-max grid per row and group)
+    at choices[j] bits and H_gg the group's diagonal block of H (the coupling between groups is ignored).
+
+    W [rows, cols], H [cols, cols], labels [cols] in [0, K).
+    """
+    choices = _check_choices(choices)
+    labels = _check_labels(labels, W.shape[1]).to(W.device)
+    k = int(labels.max()) + 1
+    H64 = H.to(device=W.device, dtype=torch.float64)
+    cost = torch.zeros(k, len(choices), dtype=torch.float64, device=W.device)
+    for g in range(k):
+        cols = labels == g
+        Wg, Hg = W[:, cols].float(), H64[cols][:, cols]
+        for j, b in enumerate(choices):
+            err = Wg.double() - quant.rtn(Wg, b, sym=sym).double()
+            cost[g, j] = ((err @ Hg) * err).sum()
+    return cost
+
+
 def obs_group_costs(row_loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Group costs [K, n] float64 from per-row losses row_loss [n, R] at n candidate widths (``trial``)."""
+    """Group costs [K, n] float64 from losses [n, M] at n candidate widths (``trial``): per row, for groups
+    of rows (labels [R]), or per column, for groups of input columns (labels [C])."""
     labels = _check_labels(labels, row_loss.shape[1]).to(row_loss.device)
     k = int(labels.max()) + 1
     cost = torch.zeros(k, row_loss.shape[0], dtype=torch.float64, device=row_loss.device)

@@ -6,8 +6,9 @@ Conventions (stated in the README and the summary):
 - ``metadata_bpw``: per weight, for every parameter set the quantizer stored (one per row, per group with
   shared parameters, and again per column group): an fp16 scale, plus an fp16 zero-point unless the grid is
   symmetric (its zero-point is implied); plus the bit-width table (ceil(log2 |choices|) bits per group)
-  and, when rows are grouped by a criterion (not consecutive runs, not one row a group), every row's group
-  index (ceil(log2 K) bits); plus any index along the input axis a layer needs (``extra_bits``).
+  and, when channels are grouped by a criterion (not consecutive runs, not one channel a group), every
+  grouped channel's group index (ceil(log2 K) bits: per row for row groups, per input column for column
+  groups, the g_idx); plus what else a layer stores (``extra_bits``: act-order's permutation).
 - ``bpw`` = the two added; ``bpw_compressed`` the same over the compressed layers only, and
   ``compressed_fraction`` the share of decoder linear weights they hold.
 - ``mask_bpw``: reported apart: 1 bit per weight for an unstructured mask, ceil(log2 C(m, n)) bits per m
@@ -44,21 +45,23 @@ def layer_bits(
     mask: str | tuple[int, int] | None,
     *,
     sym: bool = False,
-    group_index: bool = True,
+    indexed: int | None = None,
     extra_bits: float = 0.0,
 ) -> LayerBits:
     """Bits of one [rows, cols] layer.
 
-    row_bits: each row's width (None = unquantized, 16 bits). n_groups: K row groups with a width table
-    (None = no grouping). group_index: False when the groups are consecutive runs (K sizes suffice).
+    row_bits: each row's width (None = unquantized, 16 bits; a float mean is fine). n_groups: K groups with
+    a width table (None = no grouping). indexed: how many channels store a group index (default: every row,
+    unless each row is its own group; 0 when the groups are consecutive runs, whose K sizes suffice).
     """
     weights = rows * cols
     wb = 16.0 * weights if row_bits is None else float(sum(row_bits)) * cols
     meta = (16.0 if sym else 32.0) * n_param_sets + extra_bits
     if n_groups is not None:
         meta += n_groups * index_bits(n_choices)
-        if group_index and n_groups < rows:
-            meta += rows * index_bits(n_groups)
+        if indexed is None:
+            indexed = rows if n_groups < rows else 0
+        meta += indexed * index_bits(n_groups)
     if mask is None:
         mb = 0.0
     elif mask == "unstructured":

@@ -11,6 +11,7 @@ Methods:
   hierarchical  SciPy complete linkage on the distance 1 - NMI, cut to exactly K clusters.
   random        spectral's group sizes with uniformly random membership: the control for "does MI matter".
   contiguous    consecutive rows, as the reference quantizer's row grouping (sizes differ by at most one).
+  range         not by MI: k-means on each channel's range features (``range_groups``; RPTQ's criterion).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from scipy.sparse.csgraph import laplacian
 from scipy.spatial.distance import squareform
 from sklearn.cluster import SpectralClustering
 
-METHODS = ("spectral", "hierarchical", "random", "contiguous")
+METHODS = ("spectral", "hierarchical", "random", "contiguous")  # group_channels', from an NMI matrix
+CLUSTERS = METHODS + ("range",)  # every --cluster; range groups come from range_groups
+NEEDS_MI = ("spectral", "hierarchical", "random")  # random keeps spectral's group sizes
 ASSIGN_LABELS = ("cluster_qr", "kmeans", "discretize")
 
 # Constant channels have NMI 0 with everything and would be isolated nodes; a disconnected graph makes the
@@ -187,6 +190,52 @@ def group_channels(
     if labels.max() + 1 != k:  # a broken invariant, not a user error
         raise RuntimeError(f"{method} grouping produced {labels.max() + 1} groups instead of {k}")
     return torch.from_numpy(labels.astype(np.int64))
+
+
+def range_groups(features, k: int, seed: int = 0) -> torch.Tensor:
+    """Exactly min(k, C) groups of channels with similar ranges: k-means (scikit-learn, seeded, 10 starts) on
+    features [C, d] standardised per column, as RPTQ groups channels by their (min, max).
+
+    Rows of W are described by their (min, max) (what a shared grid must cover); input columns by
+    log max|w| over rows and log diag H (how large their weights are and how much they matter). K-means can
+    leave a cluster empty on tied points; the largest group is then split in halves along its first feature
+    until there are exactly k, so the contract matches group_channels'. Returns canonical labels [C].
+    """
+    from sklearn.cluster import KMeans
+
+    x = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+    if x.ndim != 2 or len(x) == 0 or not np.isfinite(x).all():
+        raise ValueError(f"range features must be a finite [C >= 1, d] array, got shape {x.shape}")
+    c = len(x)
+    k = min(int(k), c)
+    sd = x.std(0)
+    z = (x - x.mean(0)) / np.where(sd > 0, sd, 1.0)
+    if k == c:
+        labels = np.arange(c)
+    elif k == 1:
+        labels = np.zeros(c, dtype=np.int64)
+    else:
+        labels = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(z).labels_
+        labels = _canonical(labels)
+        while labels.max() + 1 < k:  # empty clusters on ties: split the largest group along feature 0
+            g = int(np.argmax(np.bincount(labels)))
+            members = np.flatnonzero(labels == g)
+            half = members[np.argsort(z[members, 0], kind="stable")[len(members) // 2:]]
+            labels = labels.copy()
+            labels[half] = labels.max() + 1
+            labels = _canonical(labels)
+    return torch.from_numpy(_canonical(labels).astype(np.int64))
+
+
+def row_range_features(W: torch.Tensor) -> torch.Tensor:
+    """[R, 2]: every row's (min, max), the range a shared grid must cover."""
+    return torch.stack([W.min(1).values, W.max(1).values], dim=1)
+
+
+def column_range_features(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """[C, 2]: every input column's log max |w| over rows and log diag H (tiny floor for dead columns)."""
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.stack([W.abs().max(0).values.clamp(min=tiny).log(), torch.diag(H).clamp(min=tiny).log()], dim=1)
 
 
 def group_stats(nmi, labels) -> tuple[torch.Tensor, torch.Tensor]:

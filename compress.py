@@ -58,7 +58,7 @@ def default_plot_layer(model) -> str:
 def plan_options(cfg: RunConfig) -> PlanOptions:
     return PlanOptions(groups=cfg.groups, cluster=cfg.cluster, strategy=cfg.strategy, bit_alloc=cfg.bit_alloc,
                        wbits=cfg.wbits, choices=cfg.bits_choices, mi=cfg.mi, alpha=cfg.mi_alpha, seed=cfg.seed,
-                       sym=cfg.sym, groupsize=cfg.groupsize, cost=cfg.alloc_cost)
+                       sym=cfg.sym, groupsize=cfg.groupsize, cost=cfg.alloc_cost, axis=cfg.mi_axis)
 
 
 def _warn_if_k_exceeds_channels(model, cfg: RunConfig) -> None:
@@ -96,7 +96,8 @@ def _accumulate(cfg: RunConfig, index: int, layer: nn.Module, inps: torch.Tensor
     gpts = {n: SparseGPT(m, n) for n, m in subset.items()}
     if cfg.grouped:
         for n, g in gpts.items():  # a seed per layer name: the same sample whatever else is selected
-            g.sample(total_rows, cfg.mi_samples, cfg.seed + zlib.crc32(n.encode()) % 2**31)
+            g.sample(total_rows, cfg.mi_samples, cfg.seed + zlib.crc32(n.encode()) % 2**31,
+                     inputs=cfg.mi_axis == "input")
     hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: gpts[n].add_batch(inp[0].data, out.data))
              for n, m in subset.items()]
     try:
@@ -118,17 +119,7 @@ def compress_linear(name: str, g: SparseGPT, cfg: RunConfig, res: CompressionRes
         for key in ("mi_s", "cluster_s", "alloc_s"):
             res.timing[key] += plan.timing[key]
     t_prune = time.time()
-    if plan is not None and plan.trial is not None:  # the rows at their widths, from the trial passes
-        g.finish(plan.trial.select(plan.row_bits.to(g.dev)))
-        g.n_param_sets = plan.trial.param_sets_per_row_group
-    else:
-        if plan is not None:
-            g.quantizer = plan.quantizer(sym=cfg.sym)
-        elif cfg.quantizing:
-            g.quantizer = Quantizer()
-            g.quantizer.configure(int(cfg.wbits), perchannel=True, sym=cfg.sym)
-        g.fasterprune(cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem, blocksize=cfg.blocksize,
-                      percdamp=cfg.percdamp, groupsize=cfg.groupsize)
+    _final_pass(g, cfg, plan)
     prune_s = time.time() - t_prune
     res.timing["prune_s"] += prune_s
     W0, Hd = g.prepare(cfg.percdamp)
@@ -141,30 +132,60 @@ def compress_linear(name: str, g: SparseGPT, cfg: RunConfig, res: CompressionRes
         res.layers[-1]["percdamp_used"] = g.percdamp_used
     res.layers[-1]["timing"]["total_s"] = time.time() - t
     if cfg.save:
-        shared = plan is not None and cfg.strategy == "shared"
-        res.saved.append(_stored(name, g.result, cfg, plan.labels if shared else None))
+        res.saved.append(_stored(name, g, cfg, plan))
     g.free()
     return plan
 
 
-def _stored(name: str, r: PassResult, cfg: RunConfig, row_groups: torch.Tensor | None) -> QuantizedLayer:
+def _final_pass(g: SparseGPT, cfg: RunConfig, plan: LayerPlan | None) -> None:
+    """The layer's compressed weights: rows at their widths taken from the trial (output axis, rows are
+    independent), or one pass (no plan; uniform widths; input-axis column groups, under the trial's mask)."""
+    if plan is not None and plan.axis == "output" and plan.trial is not None:
+        g.finish(plan.trial.select(plan.row_bits.to(g.dev)))
+        g.n_param_sets = plan.trial.param_sets_per_row_group
+        return
+    kw = {}
+    if plan is not None and plan.axis == "output":
+        g.quantizer = plan.quantizer(sym=cfg.sym)
+    elif cfg.quantizing:  # uniform, or the input axis (its group widths replace this width group by group)
+        g.quantizer = Quantizer()
+        g.quantizer.configure(int(cfg.wbits) if plan is None else plan_options(cfg).uniform_bits, perchannel=True,
+                              sym=cfg.sym)
+        if plan is not None:
+            kw = {"g_idx": plan.labels.to(g.dev), "group_bits": plan.group_bits,
+                  "mask": None if plan.trial is None else plan.trial.mask}
+    g.fasterprune(cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem, blocksize=cfg.blocksize,
+                  percdamp=cfg.percdamp, groupsize=cfg.groupsize, act_order=cfg.act_order, **kw)
+
+
+def _g_idx(g: SparseGPT, cfg: RunConfig, plan: LayerPlan | None) -> torch.Tensor:
+    """Every input column's quantization group."""
+    if plan is not None and plan.axis == "input":
+        return plan.labels.cpu()
+    return column_groups(g.columns, cfg.groupsize)
+
+
+def _stored(name: str, g: SparseGPT, cfg: RunConfig, plan: LayerPlan | None) -> QuantizedLayer:
     """A compressed layer as a checkpoint would hold it (CPU copies: the walk moves on to the next layer)."""
 
     def cpu(t):
         return None if t is None else t.detach().cpu().clone()
 
+    r = g.result
+    shared = plan is not None and plan.axis == "output" and cfg.strategy == "shared"
     return QuantizedLayer(name, cpu(r.W).float(), cpu(r.mask) if cfg.pruning else None, cpu(r.scale), cpu(r.zero),
-                          cpu(r.maxq), column_groups(r.W.shape[1], cfg.groupsize), sym=cfg.sym,
-                          row_groups=cpu(row_groups))
+                          cpu(r.maxq), _g_idx(g, cfg, plan), sym=cfg.sym, perm=cpu(g.perm) if cfg.act_order else None,
+                          row_groups=cpu(plan.labels) if shared else None)
 
 
 def _trial_fn(g: SparseGPT, cfg: RunConfig, opts: PlanOptions):
-    """The plan's trial: every candidate width at once, masks of the uniform width (see SparseGPT.trial)."""
+    """The plan's trial: every candidate width at once, masks of the uniform width (see trials.trial)."""
 
-    def trial(row_groups: torch.Tensor | None):
+    def trial(row_groups: torch.Tensor | None, g_idx: torch.Tensor | None):
         return trials.trial(g, list(cfg.bits_choices), opts.uniform_bits, sym=cfg.sym, row_groups=row_groups,
-                       sparsity=cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem, blocksize=cfg.blocksize,
-                       percdamp=cfg.percdamp, groupsize=cfg.groupsize)
+                            sparsity=cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem, blocksize=cfg.blocksize,
+                            percdamp=cfg.percdamp, groupsize=cfg.groupsize,
+                            g_idx=None if g_idx is None else g_idx.to(g.dev), act_order=cfg.act_order)
 
     return trial
 
@@ -172,23 +193,46 @@ def _trial_fn(g: SparseGPT, cfg: RunConfig, opts: PlanOptions):
 def _record(res: CompressionResult, cfg: RunConfig, name: str, rows: int, cols: int, n_sets: int,
             plan: LayerPlan | None, prune_s: float, pruned: int, loss: dict | None = None) -> None:
     """Append one layer's bits account and JSON record (schema in the README)."""
-    if plan is not None:
-        row_bits, ngroups = plan.row_bits.tolist(), int(plan.group_bits.numel())
-    else:
-        row_bits, ngroups = ([int(cfg.wbits)] * rows if cfg.quantizing else None), None
-    runs = cfg.cluster == "contiguous" and cfg.groups != "all"  # consecutive rows: group sizes name the groups
-    res.bits.append(bitstats.layer_bits(rows, cols, row_bits, n_sets, ngroups, len(cfg.bits_choices), cfg.mask,
-                                        sym=cfg.sym, group_index=not runs))
-    rec = {"name": name, "channels": rows, "in_features": cols, "groups": ngroups, "pruned": pruned,
+    bits = bitstats.layer_bits(rows, cols, _row_bits(cfg, rows, plan), n_sets,
+                               None if plan is None else int(plan.group_bits.numel()), len(cfg.bits_choices),
+                               cfg.mask, sym=cfg.sym, indexed=_indexed(cfg, rows, cols, plan),
+                               extra_bits=_permutation_bits(cfg, cols, plan))
+    res.bits.append(bits)
+    rec = {"name": name, "channels": rows, "in_features": cols, "groups": None if plan is None else
+           int(plan.group_bits.numel()), "pruned": pruned,
            "timing": {"mi_s": 0.0, "cluster_s": 0.0, "alloc_s": 0.0, "prune_s": prune_s}}
     if loss is not None:
         rec["loss"] = loss
     if plan is not None:
-        sizes = torch.bincount(plan.labels, minlength=ngroups).tolist()
-        rec.update({"labels": plan.labels.tolist(), "group_sizes": sizes, "group_bits": plan.group_bits.tolist(),
-                    "nmi_intra": plan.nmi_intra, "nmi_inter": plan.nmi_inter})
+        sizes = torch.bincount(plan.labels, minlength=rec["groups"]).tolist()
+        rec.update({"axis": plan.axis, "labels": plan.labels.tolist(), "group_sizes": sizes,
+                    "group_bits": plan.group_bits.tolist(), "nmi_intra": plan.nmi_intra, "nmi_inter": plan.nmi_inter})
+        if plan.axis == "input":
+            rec["h_mass"] = plan.h_mass
         rec["timing"].update({k: plan.timing[k] for k in ("mi_s", "cluster_s", "alloc_s")})
     res.layers.append(rec)
+
+
+def _row_bits(cfg: RunConfig, rows: int, plan: LayerPlan | None) -> list[float] | None:
+    """Each row's mean width (None: unquantized); input-axis groups give every row the same mean."""
+    if plan is None:
+        return [int(cfg.wbits)] * rows if cfg.quantizing else None
+    return plan.row_bits.tolist() if plan.axis == "output" else [plan.mean_bits] * rows
+
+
+def _indexed(cfg: RunConfig, rows: int, cols: int, plan: LayerPlan | None) -> int | None:
+    """How many channels store a group index: none for consecutive runs (their sizes name them), every row
+    of row groups, every input column of column groups (g_idx)."""
+    if plan is None or cfg.groups == "all" or cfg.cluster == "contiguous":
+        return 0
+    return rows if plan.axis == "output" else cols
+
+
+def _permutation_bits(cfg: RunConfig, cols: int, plan: LayerPlan | None) -> float:
+    """Act-order stores its column order (ceil(log2 C) bits per column) when no column groups carry it."""
+    column_groups_given = cfg.groupsize > 0 or (plan is not None and plan.axis == "input")
+    return float(cols * bitstats.index_bits(cols)) if cfg.act_order and cfg.quantizing and not column_groups_given \
+        else 0.0
 
 
 @torch.no_grad()

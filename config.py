@@ -22,6 +22,7 @@ from mi_plan import MIOptions
 from quant import STRATEGIES
 
 DEFAULT_EVAL = "wikitext2,ptb,c4"
+AXES = ("output", "input")
 TOY_EVAL = "synthetic"
 _MI = MIOptions()  # the estimator defaults
 
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = p.add_argument_group("toolkit options")
     b.add_argument("--groupsize", type=int, default=-1, help="GPTQ groups: new quantization parameters every G columns")
     b.add_argument("--sym", action="store_true", help="symmetric quantization (reference default: asymmetric)")
+    b.add_argument("--act-order", action="store_true",
+                   help="process columns by descending diag H (GPTQ's desc_act); with column groups their "
+                        "parameters are fixed before the pass (static groups), so g_idx stays valid")
     b.add_argument("--seqlen", type=int, default=None, help="window length (default min(2048, model positions))")
     b.add_argument("--eval", type=str, default=None,
                    help=f"comma-separated eval sets (names or files); default {DEFAULT_EVAL} ('{TOY_EVAL}' for toy)")
@@ -71,9 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("MI channel grouping")
     m.add_argument("--groups", type=str, default="0",
                    help="K channel groups per layer; 0 = off (uniform per-channel); 'all' = every channel its own")
+    m.add_argument("--mi-axis", choices=AXES, default="output",
+                   help="output: group rows (output channels) by their outputs' MI; input: group input columns by "
+                        "the layer inputs' MI, each column group a quantization group (a grid per row and group)")
     m.add_argument("--strategy", choices=STRATEGIES, default="independent",
                    help="independent: a group shares bits, rows keep own scale/zero (B); shared: one scale/zero (A)")
-    m.add_argument("--cluster", choices=channel_grouping.METHODS, default="spectral", help="how channels are grouped")
+    m.add_argument("--cluster", choices=channel_grouping.CLUSTERS, default="spectral",
+                   help="how channels are grouped: by MI (spectral, hierarchical), controls (random, contiguous), "
+                        "or by range (k-means on row min/max, or on column scale and diag H)")
     m.add_argument("--bit-alloc", choices=allocation.BIT_ALLOC, default="hessian", help="how bits are given to groups")
     m.add_argument("--alloc-cost", choices=allocation.COSTS, default="obs",
                    help="group costs: obs = SparseGPT's own losses at every width (trial passes); "
@@ -118,6 +127,7 @@ class RunConfig:
     save: str = ""
     groupsize: int = -1
     sym: bool = False
+    act_order: bool = False
     seqlen: int | None = None  # None until the model's positions are known (``with_seqlen``)
     eval: str | None = None
     device: str | None = None
@@ -126,6 +136,7 @@ class RunConfig:
     json: str = ""
     trust_remote_code: bool = False
     groups: int | Literal["all"] = 0
+    mi_axis: str = "output"
     strategy: str = "independent"
     cluster: str = "spectral"
     bit_alloc: str = "hessian"
@@ -252,6 +263,15 @@ def _check_grouping(a: argparse.Namespace, groups, choices: tuple[int, ...]) -> 
                        f"the budget must lie within --bits-choices [{choices[0]}, {choices[-1]}]")
         if a.gmp:
             raise _bad("--groups", groups, "MI grouping runs inside SparseGPT; it is not available with --gmp")
+        if a.mi_axis == "input" and a.groupsize > 0:
+            raise _bad("--groupsize", a.groupsize, "--mi-axis input makes the column groups; drop --groupsize "
+                       "(--cluster contiguous with K = in_features / G gives GPTQ's groups)")
+        if a.mi_axis == "input" and groups == "all":
+            raise _bad("--groups", "all", "on --mi-axis input every column its own group would store a scale per "
+                       "weight; give a number of column groups K")
+        if a.mi_axis == "input" and a.strategy == "shared":
+            raise _bad("--strategy", "shared", "shares a grid between rows; on --mi-axis input every (row, "
+                       "column group) has its own scale/zero")
     elif quantizing and a.wbits != int(a.wbits):
         raise _bad("--wbits", fmt_bits(a.wbits),
                    "fractional budgets need --groups (uniform quantization uses whole bits)")
@@ -268,6 +288,10 @@ def from_namespace(a: argparse.Namespace) -> RunConfig:
         alpha = allocation.DEFAULT_MI_ALPHA if a.bit_alloc == "hessian-mi" else 0.0
     if alpha < 0:
         raise _bad("--mi-alpha", alpha, "must be >= 0")
+    if a.gmp and a.act_order:
+        raise ConfigError("--act-order: orders SparseGPT's column loop; magnitude pruning (--gmp) has none")
+    if a.mi_axis == "input" and groups == 0:
+        raise _bad("--mi-axis", "input", "groups input columns: give --groups K (and --wbits below 16)")
     cfg = RunConfig(**{**vars(a), "groups": groups, "bits_choices": choices, "mi_alpha": float(alpha)})
     for name in [cfg.dataset] + cfg.eval_names():
         try:

@@ -35,6 +35,7 @@ class Method:
     whole_bits: bool = False  # integer bit budgets only
     in_matrix: bool = True  # part of the default sweep
     seeded: bool = True  # its result depends on --seed (calibration windows, MI samples, clustering)
+    axis: str = ""  # the axis its groups are on ("output", "input"), "" without groups
     about: str = ""
 
     @property
@@ -46,47 +47,77 @@ def _prune(id: str, role: Role, flags: str, about: str, seeded: bool = True) -> 
     return Method(id, id, id, role, "prune", (id,), flags, seeded=seeded, about=about)
 
 
+def _grouped(id: str, label: str, family: str, role: Role, axis: str, cluster: str, strategy: str, about: str,
+             in_matrix: bool = True) -> Method:
+    """A method that groups channels into K groups per layer: rows (output axis) or input columns."""
+    flags = "--groups {k}" + (" --mi-axis input" if axis == "input" else f" --strategy {strategy}")
+    flags += "" if cluster == "spectral" else f" --cluster {cluster}"
+    return Method(id, label, family, role, "quant", ("groups", axis, cluster, strategy), flags, per_k=True,
+                  in_matrix=in_matrix, axis=axis, about=about)
+
+
 METHODS: tuple[Method, ...] = (
     _prune("dense", "reference", "", "the model as loaded", seeded=False),
     _prune("magnitude", "baseline", "--gmp", "magnitude pruning per layer (reference --gmp)", seeded=False),
     _prune("sparsegpt", "baseline", "", "SparseGPT pruning only"),
-    Method("uniform", "uniform", "uniform", "baseline", "quant", ("uniform", False), whole_bits=True,
+    Method("uniform", "uniform", "uniform", "baseline", "quant", ("uniform", False, False), whole_bits=True,
            about="SparseGPT + per-channel B-bit quantization (the reference)"),
-    Method("g128", "uniform-g{groupsize}", "uniform-g", "baseline", "quant", ("uniform", True), "--groupsize 128",
-           whole_bits=True, about="+ GPTQ groups of 128 columns"),
+    Method("g128", "uniform-g{groupsize}", "uniform-g", "baseline", "quant", ("uniform", True, False),
+           "--groupsize 128", whole_bits=True, about="+ GPTQ groups of 128 columns"),
+    Method("act-order", "act-order", "act-order", "baseline", "quant", ("uniform", False, True), "--act-order",
+           whole_bits=True, in_matrix=False, about="+ columns by descending diag H (GPTQ's desc_act)"),
+    Method("act-order-g128", "act-order-g{groupsize}", "act-order-g", "baseline", "quant", ("uniform", True, True),
+           "--act-order --groupsize 128", whole_bits=True, in_matrix=False,
+           about="act-order with GPTQ groups of 128 columns, parameters fixed before the pass (static groups)"),
     Method("perchannel", "per-channel", "per-channel", "baseline", "quant", ("per-channel",), "--groups all",
            about="every channel its own group: per-channel importance (Hessian) bit allocation"),
-    Method("miA", "mi-A", "mi", "method", "quant", ("groups", "spectral", "shared"),
-           "--groups {k} --strategy shared", per_k=True, about="MI groups, one scale/zero per group"),
-    Method("miB", "mi-B", "mi", "method", "quant", ("groups", "spectral", "independent"),
-           "--groups {k} --strategy independent", per_k=True, about="MI groups share bits, rows keep own scale/zero"),
-    Method("miA-hier", "mi-A-hier", "mi", "method", "quant", ("groups", "hierarchical", "shared"),
-           "--groups {k} --strategy shared --cluster hierarchical", per_k=True, in_matrix=False,
-           about="mi-A with hierarchical (complete-linkage) clustering"),
-    Method("miB-hier", "mi-B-hier", "mi", "method", "quant", ("groups", "hierarchical", "independent"),
-           "--groups {k} --strategy independent --cluster hierarchical", per_k=True, in_matrix=False,
-           about="mi-B with hierarchical (complete-linkage) clustering"),
-    Method("random", "random-B", "random", "control", "quant", ("groups", "random", "independent"),
-           "--groups {k} --strategy independent --cluster random", per_k=True,
-           about="spectral's group sizes, random membership: does MI matter?"),
-    Method("randomA", "random-A", "random", "control", "quant", ("groups", "random", "shared"),
-           "--groups {k} --strategy shared --cluster random", per_k=True, in_matrix=False,
-           about="the random control of mi-A"),
-    Method("contiguous", "contiguous-B", "contiguous", "control", "quant", ("groups", "contiguous", "independent"),
-           "--groups {k} --strategy independent --cluster contiguous", per_k=True,
-           about="consecutive rows (the reference quantizer's grouprows)"),
-    Method("contiguousA", "contiguous-A", "contiguous", "control", "quant", ("groups", "contiguous", "shared"),
-           "--groups {k} --strategy shared --cluster contiguous", per_k=True, in_matrix=False,
-           about="consecutive rows sharing one scale/zero"),
+    _grouped("miA", "mi-A", "mi", "method", "output", "spectral", "shared", "MI row groups, one scale/zero per group"),
+    _grouped("miB", "mi-B", "mi", "method", "output", "spectral", "independent",
+             "MI row groups share bits, rows keep own scale/zero"),
+    _grouped("miA-hier", "mi-A-hier", "mi", "method", "output", "hierarchical", "shared",
+             "mi-A with hierarchical (complete-linkage) clustering", in_matrix=False),
+    _grouped("miB-hier", "mi-B-hier", "mi", "method", "output", "hierarchical", "independent",
+             "mi-B with hierarchical (complete-linkage) clustering", in_matrix=False),
+    _grouped("random", "random-B", "random", "control", "output", "random", "independent",
+             "spectral's group sizes, random membership: does MI matter?"),
+    _grouped("randomA", "random-A", "random", "control", "output", "random", "shared",
+             "the random control of mi-A", in_matrix=False),
+    _grouped("contiguous", "contiguous-B", "contiguous", "control", "output", "contiguous", "independent",
+             "consecutive rows (the reference quantizer's grouprows)"),
+    _grouped("contiguousA", "contiguous-A", "contiguous", "control", "output", "contiguous", "shared",
+             "consecutive rows sharing one scale/zero", in_matrix=False),
+    _grouped("range-A", "range-A", "range", "control", "output", "range", "shared",
+             "rows by range (k-means on min/max, RPTQ's criterion) sharing one grid: the control of mi-A",
+             in_matrix=False),
+    _grouped("range-B", "range-B", "range", "control", "output", "range", "independent",
+             "rows by range sharing bits, rows keep own scale/zero", in_matrix=False),
+    _grouped("mi-in", "mi-in", "mi-in", "method", "input", "spectral", "independent",
+             "MI groups of input columns, each a quantization group (a grid per row and group, g_idx)",
+             in_matrix=False),
+    _grouped("mi-in-hier", "mi-in-hier", "mi-in", "method", "input", "hierarchical", "independent",
+             "mi-in with hierarchical clustering", in_matrix=False),
+    _grouped("contiguous-in", "contiguous-in", "contiguous-in", "control", "input", "contiguous", "independent",
+             "K runs of consecutive columns: GPTQ's groups with the same K (the like-for-like baseline)",
+             in_matrix=False),
+    _grouped("random-in", "random-in", "random-in", "control", "input", "random", "independent",
+             "mi-in's group sizes, random columns", in_matrix=False),
+    _grouped("range-in", "range-in", "range-in", "control", "input", "range", "independent",
+             "columns by k-means on their scale (log max |w|, log diag H)", in_matrix=False),
 )
 BY_ID = {m.id: m for m in METHODS}
 MATRIX_IDS = tuple(m.id for m in METHODS if m.in_matrix)
 
 
-def families(role: Role, quantized: bool | None = None) -> tuple[str, ...]:
-    """Families of the methods with this role (and stage), in METHODS order, each once."""
-    fams = [m.family for m in METHODS if m.role == role and (quantized is None or m.quantized == quantized)]
+def families(role: Role, quantized: bool | None = None, axis: str | None = None) -> tuple[str, ...]:
+    """Families of the methods with this role (and stage, and group axis), in METHODS order, each once."""
+    fams = [m.family for m in METHODS if m.role == role and (quantized is None or m.quantized == quantized)
+            and (axis is None or m.axis == axis)]
     return tuple(dict.fromkeys(fams))
+
+
+def axis_of(family: str) -> str:
+    """The group axis of a family's methods ("" for families without groups)."""
+    return next(m.axis for m in METHODS if m.family == family)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -99,10 +130,10 @@ def signature(cfg: RunConfig) -> tuple[tuple, tuple | None]:
     if not cfg.quantizing:
         return prune, None
     if cfg.groups == 0:
-        return prune, ("uniform", cfg.groupsize > 0)
+        return prune, ("uniform", cfg.groupsize > 0, cfg.act_order)
     if cfg.groups == "all":
         return prune, ("per-channel",)
-    return prune, ("groups", cfg.cluster, cfg.strategy)
+    return prune, ("groups", cfg.mi_axis, cfg.cluster, cfg.strategy)
 
 
 def _find(stage: Stage, key: tuple) -> Method:
@@ -141,14 +172,15 @@ def allocation_details(cfg: RunConfig) -> list[str]:
     the MI estimator, each named only when it is not the default (so default runs keep their plain label)."""
     if not cfg.grouped:
         return []
-    out = []
+    out = ["act-order"] if cfg.act_order else []
     if cfg.bit_alloc != "hessian":
         out.append(cfg.bit_alloc)
     if cfg.bit_alloc == "hessian-mi" and cfg.mi_alpha != allocation.DEFAULT_MI_ALPHA:
         out.append(f"alpha={cfg.mi_alpha:g}")
     if cfg.bit_alloc != "uniform" and cfg.alloc_cost != "obs":
         out.append(f"cost={cfg.alloc_cost}")
-    uses_mi = cfg.groups != "all" and (cfg.cluster != "contiguous" or cfg.bit_alloc == "hessian-mi")
+    uses_mi = cfg.groups != "all" and (cfg.cluster in ("spectral", "hierarchical", "random")
+                                       or cfg.bit_alloc == "hessian-mi")
     if uses_mi and cfg.mi_estimator != "histogram":
         out.append(cfg.mi_estimator)
     return out

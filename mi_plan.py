@@ -28,7 +28,8 @@ from quant import Quantizer
 if TYPE_CHECKING:
     from trials import TrialResult
 
-Trial = Callable[[torch.Tensor | None], "TrialResult"]  # row groups (strategy A) -> every width's pass
+# (row groups for strategy A, column groups g_idx for the input axis) -> every width's pass
+Trial = Callable[[torch.Tensor | None, torch.Tensor | None], "TrialResult"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class PlanOptions:
     wbits: the mean-bits budget; choices: candidate widths; alpha: the hessian-mi exponent.
     seed: seeds the clustering; sym, groupsize: the quantizer's, so the costs are those of its grid.
     cost: "obs" (SparseGPT's own losses from trial passes) or "rtn" (the dense round-to-nearest proxy).
+    axis: "output" groups rows (channels of the layer's outputs), "input" groups columns (its inputs): a
+    column group is a quantization group (a grid per row and group), as GPTQ's groups.
     """
 
     groups: int | str
@@ -64,6 +67,7 @@ class PlanOptions:
     sym: bool = False
     groupsize: int = -1
     cost: str = "obs"
+    axis: str = "output"
 
     @property
     def uniform_bits(self) -> int:
@@ -79,26 +83,37 @@ class PlanOptions:
         """MI is computed for clustering by dependence (random keeps spectral's sizes) or for hessian-mi."""
         if self.groups == "all":
             return False
-        return self.cluster in ("spectral", "hierarchical", "random") or self.bit_alloc == "hessian-mi"
+        return self.cluster in channel_grouping.NEEDS_MI or self.bit_alloc == "hessian-mi"
 
 
 @dataclass
 class LayerPlan:
-    """labels [C] group of each row; group_bits [K]; nmi [C, C] or None when no MI was needed."""
+    """labels [C] group of each row (axis "output") or input column (axis "input"); group_bits [K];
+    nmi [C, C] or None when no MI was needed."""
 
     labels: torch.Tensor
     group_bits: torch.Tensor
     strategy: str
+    axis: str = "output"
     nmi: torch.Tensor | None = None
     nmi_intra: list = field(default_factory=list)
     nmi_inter: list = field(default_factory=list)
     timing: dict = field(default_factory=dict)
     trial: TrialResult | None = None  # every width's pass, when widths were allocated
     predicted_loss: float | None = None  # the allocation's objective at its optimum (1/2 dW H dW^T units)
+    h_mass: list = field(default_factory=list)  # input axis: each column group's share of diag H
 
     @property
     def row_bits(self) -> torch.Tensor:
+        """[R] every row's width (output axis only)."""
+        if self.axis != "output":
+            raise ValueError("an input-axis plan gives widths to column groups, not rows")
         return self.group_bits[self.labels]
+
+    @property
+    def mean_bits(self) -> float:
+        """Mean width over the layer's weights (every row, or every column, holds the same number)."""
+        return float(self.group_bits[self.labels].double().mean())
 
     def quantizer(self, sym: bool = False, mse: bool = False) -> Quantizer:
         q = Quantizer()
@@ -147,7 +162,8 @@ def plan_layer(name: str, W: torch.Tensor, H: torch.Tensor, acts: torch.Tensor |
                opts: PlanOptions, trial: Trial | None = None) -> LayerPlan:
     """Plan one layer. W [C, in] weights, H [in, in] Hessian, acts [N, C] sampled outputs (None if unused);
     ``trial`` is needed when ``opts.needs_trial()``."""
-    C = W.shape[0]
+    output = opts.axis == "output"
+    C = W.shape[0] if output else W.shape[1]
     groups = opts.groups if opts.groups == "all" else min(int(opts.groups), C)
     timing = {"mi_s": 0.0, "cluster_s": 0.0, "alloc_s": 0.0}
     nmi = None
@@ -163,25 +179,30 @@ def plan_layer(name: str, W: torch.Tensor, H: torch.Tensor, acts: torch.Tensor |
             raise PlanError(f"layer {name}: NMI matrix has {bad} NaN entries")
 
     t = time.time()
-    if groups == "all":
-        labels = torch.arange(C)
-    elif nmi is None:  # contiguous groups need no MI
-        labels = torch.from_numpy(channel_grouping.contiguous_labels(C, int(groups)))
-    else:
-        labels = channel_grouping.group_channels(nmi, groups, method=opts.cluster, seed=opts.seed)
+    labels = _group(W, H, nmi, groups, opts)
     timing["cluster_s"] = time.time() - t
+    h_mass = []
+    if not output:  # how much of the layer's input energy each column group carries
+        d = torch.diag(H).double().cpu()
+        h_mass = _finite_list(torch.zeros(int(labels.max()) + 1, dtype=torch.float64).index_add_(
+            0, labels.cpu(), d) / d.sum().clamp(min=1e-300))
 
     t = time.time()
     costs = None
     if opts.bit_alloc != "uniform" and opts.cost == "rtn":  # before the trial, which consumes H
-        costs = allocation.group_costs(W, H, labels, opts.choices, strategy=opts.strategy, sym=opts.sym,
-                                       groupsize=opts.groupsize).cpu() / 2
-    done = trial(labels if opts.strategy == "shared" else None) if opts.needs_trial() and trial else None
+        costs = (allocation.group_costs(W, H, labels, opts.choices, strategy=opts.strategy, sym=opts.sym,
+                                        groupsize=opts.groupsize) if output
+                 else allocation.column_group_costs(W, H, labels, opts.choices, sym=opts.sym)).cpu() / 2
+    done = None
+    if opts.needs_trial() and trial:
+        done = trial(labels if output and opts.strategy == "shared" else None, None if output else labels)
     if done is None and opts.cost == "obs" and opts.bit_alloc != "uniform":
         raise ValueError("obs costs come from trial passes: plan_layer needs trial=")
     if done is not None and opts.cost == "obs":
-        costs = allocation.obs_group_costs(done.row_loss, labels.to(done.row_loss.device)).cpu()
-    group_bits = allocation.allocate(opts.bit_alloc, W, H, labels, nmi, opts.choices, opts.wbits,
+        losses = done.row_loss if output else done.col_loss
+        costs = allocation.obs_group_costs(losses, labels.to(losses.device)).cpu()
+    # the input axis reuses the row allocation with columns in the rows' part (every column holds R weights)
+    group_bits = allocation.allocate(opts.bit_alloc, W if output else W.T, H, labels, nmi, opts.choices, opts.wbits,
                                      strategy=opts.strategy, alpha=opts.alpha, sym=opts.sym, groupsize=opts.groupsize,
                                      costs=costs)
     timing["alloc_s"] = time.time() - t
@@ -190,9 +211,24 @@ def plan_layer(name: str, W: torch.Tensor, H: torch.Tensor, acts: torch.Tensor |
     if nmi is not None:
         a, b = channel_grouping.group_stats(nmi, labels)
         intra, inter = _finite_list(a), _finite_list(b)
-    plan = LayerPlan(labels=labels.long(), group_bits=group_bits.long(), strategy=opts.strategy, nmi=nmi,
-                     nmi_intra=intra, nmi_inter=inter, timing=timing, trial=done)
+    plan = LayerPlan(labels=labels.long(), group_bits=group_bits.long(), strategy=opts.strategy, axis=opts.axis,
+                     nmi=nmi, nmi_intra=intra, nmi_inter=inter, timing=timing, trial=done, h_mass=h_mass)
     if costs is not None:  # what the allocation counted on (before any MI factor), to set beside what happened
         pick = torch.tensor([opts.choices.index(int(b)) for b in plan.group_bits.tolist()])
         plan.predicted_loss = float(costs[torch.arange(len(pick)), pick].sum())
     return plan
+
+
+def _group(W: torch.Tensor, H: torch.Tensor, nmi: torch.Tensor | None, groups: int | str,
+           opts: PlanOptions) -> torch.Tensor:
+    """Labels [C] of the rows (or input columns) in K groups by the method opts.cluster names."""
+    C = W.shape[0] if opts.axis == "output" else W.shape[1]
+    if groups == "all":
+        return torch.arange(C)
+    if opts.cluster == "range":
+        feats = (channel_grouping.row_range_features(W) if opts.axis == "output"
+                 else channel_grouping.column_range_features(W, H))
+        return channel_grouping.range_groups(feats, groups, seed=opts.seed)
+    if nmi is None:  # contiguous groups need no MI
+        return torch.from_numpy(channel_grouping.contiguous_labels(C, int(groups)))
+    return channel_grouping.group_channels(nmi, groups, method=opts.cluster, seed=opts.seed)

@@ -48,15 +48,18 @@ def draw_figures(res: CompressionResult, cfg: RunConfig, total_rows: int) -> lis
     name, plan = res.plot
     os.makedirs(cfg.analysis_dir, exist_ok=True)
     paths = []
+    what = "input channels" if plan.axis == "input" else "output channels"
     if plan.nmi is not None:
-        title = (f"{name}: NMI, K={int(plan.group_bits.numel())} {cfg.cluster} groups, "
+        title = (f"{name}: NMI of {what}, K={int(plan.group_bits.numel())} {cfg.cluster} groups, "
                  f"{cfg.mi_estimator} estimator, {min(cfg.mi_samples, total_rows)} samples")
         paths.append(plots.plot_nmi_heatmap(plan.nmi, plan.labels, os.path.join(cfg.analysis_dir, "mi_matrix.png"),
                                             title=title))
     rec = next(r for r in res.layers if r["name"] == name)
+    how = "column groups" if plan.axis == "input" else f"{cfg.strategy} strategy"
     paths.append(plots.plot_grouping_result(rec["group_sizes"], rec["group_bits"], rec["nmi_intra"], rec["nmi_inter"],
                                             os.path.join(cfg.analysis_dir, "grouping_result.png"),
-                                            title=f"{name}: {cfg.strategy} strategy, {cfg.bit_alloc} allocation"))
+                                            title=f"{name}: {how} of {what}, {cfg.bit_alloc} allocation",
+                                            h_mass=rec.get("h_mass")))
     return paths
 
 

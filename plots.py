@@ -76,12 +76,15 @@ def plot_nmi_heatmap(nmi, labels, path, title: str | None = None):
     return path
 
 
-def plot_grouping_result(group_sizes, group_bits, nmi_intra, nmi_inter, path, title: str | None = None):
-    """Three panels per group: size (channels), allocated bits, and intra- vs inter-group mean NMI.
+def plot_grouping_result(group_sizes, group_bits, nmi_intra, nmi_inter, path, title: str | None = None,
+                         h_mass=None):
+    """Panels per group: size (channels), allocated bits, intra- vs inter-group mean NMI, and, for groups of
+    input columns (``h_mass`` [K] given), each group's share of diag H: how much input energy it carries.
 
     group_sizes, group_bits: [K]; nmi_intra, nmi_inter: [K] floats or None (a singleton group has no intra
     NMI, and layers grouped without MI have none at all). Groups are shown in order of allocated bits, then
-    size, so the allocation's shape reads left to right. Writes a 1200 x 900 PNG atomically; returns path.
+    size, so the allocation's shape reads left to right. Writes a 1200 x 900 (1200 x 1150 with h_mass) PNG
+    atomically; returns path.
     """
     sizes = np.asarray(group_sizes, dtype=float)
     bits = np.asarray(group_bits, dtype=float)
@@ -94,8 +97,9 @@ def plot_grouping_result(group_sizes, group_bits, nmi_intra, nmi_inter, path, ti
     intra, inter = floats(nmi_intra), floats(nmi_inter)
     order = np.lexsort((-sizes, bits))
     x = np.arange(k)
-    fig = Figure(figsize=(12, 9), dpi=100)
-    ax1, ax2, ax3 = fig.subplots(3, 1, sharex=True)
+    fig = Figure(figsize=(12, 9 if h_mass is None else 11.5), dpi=100)
+    axes = fig.subplots(3 if h_mass is None else 4, 1, sharex=True)
+    ax1, ax2, ax3 = axes[:3]
     ax1.bar(x, sizes[order], color="tab:blue")
     ax1.set_ylabel("channels")
     ax1.set_title(title or f"{k} groups")
@@ -109,11 +113,14 @@ def plot_grouping_result(group_sizes, group_bits, nmi_intra, nmi_inter, path, ti
     ax3.bar(x - w / 2, intra[order], w, label="intra-group NMI", color="tab:green")
     ax3.bar(x + w / 2, inter[order], w, label="inter-group NMI", color="tab:gray")
     ax3.set_ylabel("mean NMI")
-    ax3.set_xlabel("group (sorted by bits, then size)")
+    axes[-1].set_xlabel("group (sorted by bits, then size)")
+    if h_mass is not None:
+        axes[3].bar(x, floats(h_mass)[order], color="tab:red")
+        axes[3].set_ylabel("share of diag H")
     ax3.legend(loc="upper left")
     if np.all(np.isnan(intra)) and np.all(np.isnan(inter)):
         ax3.text(0.5, 0.5, "no MI computed for this grouping", transform=ax3.transAxes, ha="center")
-    ax3.set_xticks(x if k <= 64 else x[:: max(1, k // 32)])
+    axes[-1].set_xticks(x if k <= 64 else x[:: max(1, k // 32)])
     fig.tight_layout()
     save_png(fig, path)
     return path

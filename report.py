@@ -25,8 +25,8 @@ from pathlib import Path
 
 import atomic
 import plots
-from results import BASELINE_FAMILIES, Run, eval_sets, fmt_num, load_dir, units
-from verdict import BPW_TOL, COUNTED_CONTROL, SIGNIFICANCE, Cell, Comparison, judge
+from results import BASELINE_FAMILIES, Run, counted_control, eval_sets, fmt_num, load_dir, units
+from verdict import BPW_TOL, SIGNIFICANCE, Cell, Comparison, Verdict, judge
 
 BIT_KEYS = ("avg_weight_bits", "metadata_bpw", "bpw", "mask_bpw")  # the table's bit columns, in order
 
@@ -211,10 +211,10 @@ def figures(runs: list[Run], sets: list[str], src: Path, out_dir: Path) -> list[
 
 VERDICT_RULES = (
     "Computed from the table above. For each target sparsity, wbits budget and eval set, the best MI "
-    "run (family mi, lowest PPL) is compared with the best quantized non-MI baseline "
-    f"({', '.join(BASELINE_FAMILIES)}) at the same target sparsity whose bpw is at least the MI "
-    f"run's bpw minus {BPW_TOL} (a rounding tolerance): the MI run uses equal or fewer bits. "
-    "It is also compared with the random-group control (same K, strategy, allocation, wbits and "
+    "run (family mi for row groups, mi-in for input-column groups; lowest PPL) is compared with the best "
+    f"quantized non-MI baseline ({', '.join(BASELINE_FAMILIES)}) at the same target sparsity whose bpw is at least "
+    f"the MI run's bpw minus {BPW_TOL} (a rounding tolerance): the MI run uses equal or fewer bits. "
+    "It is also compared with the random-group control of its axis (same K, strategy, allocation, wbits and "
     "sparsity); when the best MI run has no such control, the best MI run that has one is compared, "
     "like for like. Relative differences are of the reference PPL. ")
 ONE_SEED = ("Each configuration ran once, with one seed: differences of a fraction of a percent may be "
@@ -283,25 +283,23 @@ def control_text(c: Comparison) -> str:
     return f"{who} {verb} the {name} ({of}{ctl.id}, PPL {fmt_ppl(ctl.ppl.get(s))}): {outcome_text(c)}."
 
 
-def cell_lines(cell: Cell, several_budgets: bool) -> list[str]:
-    """A cell's bullet (MI against the baseline) and one sub-bullet per control; the budget is named only
-    when the MI runs have several, so the usual one-budget sweep reads short."""
+def cell_lines(cell: Cell, several_budgets: bool, several_families: bool = False) -> list[str]:
+    """A cell's bullet (MI against the baseline) and one sub-bullet per control; the budget (the MI family)
+    is named only when the MI runs have several, so the usual one-budget sweep reads short."""
     budget = f", {fmt_num(cell.wbits)}-bit budget" if several_budgets else ""
-    lines = [f"- **sparsity {cell.sparsity}{budget}, {cell.evalset}**: {baseline_text(cell.baseline)}"]
+    family = f", {cell.family}" if several_families else ""
+    lines = [f"- **sparsity {cell.sparsity}{family}{budget}, {cell.evalset}**: {baseline_text(cell.baseline)}"]
     for c in cell.controls:
-        counted = "" if c.against == COUNTED_CONTROL else " (not counted above)"
+        counted = "" if c.against == counted_control(cell.family) else " (not counted above)"
         lines.append(f"  - {c.against.capitalize()} control{counted}: {control_text(c)}")
     return lines
 
 
-def verdict_section(runs: list[Run], sets: list[str]) -> list[str]:
-    """The rules, the counts of wins (with the cells left out of them), then every cell."""
-    v = judge(runs, sets)
-    if v is None:
-        return VERDICT_HEAD + ["**No MI-grouping run (family mi) in this directory: no verdict can be given.**", ""]
-    head = VERDICT_HEAD if not v.over_seeds else ["## Verdict", "", VERDICT_RULES + OVER_SEEDS, ""]
+def headline(v: Verdict, family: str | None = None) -> str:
+    """The counts of wins (and of cells without a significant difference, over seeds) of one MI family."""
     (bw, bn), (rw, rn) = v.baseline_wins, v.control_wins
-    overall = (f"**MI grouping beats the best baseline at equal bits in {bw} of {bn} "
+    who = "MI grouping" if family is None else f"MI grouping on the {AXIS_NAMES[family]} ({family})"
+    overall = (f"**{who} beats the best baseline at equal bits in {bw} of {bn} "
                f"cells; beats the random control in {rw} of {rn}.**")
     nb, nr = v.not_significant
     if v.over_seeds:
@@ -310,8 +308,22 @@ def verdict_section(runs: list[Run], sets: list[str]) -> list[str]:
     if bn < len(v.cells):
         overall += (f" ({len(v.cells) - bn} of {len(v.cells)} cells have no baseline at equal or higher bpw "
                     "to compare with.)")
-    lines = [ln for cell in v.cells for ln in cell_lines(cell, v.several_budgets)]
-    return head + [overall, ""] + lines + [""]
+    return overall
+
+
+AXIS_NAMES = {"mi": "output axis", "mi-in": "input axis"}
+
+
+def verdict_section(runs: list[Run], sets: list[str]) -> list[str]:
+    """The rules, the counts of wins (with the cells left out of them), then every cell."""
+    v = judge(runs, sets)
+    if v is None:
+        return VERDICT_HEAD + ["**No MI-grouping run (family mi) in this directory: no verdict can be given.**", ""]
+    head = VERDICT_HEAD if not v.over_seeds else ["## Verdict", "", VERDICT_RULES + OVER_SEEDS, ""]
+    several = len(v.families) > 1
+    overall = [headline(v.of(f), f) for f in v.families] if several else [headline(v)]
+    lines = [ln for cell in v.cells for ln in cell_lines(cell, v.several_budgets, several)]
+    return head + [ln for o in overall for ln in (o, "")] + lines + [""]
 
 
 # ----------------------------------------------------------------------------------------------------------

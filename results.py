@@ -22,8 +22,18 @@ from config import RunConfig, from_json
 # The families the verdict sorts runs into, from the method vocabulary: a new baseline or control added to
 # methods.METHODS is compared without touching the report.
 BASELINE_FAMILIES = methods.families("baseline", quantized=True)  # quantized, non-MI, not a control
-CONTROL_FAMILIES = methods.families("control")  # same group sizes as MI, other membership
-(MI_FAMILY,) = methods.families("method")  # one family under test; a second one would need a verdict rule
+CONTROL_FAMILIES = methods.families("control")  # same group sizes as an MI method, other membership
+MI_FAMILIES = methods.families("method")  # one per axis: "mi" (rows), "mi-in" (input columns)
+
+
+def control_families(mi_family: str) -> tuple[str, ...]:
+    """The like-for-like controls of an MI family: the control families on its axis."""
+    return methods.families("control", axis=methods.axis_of(mi_family))
+
+
+def counted_control(mi_family: str) -> str:
+    """The control the verdict's headline counts for an MI family: its random-membership control."""
+    return next(f for f in control_families(mi_family) if f.startswith("random"))
 
 
 def fmt_num(x: float) -> str:

@@ -1,8 +1,9 @@
 """The verdict of a sweep, as data: which run is compared with which, and what the comparison decides.
 
 For each target sparsity, MI bit budget and eval set (a *cell*), the best MI run is compared with
-- the best quantized non-MI baseline at the same sparsity that spends at least as many bits (bpw within
-  ``BPW_TOL``), since a claim that MI wins must not come from spending more bits;
+- the best quantized non-MI baseline (uniform, GPTQ groups, act-order, per-channel allocation) at the same
+  sparsity that spends at least as many bits (bpw within ``BPW_TOL``), since a claim that MI wins must not
+  come from spending more bits;
 - the best run of each control family set up like it (same K, strategy, allocation, groupsize, wbits and
   sparsity), since a control tells whether the *MI* membership matters, not grouping as such.
 
@@ -21,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from results import BASELINE_FAMILIES, CONTROL_FAMILIES, MI_FAMILY, Run, Unit, units
+from results import BASELINE_FAMILIES, MI_FAMILIES, Run, Unit, control_families, counted_control, units
 
 # A baseline counts as "equal bits" when it spends at least the MI run's bpw minus this: bpw is printed
 # with 4 decimals and two methods at the same budget can differ in the last digits of metadata.
@@ -29,9 +30,8 @@ BPW_TOL = 0.005
 # beside sparsity, wbits and K, what a control shares with the MI run it controls
 CONTROL_KEYS = ("strategy", "bit_alloc", "groupsize", "alloc_cost", "mi_alpha")
 SIGNIFICANCE = 2.0  # standard errors the mean paired difference must exceed
-COUNTED_CONTROL = "random"  # the control the headline counts; the others are shown for information
-if COUNTED_CONTROL not in CONTROL_FAMILIES:  # fail on import, not with a wrong count in a report
-    raise ImportError(f"methods.py has no {COUNTED_CONTROL!r} control family, which the verdict counts")
+for _fam in MI_FAMILIES:  # fail on import, not with a wrong count in a report
+    counted_control(_fam)
 
 Decision = Literal[
     "better",  # the MI run's PPL is lower (or the reference's is n/a)
@@ -179,17 +179,23 @@ def control_comparison(m: Run, mis: list[Run], runs: list[Run], family: str, s: 
 
 @dataclass(frozen=True)
 class Cell:
-    """One (target sparsity, MI bit budget, eval set) of the verdict and its comparisons."""
+    """One (target sparsity, MI family, MI bit budget, eval set) of the verdict and its comparisons."""
 
     sparsity: str  # as configured: "0.5" or "2:4"
     wbits: float
     evalset: str
     best: Run  # the MI run with the lowest PPL in the cell
     baseline: Comparison
-    controls: tuple[Comparison, ...]  # one per control family, in CONTROL_FAMILIES order
+    controls: tuple[Comparison, ...]  # one per control family on the MI family's axis
+    family: str = "mi"  # the MI family (one per axis)
 
     def control(self, family: str) -> Comparison:
         return next(c for c in self.controls if c.against == family)
+
+    @property
+    def counted(self) -> Comparison:
+        """The control comparison the headline counts (the random control of the cell's axis)."""
+        return self.control(counted_control(self.family))
 
 
 def _tally(comparisons: list[Comparison]) -> tuple[int, int]:
@@ -208,6 +214,14 @@ class Verdict:
         return len({c.wbits for c in self.cells}) > 1
 
     @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c.family for c in self.cells))
+
+    def of(self, family: str) -> Verdict:
+        """The cells of one MI family."""
+        return Verdict(tuple(c for c in self.cells if c.family == family))
+
+    @property
     def over_seeds(self) -> bool:
         """Whether any comparison was made over seeds."""
         return any(c.paired is not None for cell in self.cells for c in (cell.baseline, *cell.controls))
@@ -216,7 +230,7 @@ class Verdict:
     def not_significant(self) -> tuple[int, int]:
         """(baseline comparisons, counted-control comparisons) that found no significant difference."""
         return (sum(c.baseline.decision == "no significant difference" for c in self.cells),
-                sum(c.control(COUNTED_CONTROL).decision == "no significant difference" for c in self.cells))
+                sum(c.counted.decision == "no significant difference" for c in self.cells))
 
     @property
     def baseline_wins(self) -> tuple[int, int]:
@@ -226,27 +240,28 @@ class Verdict:
     @property
     def control_wins(self) -> tuple[int, int]:
         """(cells where MI beats the counted control, cells that have one)."""
-        return _tally([c.control(COUNTED_CONTROL) for c in self.cells])
+        return _tally([c.counted for c in self.cells])
 
 
-def _cell(at_s: list[Run], mis: list[Run], runs: list[Run], s: str) -> Cell:
+def _cell(at_s: list[Run], mis: list[Run], runs: list[Run], s: str, family: str) -> Cell:
     m = min(mis, key=lambda r: r.ppl_of(s))
     baselines = [r for r in at_s if r.family in BASELINE_FAMILIES and r.wbits != 16]
-    controls = tuple(control_comparison(m, mis, runs, fam, s) for fam in CONTROL_FAMILIES)
-    return Cell(m.sparsity_label, m.wbits, s, m, baseline_comparison(m, baselines, s), controls)
+    controls = tuple(control_comparison(m, mis, runs, fam, s) for fam in control_families(family))
+    return Cell(m.sparsity_label, m.wbits, s, m, baseline_comparison(m, baselines, s), controls, family)
 
 
 def judge(runs: list[Run], sets: list[str]) -> Verdict | None:
     """The verdict over runs on the eval sets; None when there is no MI run, so no verdict can be given.
     Runs of one configuration over several seeds are judged as one ``Unit``."""
     runs = units(runs)
-    mi_runs = [r for r in runs if r.family == MI_FAMILY]
+    mi_runs = [r for r in runs if r.family in MI_FAMILIES]
     if not mi_runs:
         return None
     cells = []
     for skey in sorted({r.sparsity_key for r in mi_runs}):
         at_s = [r for r in runs if r.sparsity_key == skey]
-        for w in sorted({r.wbits for r in at_s if r.family == MI_FAMILY}):
-            mis = [r for r in at_s if r.family == MI_FAMILY and r.wbits == w]
-            cells += [_cell(at_s, mis, runs, s) for s in sets]
+        for fam in [f for f in MI_FAMILIES if any(r.family == f for r in at_s)]:
+            for w in sorted({r.wbits for r in at_s if r.family == fam}):
+                mis = [r for r in at_s if r.family == fam and r.wbits == w]
+                cells += [_cell(at_s, mis, runs, s, fam) for s in sets]
     return Verdict(tuple(cells))

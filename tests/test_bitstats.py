@@ -61,5 +61,14 @@ def test_symmetric_grids_store_no_zero_point_and_runs_no_group_index():
     asym = bitstats.layer_bits(8, 16, [3] * 8, 8, None, 6, None)
     sym = bitstats.layer_bits(8, 16, [3] * 8, 8, None, 6, None, sym=True)
     assert asym.metadata_bits - sym.metadata_bits == 8 * 16  # one fp16 zero-point per parameter set
-    runs = bitstats.layer_bits(8, 16, [3] * 8, 8, 2, 6, None, group_index=False)
+    runs = bitstats.layer_bits(8, 16, [3] * 8, 8, 2, 6, None, indexed=0)
     assert runs.metadata_bits == 8 * 32 + 2 * 3  # scale/zero pairs and the width table, no per-row index
+
+
+def test_column_groups_index_every_input_column():
+    # 4 rows x 12 columns in K = 3 column groups at 2, 3, 4 bits over 4 columns each: a grid per row and group
+    b = bitstats.layer_bits(4, 12, [3.0] * 4, 4 * 3, 3, 6, None, indexed=12)
+    assert b.weight_bits == (2 + 3 + 4) * 4 * 4
+    assert b.metadata_bits == 12 * 32 + 3 * 3 + 12 * 2  # pairs, width table, g_idx of every column
+    perm = bitstats.layer_bits(4, 12, [3] * 4, 4, None, 6, None, extra_bits=12 * bitstats.index_bits(12))
+    assert perm.metadata_bits == 4 * 32 + 12 * 4  # act-order's permutation: 4 bits per column

@@ -220,3 +220,32 @@ def test_group_stats_matches_loop():
     intra, inter = cg.group_stats(nmi, np.zeros(c, dtype=np.int64))
     assert intra[0].item() == pytest.approx(sym[~np.eye(c, dtype=bool)].mean(), rel=1e-12)
     assert np.isnan(inter[0].item())
+
+
+def test_range_groups_rows_with_similar_ranges():
+    """Rows drawn at three scales (and one skewed family) come back as their four families, whatever order."""
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([1.0, 4.0, 12.0, 4.0])
+    family = torch.randint(0, 4, (60,), generator=g)
+    W = torch.randn(60, 400, generator=g) * scales[family][:, None]
+    W[family == 3] = W[family == 3].abs()  # the scale of family 1, but all positive: another range
+    labels = cg.range_groups(cg.row_range_features(W), 4, seed=0)
+    assert adjusted_rand_score(family.numpy(), labels.numpy()) == 1.0
+    assert torch.equal(labels, cg.range_groups(cg.row_range_features(W), 4, seed=0))  # seeded
+    assert int(labels.max()) == 3 and labels.shape == (60,)
+
+
+def test_range_groups_always_give_exactly_k():
+    x = torch.zeros(10, 2)
+    x[5:] = 1.0  # two distinct points only: k-means leaves clusters empty, the split fills them
+    for k in (1, 2, 3, 7, 10, 12):
+        labels = cg.range_groups(x, k, seed=1)
+        assert len(torch.unique(labels)) == min(k, 10)
+
+
+def test_column_range_features_follow_weight_scale_and_diag_h():
+    W = torch.tensor([[1.0, -4.0, 0.0], [2.0, 1.0, 0.0]])
+    H = torch.diag(torch.tensor([1.0, 9.0, 0.0]))
+    f = cg.column_range_features(W, H)
+    assert torch.allclose(f[:2], torch.log(torch.tensor([[2.0, 1.0], [4.0, 9.0]])))
+    assert torch.isfinite(f).all()  # a dead column gets a tiny floor, not -inf

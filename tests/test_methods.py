@@ -34,6 +34,17 @@ LABELS = [
     (["--wbits", "3.5", "--groups", "8", "--cluster", "contiguous", "--mi-estimator", "gaussian"],
      "contiguous-B", "contiguous"),  # contiguous groups estimate no MI
     (["--wbits", "4", "--groups", "8", "--bit-alloc", "uniform", "--alloc-cost", "rtn"], "mi-B[uniform]", "mi"),
+    # issue 10: input-axis groups, act-order, range grouping
+    (["--sparsity", "0.5", "--wbits", "3", "--act-order"], "sparsegpt+act-order", "act-order"),
+    (["--sparsity", "0.5", "--wbits", "3", "--act-order", "--groupsize", "128"], "sparsegpt+act-order-g128",
+     "act-order-g"),
+    (["--wbits", "3", "--groups", "6", "--mi-axis", "input"], "mi-in", "mi-in"),
+    (["--wbits", "3", "--groups", "6", "--mi-axis", "input", "--act-order"], "mi-in[act-order]", "mi-in"),
+    (["--wbits", "3", "--groups", "6", "--mi-axis", "input", "--cluster", "contiguous"], "contiguous-in",
+     "contiguous-in"),
+    (["--wbits", "3", "--groups", "6", "--mi-axis", "input", "--cluster", "random"], "random-in", "random-in"),
+    (["--wbits", "3", "--groups", "6", "--mi-axis", "input", "--cluster", "range"], "range-in", "range-in"),
+    (["--wbits", "3.5", "--groups", "6", "--cluster", "range", "--strategy", "shared"], "range-A", "range"),
 ]
 
 

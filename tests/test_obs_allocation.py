@@ -61,7 +61,7 @@ def test_final_rows_are_the_trial_rows_and_predicted_equals_incurred(strategy):
     opts = mi_plan.PlanOptions(groups=6, cluster="contiguous", strategy=strategy, wbits=3.5, choices=tuple(CHOICES))
     trial_kw = dict(sparsity=0.5, blocksize=32)
 
-    def trial(row_groups):
+    def trial(row_groups, g_idx):
         return run_trial(gpt, CHOICES, opts.uniform_bits, row_groups=row_groups, **trial_kw)
 
     plan = mi_plan.plan_layer("test.layer", W0.clone(), gpt.H, acts, opts, trial=trial)
@@ -87,8 +87,10 @@ def test_obs_costs_never_lose_to_rtn_costs_on_the_true_loss():
             gpt = _gpt(seed=seed)
             W0 = gpt.layer.weight.data.clone()
             opts = mi_plan.PlanOptions(groups="all", wbits=3.25, choices=tuple(CHOICES), cost=cost)
-            plan = mi_plan.plan_layer("l", W0.clone(), gpt.H, None, opts, trial=lambda rg, gpt=gpt, o=opts: run_trial(
-                gpt, CHOICES, o.uniform_bits, row_groups=rg, sparsity=0.5, blocksize=32))
+            def trial(rg, gi, gpt=gpt, o=opts):
+                return run_trial(gpt, CHOICES, o.uniform_bits, row_groups=rg, sparsity=0.5, blocksize=32)
+
+            plan = mi_plan.plan_layer("l", W0.clone(), gpt.H, None, opts, trial=trial)
             W0d, Hd = gpt.prepare(0.01)
             losses[cost] = float(layer_error(W0d, plan.trial.select(plan.row_bits).W, Hd).sum())
             assert float((plan.row_bits.float()).mean()) <= 3.25

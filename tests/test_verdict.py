@@ -13,7 +13,7 @@ import pytest
 import config
 import methods
 import verdict
-from results import BASELINE_FAMILIES, CONTROL_FAMILIES, MI_FAMILY, Run
+from results import BASELINE_FAMILIES, CONTROL_FAMILIES, MI_FAMILIES, Run, control_families, counted_control
 from verdict import decide, judge
 
 
@@ -32,9 +32,12 @@ def only_cell(runs: list[Run], evalset: str = "syn") -> verdict.Cell:
 
 
 def test_families_come_from_methods():
-    assert BASELINE_FAMILIES == ("uniform", "uniform-g", "per-channel")
-    assert CONTROL_FAMILIES == ("random", "contiguous")
-    assert MI_FAMILY == "mi"
+    assert BASELINE_FAMILIES == ("uniform", "uniform-g", "act-order", "act-order-g", "per-channel")
+    assert CONTROL_FAMILIES == ("random", "contiguous", "range", "contiguous-in", "random-in", "range-in")
+    assert MI_FAMILIES == ("mi", "mi-in")
+    assert control_families("mi") == ("random", "contiguous", "range")
+    assert control_families("mi-in") == ("contiguous-in", "random-in", "range-in")
+    assert (counted_control("mi"), counted_control("mi-in")) == ("random", "random-in")
 
 
 @pytest.mark.parametrize(("p", "q", "expected"), [
@@ -204,3 +207,20 @@ def test_controls_are_paired_too_and_one_seed_falls_back():
     single = [run("mi", "miB", {"syn": 14.2}, 4.06), run("rnd", "random", {"syn": 14.3}, 4.06)]
     c1 = only_cell(single).control("random")
     assert c1.paired is None and c1.decision == "better"  # one seed: compared on the one PPL
+
+
+def test_each_axis_is_judged_against_its_own_controls():
+    """MI on rows (mi) and on input columns (mi-in) make separate cells, each with its axis's controls."""
+    runs = [run("miB", "miB", {"syn": 14.2}, 4.06), run("rnd", "random", {"syn": 14.5}, 4.06),
+            run("mi-in", "mi-in", {"syn": 13.9}, 4.30), run("rnd-in", "random-in", {"syn": 13.8}, 4.30),
+            run("ctg-in", "contiguous-in", {"syn": 14.0}, 4.30),
+            run("g128", "g128", {"syn": 14.1}, 4.31)]
+    v = judge(runs, ["syn"])
+    assert [c.family for c in v.cells] == ["mi", "mi-in"]
+    out, inp = v.cells
+    assert [c.against for c in out.controls] == ["random", "contiguous", "range"]
+    assert [c.against for c in inp.controls] == ["contiguous-in", "random-in", "range-in"]
+    assert (out.counted.reference_id, out.counted.decision) == ("rnd", "better")
+    assert (inp.counted.reference_id, inp.counted.decision) == ("rnd-in", "worse")  # 13.9 vs 13.8
+    assert (inp.control("contiguous-in").decision, inp.baseline.reference_id) == ("better", "g128")
+    assert v.of("mi").control_wins == (1, 1) and v.of("mi-in").control_wins == (0, 1)
