@@ -4,7 +4,7 @@ magnitude baseline; one record and one bits account per compressed layer.
 The walk follows IST-DASLab/sparsegpt's ``opt_sequential``: layer 0's inputs are captured on the calibration
 windows, then for each decoder layer the selected linears accumulate their Hessians (and, for a plan, a
 sample of their outputs) in one forward pass, are compressed one by one, and the compressed layer's outputs
-feed the next layer.
+feed the next layer. Every family in ``layouts.py`` takes the same path; only the names differ.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from torch import nn
 
 import bitstats
 import layerwalk
+import layouts
 from config import RunConfig
+from layouts import Layout
 from mi_plan import LayerPlan, PlanOptions, plan_layer
 from quant import Quantizer, rtn
 from sparsegpt_mi import SparseGPT, magnitude_prune
@@ -41,16 +43,10 @@ def selected(cfg: RunConfig, index: int, name: str) -> bool:
     return (cfg.minlayer <= index < cfg.maxlayer and cfg.prune_only in name) != cfg.invert
 
 
-def layer_prefix(index: int) -> str:
-    return f"model.decoder.layers.{index}."
-
-
-def selected_linears(cfg: RunConfig, index: int, layer: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in layerwalk.find_linears(layer, layer_prefix(index)).items() if selected(cfg, index, n)}
-
-
-def default_plot_layer(model) -> str:
-    return f"{layer_prefix(len(layerwalk.decoder_layers(model)) // 2)}fc1"
+def selected_linears(cfg: RunConfig, layout: Layout, index: int, layer: nn.Module) -> dict[str, nn.Linear]:
+    """The linears of decoder layer ``index`` to compress, keyed by state-dict name, in the module's order."""
+    linears = layerwalk.find_linears(layer, layout.layer_prefix(index))
+    return {n: m for n, m in linears.items() if selected(cfg, index, n)}
 
 
 def plan_options(cfg: RunConfig) -> PlanOptions:
@@ -62,8 +58,9 @@ def plan_options(cfg: RunConfig) -> PlanOptions:
 def _warn_if_k_exceeds_channels(model, cfg: RunConfig) -> None:
     if not cfg.grouped or cfg.groups == "all":
         return
-    narrow = sorted({m.out_features for i, layer in enumerate(layerwalk.decoder_layers(model))
-                     for m in selected_linears(cfg, i, layer).values() if m.out_features < cfg.groups})
+    layout = layouts.of(model)
+    narrow = sorted({m.out_features for i, layer in enumerate(layout.decoder_layers(model))
+                     for m in selected_linears(cfg, layout, i, layer).values() if m.out_features < cfg.groups})
     if narrow:
         print(f"warning: --groups {cfg.groups} exceeds the {narrow[0]} channels of some layers; "
               f"using K = channels where a layer has fewer", file=sys.stderr)
@@ -73,24 +70,25 @@ def _warn_if_k_exceeds_channels(model, cfg: RunConfig) -> None:
 def compress_sparsegpt(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.device) -> CompressionResult:
     """SparseGPT (+ joint quantization, + MI plan) over all selected decoder linear layers. calib [n, seqlen]."""
     res = CompressionResult()
+    layout = layouts.of(model)
     _warn_if_k_exceeds_channels(model, cfg)
-    plot_layer = cfg.plot_layer or default_plot_layer(model)
-    inps, kwargs = layerwalk.capture_inputs(model, calib, dev)
+    plot_layer = cfg.plot_layer or layout.default_plot_layer(model)
+    inps, layer_kwargs = layerwalk.capture_inputs(model, calib, dev)
 
     def visit(i: int, layer: nn.Module, inps: torch.Tensor) -> None:
-        for name, g in _accumulate(cfg, i, layer, inps, kwargs, calib.numel()).items():
+        subset = selected_linears(cfg, layout, i, layer)
+        for name, g in _accumulate(cfg, subset, layer, inps, layer_kwargs[i], calib.numel()).items():
             plan = compress_linear(name, g, cfg, res)
             if plan is not None and name == plot_layer:
                 res.plot = (name, plan)
 
-    layerwalk.walk(model, inps, kwargs, dev, visit=visit, desc="compress")
+    layerwalk.walk(model, inps, layer_kwargs, dev, visit=visit, desc="compress")
     return res
 
 
-def _accumulate(cfg: RunConfig, index: int, layer: nn.Module, inps: torch.Tensor, kwargs: dict,
+def _accumulate(cfg: RunConfig, subset: dict[str, nn.Linear], layer: nn.Module, inps: torch.Tensor, kwargs: dict,
                 total_rows: int) -> dict[str, SparseGPT]:
-    """One forward pass of the layer with hooks: every selected linear's Hessian (and output sample)."""
-    subset = selected_linears(cfg, index, layer)
+    """One forward pass of the layer with hooks: the Hessian (and output sample) of every linear in subset."""
     gpts = {n: SparseGPT(m, n) for n, m in subset.items()}
     if cfg.grouped:
         for n, g in gpts.items():  # a seed per layer name: the same sample whatever else is selected
@@ -152,8 +150,9 @@ def _record(res: CompressionResult, cfg: RunConfig, name: str, rows: int, cols: 
 def compress_magnitude(model, cfg: RunConfig) -> CompressionResult:
     """The --gmp baseline: magnitude pruning per layer, then round-to-nearest per-channel quantization."""
     res = CompressionResult()
-    for i, layer in enumerate(layerwalk.decoder_layers(model)):
-        for n, m in selected_linears(cfg, i, layer).items():
+    layout = layouts.of(model)
+    for i, layer in enumerate(layout.decoder_layers(model)):
+        for n, m in selected_linears(cfg, layout, i, layer).items():
             t = time.time()
             W = m.weight.data
             W[magnitude_prune(W.float(), cfg.sparsity, cfg.prunen, cfg.prunem)] = 0
@@ -181,7 +180,9 @@ def measured_sparsity(model, names: list[str]) -> float:
     """Fraction of exactly-zero weights over the named linear layers (all decoder linears if none named)."""
     mods = dict(model.named_modules())
     if not names:
-        names = [n for n, m in mods.items() if isinstance(m, torch.nn.Linear) and ".decoder.layers." in n]
+        layout = layouts.of(model)
+        names = [n for i, layer in enumerate(layout.decoder_layers(model))
+                 for n in layerwalk.find_linears(layer, layout.layer_prefix(i))]
     zeros = sum(int((mods[n].weight.data == 0).sum()) for n in names)
     total = sum(mods[n].weight.numel() for n in names)
     return zeros / max(total, 1)

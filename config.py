@@ -36,9 +36,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="opt_mi.py", description="Compress an OPT model with SparseGPT and joint quantization, "
-                "optionally with MI channel grouping.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", help="hub id (facebook/opt-125m ...), a local folder, or 'toy' (built-in, offline)")
+    p = _Parser(prog="opt_mi.py", description="Compress an OPT or Llama-family model with SparseGPT and joint "
+                "quantization, optionally with MI channel grouping.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="hub id (facebook/opt-125m, meta-llama/Llama-3.2-1B ...), a local folder, or "
+                   "'toy' (built-in, offline)")
     p.add_argument("dataset", help="calibration data: wikitext2, ptb, c4, synthetic, or a .txt/.json/.jsonl file")
     a = p.add_argument_group("reference (IST-DASLab/sparsegpt) options")
     a.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and everything seeded")
@@ -89,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("analysis")
     o.add_argument("--analysis-dir", type=str, default="analysis", help="where mi_matrix.png etc. go; '' = none")
     o.add_argument("--plot-layer", type=str, default=None,
-                   help="layer to draw (default: fc1 of the middle decoder layer), e.g. model.decoder.layers.0.fc1")
+                   help="layer to draw (default: the middle decoder layer's fc1 (OPT) or mlp.up_proj (Llama family)), "
+                        "e.g. model.decoder.layers.0.fc1 or model.layers.0.mlp.up_proj")
     return p
 
 

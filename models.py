@@ -20,8 +20,9 @@ from urllib.parse import urlparse
 
 import torch
 
+import layouts
+
 HUB_PROBE_TIMEOUT = 3.0  # seconds; a reachable hub answers a TCP connect in well under a second
-SUPPORTED_TYPES = ("opt",)
 
 
 class ModelError(Exception):
@@ -119,8 +120,10 @@ def open_source(name: str, trust_remote_code: bool = False):
         why = f"{reason} and not in the cache" if reason else _first_line(e)
         raise ModelError(f"MODEL {name}: could not load it from the Hugging Face hub or the local cache "
                          f"({why}); offline? pass a local model folder or 'toy'") from None
-    if config.model_type not in SUPPORTED_TYPES:
-        raise ModelError(f"MODEL {name}: model_type '{config.model_type}' is not OPT; this toolkit walks OPT")
+    try:
+        layouts.for_type(config.model_type)
+    except layouts.UnsupportedModel as e:
+        raise ModelError(f"MODEL {name}: {e}") from None
     src = ModelSource(name, path, config.max_position_embeddings, bool(reason), trust_remote_code)
     with src.cache_only():
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

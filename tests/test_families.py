@@ -1,0 +1,144 @@
+"""Every supported model family through the same walker and compression code.
+
+Tiny random-weight models of each family are built from configs (no hub): the layer-by-layer perplexity
+must equal the model's own forward pass, and SparseGPT on a Llama-family model must equal the independent
+OBS loop.
+"""
+
+import pytest
+import torch
+import transformers
+from conftest import obs_loop
+
+import compress
+import layerwalk
+import layouts
+import opt_mi
+from config import RunConfig
+
+FAMILIES = ("opt", "llama", "mistral", "qwen2", "qwen3")
+VOCAB, SEQLEN = 101, 32
+CPU = torch.device("cpu")
+
+
+def tiny_model(model_type: str, attn: str = "sdpa", seed: int = 0):
+    """2 layers, hidden 32, 4 heads (2 key/value heads where the family has grouped-query attention).
+
+    Weights are drawn 15x wider than the default (initializer_range 0.3) so the logits are far from uniform and
+    a wrong mask or position changes the perplexity by much more than the tests' tolerance. Mistral and Qwen2
+    get a sliding window shorter than the windows; Qwen2's second layer only (max_window_layers=1), so its two
+    layers are passed different masks.
+    """
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64, initializer_range=0.3, attn_implementation=attn)
+    if model_type == "opt":
+        config = transformers.OPTConfig(**common, ffn_dim=64, word_embed_proj_dim=32)
+    else:
+        extra = {"mistral": dict(sliding_window=16),
+                 "qwen2": dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)}.get(model_type, {})
+        cls = transformers.AutoConfig.for_model(model_type).__class__
+        config = cls(**common, intermediate_size=80, num_key_value_heads=2, **extra)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _tokens(n_windows: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, VOCAB, (1, SEQLEN * n_windows), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_dense_walker_equals_full_forward(model_type, attn):
+    model = tiny_model(model_type, attn)
+    tokens = _tokens(6)
+    full = layerwalk.full_forward_perplexity(model, tokens, SEQLEN, CPU)
+    for batch in (1, 4):  # the captured kwargs (batch one) must broadcast over a batch of windows
+        walked = layerwalk.perplexity(model, tokens, SEQLEN, CPU, batch=batch)
+        assert abs(walked - full) / full < 1e-4, (batch, walked, full)
+
+
+def test_layers_get_their_own_kwargs():
+    """Qwen2's sliding-window layer is passed another mask than layer 0: replaying layer 0's for every layer
+    (what a walker capturing layer 0 only does) gives another perplexity."""
+    model = tiny_model("qwen2")
+    windows = layerwalk.eval_windows(_tokens(4), SEQLEN)
+    inps, layer_kwargs = layerwalk.capture_inputs(model, windows, CPU)
+    assert layer_kwargs[0]["attention_mask"] is None and layer_kwargs[1]["attention_mask"] is not None
+
+    def ppl(kwargs):
+        return float(torch.exp(layerwalk.window_losses(model, layerwalk.walk(model, inps, kwargs, CPU), windows,
+                                                       CPU).mean()))
+
+    full = layerwalk.full_forward_perplexity(model, layerwalk.eval_windows(_tokens(4), SEQLEN).reshape(1, -1),
+                                             SEQLEN, CPU)
+    assert ppl(layer_kwargs) == pytest.approx(full, rel=1e-5)
+    assert abs(ppl([layer_kwargs[0]] * 2) - full) / full > 1e-3
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_layout_names_every_linear_and_module(model_type):
+    model = tiny_model(model_type)
+    layout = layouts.of(model)
+    for i, layer in enumerate(layout.decoder_layers(model)):
+        assert set(layerwalk.find_linears(layer)) == set(layout.linear_names)
+        assert layout.layer_prefix(i) + "self_attn.q_proj.weight" in model.state_dict()
+    assert len(layout.embedding_modules(model)) == 2  # OPT: tokens + positions (no project_in at this width)
+    assert layout.head_modules(model)[-1] is model.lm_head
+    assert layout.default_plot_layer(model) in dict(model.named_modules())
+
+
+def test_unsupported_model_type_is_named_with_the_supported_ones():
+    with pytest.raises(layouts.UnsupportedModel, match=r"'gpt2'.*not OPT.*opt, llama, mistral, qwen2, qwen3"):
+        layouts.for_type("gpt2")
+
+
+def test_unsupported_model_is_one_line_and_exit_2(tmp_path, capsys):
+    d = tmp_path / "neox"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "gpt_neox"}')
+    out = tmp_path / "r.json"
+    assert opt_mi.main([str(d), "synthetic", "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gpt_neox" in err[0] and "supported: opt, llama, mistral, qwen2, qwen3" in err[0]
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compression on a Llama-family model
+
+
+def _config(**kw) -> RunConfig:
+    return RunConfig(model="tiny", dataset="synthetic", seqlen=SEQLEN, analysis_dir="", **kw)
+
+
+def _compress_recording(model, calib: torch.Tensor, cfg: RunConfig, monkeypatch) -> dict[str, tuple]:
+    """Run compress_sparsegpt; return {linear name: (weights before, Hessian)} as each linear was compressed."""
+    seen = {}
+    real = compress.compress_linear
+
+    def recording(name, g, cfg, res):
+        seen[name] = (g.layer.weight.data.clone(), g.H.clone())
+        return real(name, g, cfg, res)
+
+    with monkeypatch.context() as m:
+        m.setattr(compress, "compress_linear", recording)
+        compress.compress_sparsegpt(model, calib, cfg, CPU)
+    return seen
+
+
+@pytest.mark.parametrize("kw", [dict(sparsity=0.5), dict(sparsity=0.5, wbits=4)], ids=["50%", "50%+4bit"])
+def test_sparsegpt_on_llama_equals_obs_loop(kw, monkeypatch):
+    model = tiny_model("llama")
+    calib = layerwalk.eval_windows(_tokens(8, seed=1), SEQLEN)
+    seen = _compress_recording(model, calib, _config(**kw), monkeypatch)
+    modules = dict(model.named_modules())
+    assert len(seen) == 14  # 7 linears x 2 layers
+    for name, (W0, H) in seen.items():
+        ref = obs_loop(W0, H, sparsity=kw["sparsity"], bits=kw.get("wbits"))
+        W = modules[name].weight.data
+        assert torch.equal(W == 0, ref == 0), name
+        assert (W.double() - ref).abs().max().item() <= 1e-4, name
+    # the Hessian of layer 0's q_proj is 2/n sum x x^T of the normed token embeddings (n windows)
+    x = model.model.layers[0].input_layernorm(model.model.embed_tokens(calib)).reshape(-1, 32).double()
+    H = seen["model.layers.0.self_attn.q_proj"][1]
+    assert torch.allclose(H.double(), 2 / len(calib) * x.T @ x, rtol=1e-4, atol=1e-4)
