@@ -4,7 +4,9 @@ magnitude baseline; one record and one bits account per compressed layer.
 The walk follows IST-DASLab/sparsegpt's ``opt_sequential``: layer 0's inputs are captured on the calibration
 windows, then for each decoder layer the selected linears accumulate their Hessians (and, for a plan, a
 sample of their outputs) in one forward pass, are compressed one by one, and the compressed layer's outputs
-feed the next layer. Every family in ``layouts.py`` takes the same path; only the names differ.
+feed the next layer. With --true-sequential (IST-DASLab/gptq's ``llama.py``) a layer's linears go in the
+family's sub-groups instead, one forward pass per sub-group, so later sub-groups see the earlier ones
+compressed. Every family in ``layouts.py`` takes the same path; only the names differ.
 """
 
 from __future__ import annotations
@@ -49,6 +51,25 @@ def selected_linears(cfg: RunConfig, layout: Layout, index: int, layer: nn.Modul
     return {n: m for n, m in linears.items() if selected(cfg, index, n)}
 
 
+def linear_groups(cfg: RunConfig, layout: Layout, index: int, layer: nn.Module) -> list[dict[str, nn.Linear]]:
+    """The selected linears of a layer in the groups that are compressed one after another.
+
+    By default one group: every linear accumulates its Hessian from the uncompressed layer's activations, as
+    in IST-DASLab/sparsegpt. With --true-sequential the family's sub-groups (attention q/k/v, the output
+    projection, the MLP's input projection(s), its output projection), each accumulated after the groups
+    before it are compressed (IST-DASLab/gptq's llama.py).
+    """
+    chosen = selected_linears(cfg, layout, index, layer)
+    if not cfg.true_sequential:
+        return [chosen] if chosen else []
+    prefix = layout.layer_prefix(index)
+    unknown = set(chosen) - {prefix + n for n in layout.linear_names}
+    if unknown:  # a layer the layout does not describe: compressing it out of order would go unnoticed
+        raise RuntimeError(f"--true-sequential: {sorted(unknown)} are in no sub-group of the {layout.family} layout")
+    groups = [{prefix + n: chosen[prefix + n] for n in names if prefix + n in chosen} for names in layout.sequential]
+    return [g for g in groups if g]
+
+
 def plan_options(cfg: RunConfig) -> PlanOptions:
     return PlanOptions(groups=cfg.groups, cluster=cfg.cluster, strategy=cfg.strategy, bit_alloc=cfg.bit_alloc,
                        wbits=cfg.wbits, choices=cfg.bits_choices, mi=cfg.mi, alpha=cfg.mi_alpha, seed=cfg.seed,
@@ -76,11 +97,11 @@ def compress_sparsegpt(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.de
     inps, layer_kwargs = layerwalk.capture_inputs(model, calib, dev)
 
     def visit(i: int, layer: nn.Module, inps: torch.Tensor) -> None:
-        subset = selected_linears(cfg, layout, i, layer)
-        for name, g in _accumulate(cfg, subset, layer, inps, layer_kwargs[i], calib.numel()).items():
-            plan = compress_linear(name, g, cfg, res)
-            if plan is not None and name == plot_layer:
-                res.plot = (name, plan)
+        for group in linear_groups(cfg, layout, i, layer):
+            for name, g in _accumulate(cfg, group, layer, inps, layer_kwargs[i], calib.numel()).items():
+                plan = compress_linear(name, g, cfg, res)
+                if plan is not None and name == plot_layer:
+                    res.plot = (name, plan)
 
     layerwalk.walk(model, inps, layer_kwargs, dev, visit=visit, desc="compress")
     return res

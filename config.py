@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prune_only", type=str, default="", help="compress only linear layers whose name contains this")
     a.add_argument("--invert", action="store_true", help="invert the layer selection above")
     a.add_argument("--save", type=str, default="", help="save the compressed model (safetensors) and tokenizer here")
+    a.add_argument("--true-sequential", action="store_true",
+                   help="compress a layer's linears in sub-groups (attention q/k/v, output projection, MLP in, MLP "
+                        "out), each from the outputs of the sub-groups compressed before it (IST-DASLab/gptq)")
     b = p.add_argument_group("toolkit options")
     b.add_argument("--groupsize", type=int, default=-1, help="GPTQ groups: new quantization parameters every G columns")
     b.add_argument("--sym", action="store_true", help="symmetric quantization (reference default: asymmetric)")
@@ -116,6 +119,7 @@ class RunConfig:
     prune_only: str = ""
     invert: bool = False
     save: str = ""
+    true_sequential: bool = False
     groupsize: int = -1
     sym: bool = False
     seqlen: int | None = None  # None until the model's positions are known (``with_seqlen``)

@@ -1,9 +1,11 @@
 """Every supported model family through the same walker and compression code.
 
 Tiny random-weight models of each family are built from configs (no hub): the layer-by-layer perplexity
-must equal the model's own forward pass, and SparseGPT on a Llama-family model must equal the independent
-OBS loop.
+must equal the model's own forward pass, SparseGPT on a Llama-family linear must equal the independent OBS
+loop, and --true-sequential must change exactly the inputs of the later sub-groups.
 """
+
+import copy
 
 import pytest
 import torch
@@ -142,3 +144,45 @@ def test_sparsegpt_on_llama_equals_obs_loop(kw, monkeypatch):
     x = model.model.layers[0].input_layernorm(model.model.embed_tokens(calib)).reshape(-1, 32).double()
     H = seen["model.layers.0.self_attn.q_proj"][1]
     assert torch.allclose(H.double(), 2 / len(calib) * x.T @ x, rtol=1e-4, atol=1e-4)
+
+
+def _hessian_by_hand(model, calib: torch.Tensor, name: str) -> torch.Tensor:
+    """2/n sum x x^T of the inputs of layer 0's linear ``name``, from a plain forward pass of the layer."""
+    inps, layer_kwargs = layerwalk.capture_inputs(model, calib, CPU)
+    xs = []
+    layer = layouts.of(model).decoder_layers(model)[0]
+    hook = layer.get_submodule(name).register_forward_hook(lambda m, inp, out: xs.append(inp[0].reshape(-1,
+                                                                                                      inp[0].shape[-1])))
+    with torch.no_grad():
+        layerwalk.run_layer(layer, inps, layer_kwargs[0])
+    hook.remove()
+    x = torch.cat(xs).double()
+    return 2 / len(calib) * x.T @ x
+
+
+@pytest.mark.parametrize("model_type", ["opt", "llama", "qwen3"])
+def test_true_sequential_feeds_later_subgroups_the_compressed_outputs(model_type, monkeypatch):
+    """Sub-group k of layer 0 accumulates its Hessian from the layer with sub-groups < k already compressed
+    (computed here by hand from a copy holding those compressed weights); the first sub-group sees the same
+    inputs as without the flag, and the later ones do not."""
+    model = tiny_model(model_type)
+    calib = layerwalk.eval_windows(_tokens(8, seed=2), SEQLEN)
+    default, seq_model = copy.deepcopy(model), copy.deepcopy(model)
+    plain = _compress_recording(default, calib, _config(sparsity=0.5), monkeypatch)
+    seq = _compress_recording(seq_model, calib, _config(sparsity=0.5, true_sequential=True), monkeypatch)
+    layout = layouts.of(model)
+    prefix = layout.layer_prefix(0)
+    assert set(plain) == set(seq)
+    first = layout.sequential[0]
+    for n in first:
+        assert torch.equal(seq[prefix + n][1], plain[prefix + n][1])
+    hand = copy.deepcopy(model)
+    compressed = dict(seq_model.named_modules())
+    for k, group in enumerate(layout.sequential):
+        for n in group:
+            H = seq[prefix + n][1].double()
+            assert torch.allclose(H, _hessian_by_hand(hand, calib, n), rtol=1e-4, atol=1e-3), n
+            if k > 0:
+                assert not torch.allclose(H, plain[prefix + n][1].double(), rtol=1e-3, atol=1e-3), n
+        for n in group:  # from here on the hand copy holds this sub-group compressed
+            hand.get_submodule(prefix + n).weight.data.copy_(compressed[prefix + n].weight.data)
