@@ -33,15 +33,15 @@ usage: $0 [--model M] [--calib D] [--eval LIST] [--sparsities "0.5 ..."] [--grou
           [--wbits "3 4"] [--out DIR] [--jobs N] [--nsamples N] [--extra "opt_mi.py flags"]
           [--methods "$ALL_METHODS"] [--retry-failed]
 
-  --model M          hub id, local folder or 'toy' (default toy)
+  --model M          hub id, local folder, or a built-in toy: 'toy' (OPT) or 'toy-llama' (default toy)
   --calib D          calibration data (default synthetic)
-  --eval LIST        comma-separated eval sets (default synthetic for toy, else wikitext2,ptb,c4)
+  --eval LIST        comma-separated eval sets (default synthetic for the toys, else wikitext2,ptb,c4)
   --sparsities LIST  target sparsities (default "0.5"); 0 runs the quantize-only rows
   --groups LIST      K values for the MI and control rows (default "8")
   --wbits LIST       bit budgets (default "4"); fractional budgets skip the uniform and g128 rows
   --out DIR          results folder (default results/sweep)
   --jobs N           configurations run at a time (default 1)
-  --nsamples N       calibration windows (default 32 for toy, else 128)
+  --nsamples N       calibration windows (default 32 for the toys, else 128)
   --extra "..."      flags appended to every opt_mi.py call, e.g. "--seqlen 64 --seed 1"
   --methods LIST     subset of the matrix to run (default all: $ALL_METHODS)
   --retry-failed     run configurations that have an <id>.failed.json again
@@ -89,11 +89,12 @@ for w in "${WBITS_LIST[@]}"; do [[ $w =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--wbits:
 for k in "${K_LIST[@]}"; do [[ $k =~ ^[1-9][0-9]*$ ]] || die "--groups: $k is not a positive integer K"; done
 for m in "${METHOD_LIST[@]}"; do [[ " $ALL_METHODS " == *" $m "* ]] || die "--methods: unknown $m (known: $ALL_METHODS)"; done
 ((${#SPARSITY_LIST[@]} && ${#WBITS_LIST[@]} && ${#METHOD_LIST[@]})) || die "--sparsities, --wbits and --methods must not be empty"
+is_toy() { [[ $MODEL == toy || $MODEL == toy-llama ]]; } # the built-in offline models (toy.TOY_NAMES)
 if [[ -z $NSAMPLES ]]; then
-    if [[ $MODEL == toy ]]; then NSAMPLES=32; else NSAMPLES=128; fi
+    if is_toy; then NSAMPLES=32; else NSAMPLES=128; fi
 fi
 if [[ -z $EVAL ]]; then
-    if [[ $MODEL == toy ]]; then EVAL=synthetic; else EVAL=wikitext2,ptb,c4; fi
+    if is_toy; then EVAL=synthetic; else EVAL=wikitext2,ptb,c4; fi
 fi
 if [[ -n ${OPT_MI_CMD:-} ]]; then
     read -ra CMD <<<"$OPT_MI_CMD"
@@ -187,9 +188,9 @@ for i in "${!IDS[@]}"; do
 done
 echo "sweep: $TOTAL configurations, $TO_RUN to run, $JOBS at a time -> $OUT"
 
-if ((TO_RUN)) && [[ $MODEL == toy && -z ${OPT_MI_CMD:-} ]]; then
+if ((TO_RUN)) && is_toy && [[ -z ${OPT_MI_CMD:-} ]]; then
     # build the toy model once here rather than in several jobs at the same time
-    (cd "$HERE" && "$PYTHON" -c "import toy; toy.toy_model_path()")
+    (cd "$HERE" && "$PYTHON" -c "import sys, models; models.resolve(sys.argv[1])" "$MODEL")
 fi
 
 declare -A RUN_ID=() RUN_IDX=() RUN_T0=() RUN_CMD=() # by pid of the running opt_mi.py

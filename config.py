@@ -20,6 +20,7 @@ import datautils
 import mutual_info
 from mi_plan import MIOptions
 from quant import STRATEGIES
+from toy import TOY_NAMES
 
 DEFAULT_EVAL = "wikitext2,ptb,c4"
 TOY_EVAL = "synthetic"
@@ -39,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="opt_mi.py", description="Compress an OPT or Llama-family model with SparseGPT and joint "
                 "quantization, optionally with MI channel grouping.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", help="hub id (facebook/opt-125m, meta-llama/Llama-3.2-1B ...), a local folder, or "
-                   "'toy' (built-in, offline)")
+    p.add_argument("model", help="hub id (facebook/opt-125m, meta-llama/Llama-3.2-1B ...), a local folder, or a "
+                   "built-in offline toy: 'toy' (OPT) or 'toy-llama'")
     p.add_argument("dataset", help="calibration data: wikitext2, ptb, c4, synthetic, or a .txt/.json/.jsonl file")
     a = p.add_argument_group("reference (IST-DASLab/sparsegpt) options")
     a.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and everything seeded")
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sym", action="store_true", help="symmetric quantization (reference default: asymmetric)")
     b.add_argument("--seqlen", type=int, default=None, help="window length (default min(2048, model positions))")
     b.add_argument("--eval", type=str, default=None,
-                   help=f"comma-separated eval sets (names or files); default {DEFAULT_EVAL} ('{TOY_EVAL}' for toy)")
+                   help=f"comma-separated eval sets (names or files); default {DEFAULT_EVAL} "
+                        f"('{TOY_EVAL}' for the toys)")
     b.add_argument("--device", type=str, default=None, help="cuda, cuda:1, cpu ... (default cuda when available)")
     b.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="model dtype; auto = float32 on cpu, the checkpoint's dtype on cuda")
@@ -174,7 +176,7 @@ class RunConfig:
         return MIOptions(self.mi_bins, self.mi_binning, self.mi_bias, self.mi_normalize, self.mi_estimator)
 
     def eval_names(self) -> list[str]:
-        spec = self.eval if self.eval is not None else (TOY_EVAL if self.model == "toy" else DEFAULT_EVAL)
+        spec = self.eval if self.eval is not None else (TOY_EVAL if self.model in TOY_NAMES else DEFAULT_EVAL)
         return [s.strip() for s in spec.split(",") if s.strip()]
 
     def with_seqlen(self, positions: int) -> RunConfig:

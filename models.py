@@ -1,4 +1,4 @@
-"""Where models come from: the Hugging Face hub (reachable or not), a local folder, or the built-in toy.
+"""Where models come from: the Hugging Face hub (reachable or not), a local folder, or a built-in toy.
 
 Loading is split in two so that bad input fails fast: ``open_source`` reads only the config and the
 tokenizer (seconds), ``load_model`` the weights. When the hub does not answer a TCP connect within
@@ -92,15 +92,15 @@ class ModelSource:
 
 
 def resolve(name: str) -> str:
-    """A local folder or hub id for MODEL ('toy' is built and cached on first use)."""
-    if name == "toy":
-        import toy
+    """A local folder or hub id for MODEL (a built-in toy, 'toy' or 'toy-llama', is built and cached on first use)."""
+    import toy
 
-        return toy.toy_model_path()
+    if name in toy.TOY_NAMES:
+        return toy.toy_model_path(name=name)
     if os.path.isdir(name):
         return name
     if name.startswith((".", "/", "~")) or os.path.exists(name):
-        raise ModelError(f"MODEL {name}: model folder not found (give a local folder, a hub id or 'toy')")
+        raise ModelError(f"MODEL {name}: model folder not found (give a local folder, a hub id, 'toy' or 'toy-llama')")
     return name
 
 

@@ -2,10 +2,13 @@
 
 Tiny random-weight models of each family are built from configs (no hub): the layer-by-layer perplexity
 must equal the model's own forward pass, SparseGPT on a Llama-family linear must equal the independent OBS
-loop, and --true-sequential must change exactly the inputs of the later sub-groups.
+loop, and --true-sequential must change exactly the inputs of the later sub-groups. The built-in toy-llama
+(trained, slow-marked) runs the whole pipeline.
 """
 
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -186,3 +189,57 @@ def test_true_sequential_feeds_later_subgroups_the_compressed_outputs(model_type
                 assert not torch.allclose(H, plain[prefix + n][1].double(), rtol=1e-3, atol=1e-3), n
         for n in group:  # from here on the hand copy holds this sub-group compressed
             hand.get_submodule(prefix + n).weight.data.copy_(compressed[prefix + n].weight.data)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the built-in toy-llama end to end
+
+FAST = ["--nsamples", "16", "--seqlen", "64", "--analysis-dir", "", "--eval", "synthetic"]
+
+
+def _run(toy_llama_path, tmp_path, *extra, name="r") -> dict:
+    out = tmp_path / f"{name}.json"
+    assert opt_mi.main([toy_llama_path, "synthetic", *FAST, "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_toy_llama_sparsegpt_beats_magnitude(toy_llama_path, tmp_path):
+    dense = _run(toy_llama_path, tmp_path, name="dense")
+    sgpt = _run(toy_llama_path, tmp_path, "--sparsity", "0.5", name="sgpt")
+    mag = _run(toy_llama_path, tmp_path, "--sparsity", "0.5", "--gmp", name="mag")
+    d, s, m = (r["ppl"]["synthetic"] for r in (dense, sgpt, mag))
+    assert d < s < m
+    assert abs(sgpt["sparsity"] - 0.5) < 0.005 and abs(mag["sparsity"] - 0.5) < 0.005
+    names = [r["name"] for r in sgpt["layers"]]
+    assert len(names) == 14 and "model.layers.1.mlp.gate_proj" in names
+    ts = _run(toy_llama_path, tmp_path, "--sparsity", "0.5", "--true-sequential", name="ts")
+    assert math.isfinite(ts["ppl"]["synthetic"]) and ts["ppl"] != sgpt["ppl"]
+    assert [r["name"] for r in ts["layers"]] == names  # Llama's module order is its sub-groups' order
+
+
+@pytest.mark.slow
+def test_toy_llama_mi_path_seeded_saved_and_reloaded(toy_llama_path, tmp_path):
+    flags = ["--sparsity", "0.5", "--wbits", "3.5", "--groups", "4"]
+    a = _run(toy_llama_path, tmp_path, *flags, "--save", str(tmp_path / "m"), name="a")
+    b = _run(toy_llama_path, tmp_path, *flags, name="b")
+    assert a["method"] == "sparsegpt+mi-B" and math.isfinite(a["ppl"]["synthetic"])
+    assert a["ppl"] == b["ppl"] and [r["labels"] for r in a["layers"]] == [r["labels"] for r in b["layers"]]
+    assert a["bits"]["avg_weight_bits"] <= 3.5
+    for layer in a["layers"]:
+        assert len(layer["group_sizes"]) == 4
+        assert sum(s * x for s, x in zip(layer["group_sizes"], layer["group_bits"], strict=True)) <= 3.5 * layer[
+            "channels"] + 1e-9
+    again = _run(str(tmp_path / "m"), tmp_path, name="again")
+    assert again["ppl"]["synthetic"] == pytest.approx(a["ppl"]["synthetic"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_toy_llama_figures_show_the_middle_up_proj(toy_llama_path, tmp_path):
+    out, an = tmp_path / "r.json", tmp_path / "an"
+    assert opt_mi.main(["toy-llama", "synthetic", "--nsamples", "8", "--seqlen", "32", "--wbits", "4", "--groups",
+                        "4", "--mi-samples", "256", "--analysis-dir", str(an), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["config"]["eval"] is None and list(r["ppl"]) == ["synthetic"]  # the toys' default eval set
+    assert {p.rsplit("/", 1)[-1] for p in r["figures"]} == {"mi_matrix.png", "grouping_result.png"}
+    assert r["config"]["model_path"] == toy_llama_path
