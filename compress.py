@@ -4,7 +4,9 @@ magnitude baseline; one record and one bits account per compressed layer.
 The walk follows IST-DASLab/sparsegpt's ``opt_sequential``: layer 0's inputs are captured on the calibration
 windows, then for each decoder layer the selected linears accumulate their Hessians (and, for a plan, a
 sample of their outputs) in one forward pass, are compressed one by one, and the compressed layer's outputs
-feed the next layer.
+feed the next layer. With --true-sequential (IST-DASLab/gptq's ``llama.py``) a layer's linears go in the
+family's sub-groups instead, one forward pass per sub-group, so later sub-groups see the earlier ones
+compressed. Every family in ``layouts.py`` takes the same path; only the names differ.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from torch import nn
 
 import bitstats
 import layerwalk
+import layouts
 import trials
 from config import RunConfig
+from layouts import Layout
 from mi_plan import LayerPlan, PlanOptions, plan_layer
 from quant import QuantizedLayer, Quantizer, rtn_grid
 from sparsegpt_mi import PassResult, SparseGPT, column_groups, layer_error, magnitude_prune
@@ -43,16 +47,29 @@ def selected(cfg: RunConfig, index: int, name: str) -> bool:
     return (cfg.minlayer <= index < cfg.maxlayer and cfg.prune_only in name) != cfg.invert
 
 
-def layer_prefix(index: int) -> str:
-    return f"model.decoder.layers.{index}."
+def selected_linears(cfg: RunConfig, layout: Layout, index: int, layer: nn.Module) -> dict[str, nn.Linear]:
+    """The linears of decoder layer ``index`` to compress, keyed by state-dict name, in the module's order."""
+    linears = layerwalk.find_linears(layer, layout.layer_prefix(index))
+    return {n: m for n, m in linears.items() if selected(cfg, index, n)}
 
 
-def selected_linears(cfg: RunConfig, index: int, layer: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in layerwalk.find_linears(layer, layer_prefix(index)).items() if selected(cfg, index, n)}
+def linear_groups(cfg: RunConfig, layout: Layout, index: int, layer: nn.Module) -> list[dict[str, nn.Linear]]:
+    """The selected linears of a layer in the groups that are compressed one after another.
 
-
-def default_plot_layer(model) -> str:
-    return f"{layer_prefix(len(layerwalk.decoder_layers(model)) // 2)}fc1"
+    By default one group: every linear accumulates its Hessian from the uncompressed layer's activations, as
+    in IST-DASLab/sparsegpt. With --true-sequential the family's sub-groups (attention q/k/v, the output
+    projection, the MLP's input projection(s), its output projection), each accumulated after the groups
+    before it are compressed (IST-DASLab/gptq's llama.py).
+    """
+    chosen = selected_linears(cfg, layout, index, layer)
+    if not cfg.true_sequential:
+        return [chosen] if chosen else []
+    prefix = layout.layer_prefix(index)
+    unknown = set(chosen) - {prefix + n for n in layout.linear_names}
+    if unknown:  # a layer the layout does not describe: compressing it out of order would go unnoticed
+        raise RuntimeError(f"--true-sequential: {sorted(unknown)} are in no sub-group of the {layout.family} layout")
+    groups = [{prefix + n: chosen[prefix + n] for n in names if prefix + n in chosen} for names in layout.sequential]
+    return [g for g in groups if g]
 
 
 def plan_options(cfg: RunConfig) -> PlanOptions:
@@ -64,8 +81,9 @@ def plan_options(cfg: RunConfig) -> PlanOptions:
 def _warn_if_k_exceeds_channels(model, cfg: RunConfig) -> None:
     if not cfg.grouped or cfg.groups == "all":
         return
-    narrow = sorted({m.out_features for i, layer in enumerate(layerwalk.decoder_layers(model))
-                     for m in selected_linears(cfg, i, layer).values() if m.out_features < cfg.groups})
+    layout = layouts.of(model)
+    narrow = sorted({m.out_features for i, layer in enumerate(layout.decoder_layers(model))
+                     for m in selected_linears(cfg, layout, i, layer).values() if m.out_features < cfg.groups})
     if narrow:
         print(f"warning: --groups {cfg.groups} exceeds the {narrow[0]} channels of some layers; "
               f"using K = channels where a layer has fewer", file=sys.stderr)
@@ -75,24 +93,25 @@ def _warn_if_k_exceeds_channels(model, cfg: RunConfig) -> None:
 def compress_sparsegpt(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.device) -> CompressionResult:
     """SparseGPT (+ joint quantization, + MI plan) over all selected decoder linear layers. calib [n, seqlen]."""
     res = CompressionResult()
+    layout = layouts.of(model)
     _warn_if_k_exceeds_channels(model, cfg)
-    plot_layer = cfg.plot_layer or default_plot_layer(model)
-    inps, kwargs = layerwalk.capture_inputs(model, calib, dev)
+    plot_layer = cfg.plot_layer or layout.default_plot_layer(model)
+    inps, layer_kwargs = layerwalk.capture_inputs(model, calib, dev)
 
     def visit(i: int, layer: nn.Module, inps: torch.Tensor) -> None:
-        for name, g in _accumulate(cfg, i, layer, inps, kwargs, calib.numel()).items():
-            plan = compress_linear(name, g, cfg, res)
-            if plan is not None and name == plot_layer:
-                res.plot = (name, plan)
+        for group in linear_groups(cfg, layout, i, layer):
+            for name, g in _accumulate(cfg, group, layer, inps, layer_kwargs[i], calib.numel()).items():
+                plan = compress_linear(name, g, cfg, res)
+                if plan is not None and name == plot_layer:
+                    res.plot = (name, plan)
 
-    layerwalk.walk(model, inps, kwargs, dev, visit=visit, desc="compress")
+    layerwalk.walk(model, inps, layer_kwargs, dev, visit=visit, desc="compress")
     return res
 
 
-def _accumulate(cfg: RunConfig, index: int, layer: nn.Module, inps: torch.Tensor, kwargs: dict,
+def _accumulate(cfg: RunConfig, subset: dict[str, nn.Linear], layer: nn.Module, inps: torch.Tensor, kwargs: dict,
                 total_rows: int) -> dict[str, SparseGPT]:
-    """One forward pass of the layer with hooks: every selected linear's Hessian (and output sample)."""
-    subset = selected_linears(cfg, index, layer)
+    """One forward pass of the layer with hooks: the Hessian (and output sample) of every linear in subset."""
     gpts = {n: SparseGPT(m, n) for n, m in subset.items()}
     if cfg.grouped:
         for n, g in gpts.items():  # a seed per layer name: the same sample whatever else is selected
@@ -239,8 +258,9 @@ def _permutation_bits(cfg: RunConfig, cols: int, plan: LayerPlan | None) -> floa
 def compress_magnitude(model, cfg: RunConfig) -> CompressionResult:
     """The --gmp baseline: magnitude pruning per layer, then round-to-nearest per-channel quantization."""
     res = CompressionResult()
-    for i, layer in enumerate(layerwalk.decoder_layers(model)):
-        for n, m in selected_linears(cfg, i, layer).items():
+    layout = layouts.of(model)
+    for i, layer in enumerate(layout.decoder_layers(model)):
+        for n, m in selected_linears(cfg, layout, i, layer).items():
             t = time.time()
             W = m.weight.data
             mask = magnitude_prune(W.float(), cfg.sparsity, cfg.prunen, cfg.prunem)
@@ -272,8 +292,9 @@ def compress(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.device) -> C
 
 def decoder_linear_weights(model) -> int:
     """Number of weights in all decoder linear layers: what whole-model bits per weight divide by."""
-    return sum(m.weight.numel() for i, layer in enumerate(layerwalk.decoder_layers(model))
-               for m in layerwalk.find_linears(layer, layer_prefix(i)).values())
+    layout = layouts.of(model)
+    return sum(m.weight.numel() for layer in layout.decoder_layers(model)
+               for m in layerwalk.find_linears(layer).values())
 
 
 def mask_sparsity(res: CompressionResult) -> float:

@@ -20,6 +20,7 @@ import datautils
 import mutual_info
 from mi_plan import MIOptions
 from quant import STRATEGIES
+from toy import TOY_NAMES
 
 DEFAULT_EVAL = "wikitext2,ptb,c4"
 AXES = ("output", "input")
@@ -37,9 +38,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="opt_mi.py", description="Compress an OPT model with SparseGPT and joint quantization, "
-                "optionally with MI channel grouping.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", help="hub id (facebook/opt-125m ...), a local folder, or 'toy' (built-in, offline)")
+    p = _Parser(prog="opt_mi.py", description="Compress an OPT or Llama-family model with SparseGPT and joint "
+                "quantization, optionally with MI channel grouping.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="hub id (facebook/opt-125m, meta-llama/Llama-3.2-1B ...), a local folder, or a "
+                   "built-in offline toy: 'toy' (OPT) or 'toy-llama'")
     p.add_argument("dataset", help="calibration data: wikitext2, ptb, c4, synthetic, or a .txt/.json/.jsonl file")
     a = p.add_argument_group("reference (IST-DASLab/sparsegpt) options")
     a.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and everything seeded")
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prune_only", type=str, default="", help="compress only linear layers whose name contains this")
     a.add_argument("--invert", action="store_true", help="invert the layer selection above")
     a.add_argument("--save", type=str, default="", help="save the compressed model (safetensors) and tokenizer here")
+    a.add_argument("--true-sequential", action="store_true",
+                   help="compress a layer's linears in sub-groups (attention q/k/v, output projection, MLP in, MLP "
+                        "out), each from the outputs of the sub-groups compressed before it (IST-DASLab/gptq)")
     b = p.add_argument_group("toolkit options")
     b.add_argument("--groupsize", type=int, default=-1, help="GPTQ groups: new quantization parameters every G columns")
     b.add_argument("--sym", action="store_true", help="symmetric quantization (reference default: asymmetric)")
@@ -65,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "parameters are fixed before the pass (static groups), so g_idx stays valid")
     b.add_argument("--seqlen", type=int, default=None, help="window length (default min(2048, model positions))")
     b.add_argument("--eval", type=str, default=None,
-                   help=f"comma-separated eval sets (names or files); default {DEFAULT_EVAL} ('{TOY_EVAL}' for toy)")
+                   help=f"comma-separated eval sets (names or files); default {DEFAULT_EVAL} "
+                        f"('{TOY_EVAL}' for the toys)")
     b.add_argument("--device", type=str, default=None, help="cuda, cuda:1, cpu ... (default cuda when available)")
     b.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="model dtype; auto = float32 on cpu, the checkpoint's dtype on cuda")
@@ -101,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("analysis")
     o.add_argument("--analysis-dir", type=str, default="analysis", help="where mi_matrix.png etc. go; '' = none")
     o.add_argument("--plot-layer", type=str, default=None,
-                   help="layer to draw (default: fc1 of the middle decoder layer), e.g. model.decoder.layers.0.fc1")
+                   help="layer to draw (default: the middle decoder layer's fc1 (OPT) or mlp.up_proj (Llama family)), "
+                        "e.g. model.decoder.layers.0.fc1 or model.layers.0.mlp.up_proj")
     return p
 
 
@@ -125,6 +133,7 @@ class RunConfig:
     prune_only: str = ""
     invert: bool = False
     save: str = ""
+    true_sequential: bool = False
     groupsize: int = -1
     sym: bool = False
     act_order: bool = False
@@ -182,7 +191,7 @@ class RunConfig:
         return MIOptions(self.mi_bins, self.mi_binning, self.mi_bias, self.mi_normalize, self.mi_estimator)
 
     def eval_names(self) -> list[str]:
-        spec = self.eval if self.eval is not None else (TOY_EVAL if self.model == "toy" else DEFAULT_EVAL)
+        spec = self.eval if self.eval is not None else (TOY_EVAL if self.model in TOY_NAMES else DEFAULT_EVAL)
         return [s.strip() for s in spec.split(",") if s.strip()]
 
     def with_seqlen(self, positions: int) -> RunConfig:

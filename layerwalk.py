@@ -1,11 +1,14 @@
-"""Walk an OPT decoder layer by layer, so that a model larger than the accelerator can be compressed and
-evaluated one decoder layer at a time (as IST-DASLab/sparsegpt's ``opt_sequential`` and ``opt_eval``).
+"""Walk a decoder-only model layer by layer, so that a model larger than the accelerator can be compressed and
+evaluated one decoder layer at a time (as IST-DASLab/sparsegpt's ``opt_sequential`` and ``opt_eval``). The
+same code walks every family in ``layouts.py`` (OPT, Llama, Mistral, Qwen2/3); the layout only says where
+the decoder layers, the embeddings and the head are.
 
-The first decoder layer's inputs are captured together with *every* keyword argument the model passes it
-(attention mask, position ids, ... whatever the installed transformers sends). Replaying exactly those
-keeps attention causal: transformers 5 passes ``attention_mask=None`` to SDPA layers and relies on the
-layer's ``is_causal``, while eager attention gets an explicit 4-D mask; a walker that rebuilds the mask
-itself gets one of the two wrong.
+The first decoder layer's inputs are captured together with *every* keyword argument the model passes to
+each decoder layer (attention mask, position ids, rotary position embeddings, ... whatever the installed
+transformers sends). Replaying exactly those keeps attention causal: transformers 5 passes
+``attention_mask=None`` to SDPA layers and relies on the layer's ``is_causal``, while eager attention gets an
+explicit 4-D mask; a walker that rebuilds the mask itself gets one of the two wrong. They are captured per
+layer because layers may differ: a Qwen2 with sliding-window layers gives those another mask than layer 0.
 """
 
 from __future__ import annotations
@@ -16,15 +19,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import layouts
+
 Visit = Callable[[int, nn.Module, torch.Tensor], None]
-
-
-def decoder(model: nn.Module) -> nn.Module:
-    return model.model.decoder
+LayerKwargs = list[dict]  # the keyword arguments of each decoder layer, as the model passed them
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return decoder(model).layers
+    return layouts.of(model).decoder_layers(model)
 
 
 def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
@@ -36,42 +38,70 @@ class _Stop(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    """Stands in for decoder layer 0: records its input and keyword arguments, then stops the forward."""
+class _Capture:
+    """What the stand-ins record: layer 0's input per window, and each layer's arguments (first window only)."""
 
-    def __init__(self, layer: nn.Module, store: list):
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
+        self.inputs: list[torch.Tensor] = []
+        self.calls: list[tuple[tuple, dict]] = []
+
+    @property
+    def complete(self) -> bool:
+        return len(self.calls) == self.n_layers
+
+
+class _StandIn(nn.Module):
+    """Stands in for one decoder layer during capture and passes its input through unchanged.
+
+    Layer 0's stand-in records the window's hidden states. On the first window every stand-in records the
+    arguments the model passed it, and the last one stops the forward (before the head, whose logits are the
+    largest tensor of all); on later windows layer 0's stand-in stops it, as their arguments are the same.
+    """
+
+    def __init__(self, layer: nn.Module, index: int, capture: _Capture):
         super().__init__()
         self.layer = layer
-        self.store = store
+        self.index = index
+        self.capture = capture
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.store.append((hidden_states, args, kwargs))
-        raise _Stop
+        c = self.capture
+        if self.index == 0:
+            c.inputs.append(hidden_states)
+        if c.complete:
+            raise _Stop
+        c.calls.append((args, kwargs))
+        if c.complete:
+            raise _Stop
+        return hidden_states
 
 
-def _embedding_modules(model: nn.Module) -> list[nn.Module]:
-    d = decoder(model)
-    return [m for m in (d.embed_tokens, d.embed_positions, d.project_in) if m is not None]
-
-
-def _head_modules(model: nn.Module) -> list[nn.Module]:
-    d = decoder(model)
-    return [m for m in (d.final_layer_norm, d.project_out, model.lm_head) if m is not None]
+def _replayable(args: tuple, kwargs: dict) -> dict:
+    """A layer's captured arguments without the KV cache (the walk runs without one)."""
+    if args:
+        raise RuntimeError(f"decoder layer got {len(args)} unexpected positional arguments")
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")}
+    kwargs["use_cache"] = False
+    return kwargs
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, windows: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, dict]:
+def capture_inputs(model: nn.Module, windows: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, LayerKwargs]:
     """Run the embeddings on ``windows`` [n, seqlen] (token ids) and return layer 0's inputs.
 
-    Returns (inps [n, seqlen, hidden] in the model's dtype on ``dev``, layer kwargs). Windows go through one
-    at a time, as in the reference, so every kwarg is that of a batch of one and valid for each window.
+    Returns (inps [n, seqlen, hidden] in the model's dtype on ``dev``, each layer's kwargs). Windows go
+    through one at a time, as in the reference, so every kwarg is that of a batch of one and valid for each
+    window. Kwargs tensors (masks, rotary cos/sin) are shared between layers, not copied.
     """
-    layers = decoder_layers(model)
-    for m in _embedding_modules(model):
+    layout = layouts.of(model)
+    layers = layout.decoder_layers(model)
+    for m in layout.embedding_modules(model):
         m.to(dev)
-    store: list = []
-    first = layers[0]
-    layers[0] = _Catcher(first, store)
+    capture = _Capture(len(layers))
+    originals = list(layers)
+    for i, layer in enumerate(originals):
+        layers[i] = _StandIn(layer, i, capture)
     try:
         for j in range(windows.shape[0]):
             try:
@@ -79,24 +109,19 @@ def capture_inputs(model: nn.Module, windows: torch.Tensor, dev: torch.device) -
             except _Stop:
                 pass
     finally:
-        layers[0] = first
+        for i, layer in enumerate(originals):
+            layers[i] = layer
         if dev.type != "cpu":
-            for m in _embedding_modules(model):
+            for m in layout.embedding_modules(model):
                 m.cpu()
-    inps = torch.cat([h for h, _, _ in store], dim=0)
-    _, args, kwargs = store[0]
-    if args:
-        raise RuntimeError(f"decoder layer got {len(args)} unexpected positional arguments")
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")}
-    kwargs["use_cache"] = False
-    return inps, kwargs
+    return torch.cat(capture.inputs, dim=0), [_replayable(args, kwargs) for args, kwargs in capture.calls]
 
 
 @torch.no_grad()
 def walk(
     model: nn.Module,
     inps: torch.Tensor,
-    kwargs: dict,
+    layer_kwargs: LayerKwargs,
     dev: torch.device,
     visit: Visit | None = None,
     desc: str = "layers",
@@ -107,8 +132,8 @@ def walk(
     For each layer: move it to ``dev``, call ``visit(index, layer, inps)`` (compression hooks in here and may
     change the layer's weights), then compute the layer's outputs on ``inps`` *after* the visit, so each layer
     is compressed from the already compressed model's activations, and move the layer back. ``batch``
-    windows go through a layer per call: the captured kwargs (mask, positions) have batch size one and
-    broadcast, so the result is the same up to float summation order.
+    windows go through a layer per call: the captured kwargs (mask, positions, rotary cos/sin) have batch
+    size one and broadcast, so the result is the same up to float summation order.
     """
     layers = decoder_layers(model)
     outs = torch.empty_like(inps)
@@ -117,7 +142,7 @@ def walk(
         if visit is not None:
             visit(i, layer, inps)
         for j in range(0, inps.shape[0], batch):
-            outs[j : j + batch] = layer(inps[j : j + batch], **kwargs)
+            outs[j : j + batch] = layer(inps[j : j + batch], **layer_kwargs[i])
         if dev.type != "cpu":
             layers[i] = layer.cpu()
             torch.cuda.empty_cache()
@@ -139,20 +164,17 @@ def window_losses(model: nn.Module, hidden: torch.Tensor, windows: torch.Tensor,
     Windows go through the head in chunks holding at most ``logits_budget`` float32 logits (512 MB), since a
     50k vocabulary makes logits the largest tensor of evaluation.
     """
-    heads = _head_modules(model)
+    heads = layouts.of(model).head_modules(model)
     for m in heads:
         m.to(dev)
     n, seqlen = windows.shape
-    chunk = max(1, logits_budget // (seqlen * model.lm_head.out_features))
+    chunk = max(1, logits_budget // (seqlen * heads[-1].out_features))
     losses = torch.empty(n, dtype=torch.float64)
-    d = decoder(model)
     for j in range(0, n, chunk):
         h = hidden[j : j + chunk]
-        if d.final_layer_norm is not None:
-            h = d.final_layer_norm(h)
-        if d.project_out is not None:
-            h = d.project_out(h)
-        logits = model.lm_head(h).float()[:, :-1]
+        for m in heads[:-1]:  # final norm (and OPT's project_out)
+            h = m(h)
+        logits = heads[-1](h).float()[:, :-1]
         target = windows[j : j + chunk, 1:].to(dev)
         nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
         losses[j : j + chunk] = nll.view(target.shape).double().mean(1).cpu()
@@ -173,8 +195,8 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, dev: torch.d
                batch: int = 8) -> float:
     """exp(mean window loss) over non-overlapping windows, computed layer by layer (reference ``opt_eval``)."""
     windows = eval_windows(tokens, seqlen)
-    inps, kwargs = capture_inputs(model, windows, dev)
-    hidden = walk(model, inps, kwargs, dev, desc=desc, batch=batch)
+    inps, layer_kwargs = capture_inputs(model, windows, dev)
+    hidden = walk(model, inps, layer_kwargs, dev, desc=desc, batch=batch)
     return float(torch.exp(window_losses(model, hidden, windows, dev).mean()))
 
 

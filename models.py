@@ -1,4 +1,4 @@
-"""Where models come from: the Hugging Face hub (reachable or not), a local folder, or the built-in toy.
+"""Where models come from: the Hugging Face hub (reachable or not), a local folder, or a built-in toy.
 
 Loading is split in two so that bad input fails fast: ``open_source`` reads only the config and the
 tokenizer (seconds), ``load_model`` the weights. When the hub does not answer a TCP connect within
@@ -20,8 +20,9 @@ from urllib.parse import urlparse
 
 import torch
 
+import layouts
+
 HUB_PROBE_TIMEOUT = 3.0  # seconds; a reachable hub answers a TCP connect in well under a second
-SUPPORTED_TYPES = ("opt",)
 
 
 class ModelError(Exception):
@@ -91,15 +92,15 @@ class ModelSource:
 
 
 def resolve(name: str) -> str:
-    """A local folder or hub id for MODEL ('toy' is built and cached on first use)."""
-    if name == "toy":
-        import toy
+    """A local folder or hub id for MODEL (a built-in toy, 'toy' or 'toy-llama', is built and cached on first use)."""
+    import toy
 
-        return toy.toy_model_path()
+    if name in toy.TOY_NAMES:
+        return toy.toy_model_path(name=name)
     if os.path.isdir(name):
         return name
     if name.startswith((".", "/", "~")) or os.path.exists(name):
-        raise ModelError(f"MODEL {name}: model folder not found (give a local folder, a hub id or 'toy')")
+        raise ModelError(f"MODEL {name}: model folder not found (give a local folder, a hub id, 'toy' or 'toy-llama')")
     return name
 
 
@@ -119,8 +120,10 @@ def open_source(name: str, trust_remote_code: bool = False):
         why = f"{reason} and not in the cache" if reason else _first_line(e)
         raise ModelError(f"MODEL {name}: could not load it from the Hugging Face hub or the local cache "
                          f"({why}); offline? pass a local model folder or 'toy'") from None
-    if config.model_type not in SUPPORTED_TYPES:
-        raise ModelError(f"MODEL {name}: model_type '{config.model_type}' is not OPT; this toolkit walks OPT")
+    try:
+        layouts.for_type(config.model_type)
+    except layouts.UnsupportedModel as e:
+        raise ModelError(f"MODEL {name}: {e}") from None
     src = ModelSource(name, path, config.max_position_embeddings, bool(reason), trust_remote_code)
     with src.cache_only():
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -1,7 +1,10 @@
-"""Compress an OPT model with SparseGPT and joint quantization, optionally with MI channel grouping.
+"""Compress an OPT or Llama-family model (Llama, Mistral, Qwen2, Qwen3) with SparseGPT and joint quantization,
+optionally with MI channel grouping.
 
     python opt_mi.py facebook/opt-125m c4 --sparsity 0.5 --wbits 4 --groups 50
-    python opt_mi.py toy synthetic --sparsity 0.5 --wbits 4 --groups 8      # offline, about a minute
+    python opt_mi.py Qwen/Qwen2.5-0.5B c4 --sparsity 0.5 --wbits 4 --true-sequential
+    python opt_mi.py toy synthetic --sparsity 0.5 --wbits 4 --groups 8        # offline, about a minute
+    python opt_mi.py toy-llama synthetic --sparsity 0.5 --wbits 4 --groups 8  # the same on a tiny Llama
 
 Flow as IST-DASLab/sparsegpt's opt.py: parse the flags into a RunConfig (config.py), load the tokenizer and
 the data, then the model (models.py), compress it layer by layer (compress.py), evaluate perplexity with the

@@ -45,6 +45,7 @@ import atomic
 import methods
 import report
 from config import DEFAULT_EVAL, TOY_EVAL
+from toy import TOY_NAMES
 
 HERE = Path(__file__).resolve().parent
 Runner = Callable[[list[str]], list[str]]
@@ -56,7 +57,7 @@ NOT_RUN = {"exists": "exists, skipped", "failed": "failed before, skipped (--ret
 
 # flag -> (metavar, default, help); "" defaults depend on --model
 FLAGS: dict[str, tuple[str, str, str]] = {
-    "--model": ("M", "toy", "hub id, local folder or 'toy' (default toy)"),
+    "--model": ("M", "toy", "hub id, local folder, or a built-in toy: 'toy' (OPT) or 'toy-llama' (default toy)"),
     "--calib": ("D", "synthetic", "calibration data (default synthetic)"),
     "--eval": ("LIST", "", f"comma-separated eval sets (default {TOY_EVAL} for toy, else {DEFAULT_EVAL})"),
     "--sparsities": ("LIST", "0.5", 'target sparsities (default "0.5"); 0 runs the quantize-only rows'),
@@ -156,7 +157,7 @@ def validate(raw: dict[str, str], retry: bool) -> Sweep:
         extra = shlex.split(raw["--extra"])
     except ValueError as e:
         raise UsageError(f"--extra: {e}") from None
-    toy = raw["--model"] == "toy"
+    toy = raw["--model"] in TOY_NAMES
     return Sweep(model=raw["--model"], calib=raw["--calib"], eval=raw["--eval"] or (TOY_EVAL if toy else DEFAULT_EVAL),
                  nsamples=int(raw["--nsamples"] or (32 if toy else 128)), out=Path(raw["--out"]),
                  jobs=int(raw["--jobs"]), extra=tuple(extra), retry_failed=retry,
@@ -245,7 +246,7 @@ class Sweeper:
         old = {sig: signal.signal(sig, self.note_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             # the default runner needs the toy model: a fake one (tests) does not
-            if self.to_run and self.s.model == "toy" and self.runner is opt_mi_command and (rc := self.build_toy()):
+            if self.to_run and self.s.model in TOY_NAMES and self.runner is opt_mi_command and (rc := self.build_toy()):
                 return rc
             self.run_all()
         except Interrupted as e:
@@ -279,7 +280,8 @@ class Sweeper:
 
     def build_toy(self) -> int:
         """Build the toy model once here rather than in several jobs at the same time; its exit status."""
-        code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import toy; toy.toy_model_path()"
+        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import toy; "
+                f"toy.toy_model_path(name={self.s.model!r})")
         command = [sys.executable, "-c", code]
         self.running.append(Job("toy model", 0, command, spawn(command)))
         _, rc = self.wait_any()

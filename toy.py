@@ -1,14 +1,18 @@
-"""The built-in offline toy model: a tiny OPT trained on the synthetic corpus, built on first use.
+"""The built-in offline toy models: a tiny OPT (``toy``) and a tiny Llama (``toy-llama``) trained on the
+synthetic corpus, built on first use.
 
-``toy_model_path()`` returns a local Hugging Face folder (config.json, model.safetensors, tokenizer files,
-TOY.md / TOY.json with the training facts) that loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``
-like any OPT checkpoint. It is trained for a fixed number of seeded steps on ``synthetic_text("train")``
-(about 25 s on two CPU cores), so every developer and CI job gets the same real, trained weights with no
-download: pruning and quantization behave on it as on a real (if small) language model.
+``toy_model_path(name=...)`` returns a local Hugging Face folder (config.json, model.safetensors, tokenizer
+files, TOY.md / TOY.json with the training facts) that loads with ``AutoModelForCausalLM`` /
+``AutoTokenizer`` like any checkpoint of its family. Each is trained for a fixed number of seeded steps on
+``synthetic_text("train")`` (about 25 s on two CPU cores), so every developer and CI job gets the same real,
+trained weights with no download: pruning and quantization behave on them as on a real (if small) language
+model. ``toy-llama`` has the layout of today's Llama-family decoders (RMSNorm, rotary positions,
+grouped-query attention with fewer key/value heads than heads, a gated SiLU MLP), so every code path of
+that family runs offline too.
 
-The tokenizer is word-level over the synthetic vocabulary, with OPT's conventions: ids 0-3 are
-``<s> <pad> </s> <unk>``, every encoding starts with ``</s>`` as BOS, and any other text still
-tokenizes (unknown words become ``<unk>``), so a local .txt can be evaluated on the toy model too.
+The tokenizer, shared by both, is word-level over the synthetic vocabulary, with OPT's conventions: ids 0-3
+are ``<s> <pad> </s> <unk>``, every encoding starts with ``</s>`` as BOS, and any other text still
+tokenizes (unknown words become ``<unk>``), so a local .txt can be evaluated on the toys too.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,70 +34,95 @@ import torch
 import layerwalk
 from synthetic import synthetic_text, synthetic_vocabulary
 
-TOY_NAME = "toy"
-TOY_VERSION = "toy-opt-v1"  # the cache folder's name; a cached toy of another recipe() is rebuilt anyway
 TOY_SEED = 0
-# The recipe. Hidden 64 rather than 128: in the same ~25 s a 128-wide model stays so under-trained that
-# zeroing half of each layer's weights by magnitude costs it ~1-2% perplexity (nothing to compress);
-# at 64 every weight is worked harder and 50% magnitude pruning costs ~12%, SparseGPT ~2%, as on real LMs.
-LAYERS, HIDDEN, HEADS, FFN = 2, 64, 4, 256
-SEQLEN = 128  # training window = max_position_embeddings
-TOY_STEPS, BATCH, LR, WARMUP = 1000, 8, 3e-3, 100
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # OPT's ids 0..3
 PUNCTUATION = tuple(".,?!;:'\"()-")
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "TOY.json")
 STALE_TMP_SECONDS = 3600  # temp folders older than this are leftovers of killed builds
 
 
-def toy_model_path(cache_dir: str | None = None) -> str:
-    """A local folder with the toy OPT model and tokenizer; built (~25 s) and cached on first use.
+@dataclass(frozen=True)
+class ToySpec:
+    """One built-in toy: its MODEL name, its cache folder, and the recipe its weights follow from."""
 
-    The folder is ``<cache_dir>/toy-opt-v1``, cache_dir defaulting to $MIQ_CACHE_DIR, else
+    name: str  # MODEL on the command line
+    version: str  # the cache folder's name; a cached toy of another recipe() is rebuilt anyway
+    model_type: str  # "opt" or "llama": which config and model class (see _CONFIGS)
+    layers: int
+    hidden: int
+    heads: int
+    ffn: int  # OPT's ffn_dim, Llama's intermediate_size
+    kv_heads: int | None = None  # Llama: key/value heads (grouped-query attention when < heads)
+    seqlen: int = 128  # training window = max_position_embeddings
+    steps: int = 1000
+    batch: int = 8
+    lr: float = 3e-3
+    warmup: int = 100
+
+    def recipe(self, steps: int | None = None, seed: int = TOY_SEED) -> dict:
+        """Everything the toy's weights depend on (besides the library versions); saved in TOY.json."""
+        r = {
+            "version": self.version, "layers": self.layers, "hidden": self.hidden, "heads": self.heads,
+            "ffn_dim": self.ffn, "seqlen": self.seqlen, "steps": self.steps if steps is None else steps,
+            "batch": self.batch, "lr": self.lr, "warmup": self.warmup, "seed": seed,
+            "corpus_sha256": hashlib.sha256(synthetic_text("train").encode()).hexdigest()[:16],
+        }
+        if self.kv_heads is not None:  # only where it exists: the OPT toy's recipe (and cache) stay as they were
+            r["kv_heads"] = self.kv_heads
+        return r
+
+
+# Hidden 64 rather than 128: in the same ~25 s a 128-wide model stays so under-trained that zeroing half of
+# each layer's weights by magnitude costs it ~1-2% perplexity (nothing to compress); at 64 every weight is
+# worked harder and 50% magnitude pruning costs ~12%, SparseGPT ~2%, as on real LMs.
+OPT_TOY = ToySpec("toy", "toy-opt-v1", "opt", layers=2, hidden=64, heads=4, ffn=256)
+# The Llama toy at the same width and cost: 4 heads of 16 dims sharing 2 key/value heads, and a gated MLP of
+# 192 (3 matrices of 64 x 192 hold about as many weights as OPT's 2 of 64 x 256).
+LLAMA_TOY = ToySpec("toy-llama", "toy-llama-v1", "llama", layers=2, hidden=64, heads=4, ffn=192, kv_heads=2)
+TOYS: dict[str, ToySpec] = {t.name: t for t in (OPT_TOY, LLAMA_TOY)}
+TOY_NAMES = tuple(TOYS)
+
+
+def toy_model_path(cache_dir: str | None = None, name: str = OPT_TOY.name) -> str:
+    """A local folder with the toy model ``name`` and its tokenizer; built (~25 s) and cached on first use.
+
+    The folder is ``<cache_dir>/<version>`` (e.g. toy-opt-v1), cache_dir defaulting to $MIQ_CACHE_DIR, else
     ~/.cache/mutual_info_quantization. It is built in a temporary folder beside it and renamed into
     place, so a folder found there is complete, whatever happened to other (concurrent, killed) builds.
-    A folder built by another recipe or from another corpus (see ``recipe()``) is rebuilt.
+    A folder built by another recipe or from another corpus (see ``ToySpec.recipe``) is rebuilt.
     """
+    spec = TOYS[name]
     root = Path(cache_dir or os.environ.get("MIQ_CACHE_DIR") or "~/.cache/mutual_info_quantization")
-    final = root.expanduser() / TOY_VERSION
-    if _is_current(final):
+    final = root.expanduser() / spec.version
+    if _is_current(final, spec):
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for old in final.parent.glob(f".{TOY_VERSION}.tmp-*"):
+    for old in final.parent.glob(f".{spec.version}.tmp-*"):
         with contextlib.suppress(OSError):  # another process may be removing it too
             if time.time() - old.stat().st_mtime > STALE_TMP_SECONDS:
                 shutil.rmtree(old)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TOY_VERSION}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.version}.tmp-", dir=final.parent))
     try:
-        build_toy(str(tmp / "toy"))
-        if final.exists() and not _is_current(final):
+        build_toy(str(tmp / "toy"), name=name)
+        if final.exists() and not _is_current(final, spec):
             with contextlib.suppress(FileNotFoundError):  # gone already: another build is replacing it
                 os.replace(final, tmp / "outdated")
         try:
             os.replace(tmp / "toy", final)
         except OSError:
-            if not _is_current(final):  # else a concurrent build got there first: use its folder
+            if not _is_current(final, spec):  # else a concurrent build got there first: use its folder
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(final)
 
 
-def recipe(steps: int | None = None, seed: int = TOY_SEED) -> dict:
-    """Everything the toy's weights depend on (besides the library versions); saved in TOY.json."""
-    return {
-        "version": TOY_VERSION, "layers": LAYERS, "hidden": HIDDEN, "heads": HEADS, "ffn_dim": FFN,
-        "seqlen": SEQLEN, "steps": TOY_STEPS if steps is None else steps, "batch": BATCH, "lr": LR,
-        "warmup": WARMUP, "seed": seed,
-        "corpus_sha256": hashlib.sha256(synthetic_text("train").encode()).hexdigest()[:16],
-    }
-
-
-def _is_current(folder: Path) -> bool:
+def _is_current(folder: Path, spec: ToySpec) -> bool:
     try:
         saved = json.loads((folder / "TOY.json").read_text())
     except (OSError, ValueError):
         return False
-    same = isinstance(saved, dict) and all(saved.get(k) == v for k, v in recipe().items())
+    same = isinstance(saved, dict) and all(saved.get(k) == v for k, v in spec.recipe().items())
     return same and all((folder / name).is_file() for name in MODEL_FILES)
 
 
@@ -117,57 +147,71 @@ def build_tokenizer():
     )
 
 
-def toy_config(vocab_size: int):
+def opt_config(spec: ToySpec, vocab_size: int):
     """A tiny but complete OPT: pre-LayerNorm, ReLU FFN, learned positions, tied embeddings, no dropout."""
     from transformers import OPTConfig
 
     return OPTConfig(
-        vocab_size=vocab_size, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        ffn_dim=FFN, max_position_embeddings=SEQLEN, word_embed_proj_dim=HIDDEN, do_layer_norm_before=True,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
+        vocab_size=vocab_size, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads, ffn_dim=spec.ffn, max_position_embeddings=spec.seqlen,
+        word_embed_proj_dim=spec.hidden, do_layer_norm_before=True, dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, layerdrop=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+        tie_word_embeddings=True,
+    )
+
+
+def llama_config(spec: ToySpec, vocab_size: int):
+    """A tiny but complete Llama: RMSNorm, rotary positions, grouped-query attention, gated SiLU MLP, tied
+    embeddings (as Llama-3.2-1B and Qwen2.5-0.5B), no dropout."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, intermediate_size=spec.ffn,
+        max_position_embeddings=spec.seqlen, hidden_act="silu", rms_norm_eps=1e-6, attention_dropout=0.0,
         pad_token_id=1, bos_token_id=2, eos_token_id=2, tie_word_embeddings=True,
     )
 
 
+# model_type -> (config factory, model class name in transformers, how the card describes it)
+_CONFIGS = {
+    "opt": (opt_config, "OPTForCausalLM", "an OPTForCausalLM"),
+    "llama": (llama_config, "LlamaForCausalLM", "a LlamaForCausalLM"),
+}
+
+
+def toy_config(vocab_size: int, name: str = OPT_TOY.name):
+    """The untrained config of the toy ``name``."""
+    spec = TOYS[name]
+    return _CONFIGS[spec.model_type][0](spec, vocab_size)
+
+
 def window_perplexity(model, ids: torch.LongTensor) -> float:
-    """Held-out perplexity of the toy at its training context, batched (the walker module's definition)."""
-    return layerwalk.full_forward_perplexity(model, ids, SEQLEN, torch.device("cpu"), batch=32)
+    """Held-out perplexity of a toy at its training context, batched (the walker module's definition)."""
+    seqlen = model.config.max_position_embeddings  # a toy's training window
+    return layerwalk.full_forward_perplexity(model, ids, seqlen, torch.device("cpu"), batch=32)
 
 
-def build_toy(out_dir: str, steps: int | None = None, seed: int = TOY_SEED) -> dict:
-    """Train the toy OPT and save it into out_dir (model, tokenizer, TOY.json, TOY.md); return the facts.
+def build_toy(out_dir: str, steps: int | None = None, seed: int = TOY_SEED, name: str = OPT_TOY.name) -> dict:
+    """Train the toy ``name`` and save it into out_dir (model, tokenizer, TOY.json, TOY.md); return the facts.
 
-    Deterministic for a given (steps, seed) on a given machine and torch build: seeded initialization,
-    seeded window order, no dropout.
+    Deterministic for a given (name, steps, seed) on a given machine and torch build: seeded
+    initialization, seeded window order, no dropout.
     """
-    from transformers import OPTForCausalLM
+    import transformers
 
-    steps = TOY_STEPS if steps is None else steps
+    spec = TOYS[name]
+    make_config, class_name, description = _CONFIGS[spec.model_type]
+    steps = spec.steps if steps is None else steps
     build_start = time.perf_counter()
     tokenizer = build_tokenizer()
     train, test = _corpus_ids()
     torch.manual_seed(seed)
-    model = OPTForCausalLM(toy_config(len(tokenizer)))
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, steps))
-    order = torch.Generator().manual_seed(seed)
-    losses = []
-    train_start = time.perf_counter()
-    for _ in range(steps):
-        starts = torch.randint(0, len(train) - SEQLEN, (BATCH,), generator=order)
-        x = torch.stack([train[s : s + SEQLEN] for s in starts])
-        loss = model(x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    train_seconds = time.perf_counter() - train_start
+    model = getattr(transformers, class_name)(make_config(spec, len(tokenizer)))
+    train_seconds, losses = _train(model, spec, steps, seed, train)
     model.eval()
     facts = {
-        **recipe(steps, seed),
+        **spec.recipe(steps, seed),
         "vocab_size": len(tokenizer), "parameters": sum(p.numel() for p in model.parameters()),
         "train_tokens": len(train), "train_seconds": round(train_seconds, 1),
         "torch_threads": torch.get_num_threads(),
@@ -182,14 +226,36 @@ def build_toy(out_dir: str, steps: int | None = None, seed: int = TOY_SEED) -> d
     tokenizer.save_pretrained(out)
     facts["build_seconds"] = round(time.perf_counter() - build_start, 1)
     (out / "TOY.json").write_text(json.dumps(facts, indent=1) + "\n")
-    (out / "TOY.md").write_text(_CARD.format(**facts))
+    kv = f" ({spec.kv_heads} key/value heads)" if spec.kv_heads is not None else ""
+    (out / "TOY.md").write_text(_CARD.format(**facts, description=description, kv=kv))
     return facts
+
+
+def _train(model, spec: ToySpec, steps: int, seed: int, train: torch.LongTensor) -> tuple[float, list[float]]:
+    """AdamW on seeded random windows of the train stream; returns (seconds, loss per step)."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, steps, spec.warmup))
+    order = torch.Generator().manual_seed(seed)
+    losses = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        starts = torch.randint(0, len(train) - spec.seqlen, (spec.batch,), generator=order)
+        x = torch.stack([train[s : s + spec.seqlen] for s in starts])
+        loss = model(x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return time.perf_counter() - start, losses
 
 
 _CARD = """# {version}
 
-The built-in toy model of mutual_info_quantization (toy.py): an OPTForCausalLM with {layers} layers,
-hidden {hidden}, {heads} heads, ffn {ffn_dim}, context {seqlen}, {parameters:,} parameters (embeddings tied
+The built-in toy model of mutual_info_quantization (toy.py): {description} with {layers} layers,
+hidden {hidden}, {heads} heads{kv}, ffn {ffn_dim}, context {seqlen}, {parameters:,} parameters (embeddings tied
 with lm_head), and a word-level tokenizer of {vocab_size} tokens.
 
 Trained from scratch on synthetic.synthetic_text('train') ({train_tokens:,} tokens): {steps} AdamW steps
@@ -209,9 +275,9 @@ def _corpus_ids() -> tuple[torch.LongTensor, torch.LongTensor]:
     return train, tokenizer(synthetic_text("test"), return_tensors="pt").input_ids
 
 
-def _lr_factor(step: int, steps: int) -> float:
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
     # Linear warmup, then cosine decay to 10% of the peak.
-    if step < WARMUP:
-        return (step + 1) / WARMUP
-    progress = (step - WARMUP) / max(1, steps - WARMUP)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))

@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers: the built-in toy model, the optional ../shared testbed, the independent
+"""Shared fixtures and helpers: the built-in toy models, the optional ../shared testbed, the independent
 textbook OBS loop that every SparseGPT implementation detail is checked against, and the check that a
 report's tables equal the result JSONs they were built from (used by the report and the sweep tests)."""
 
@@ -20,6 +20,14 @@ def toy_path() -> str:
     import toy
 
     return toy.toy_model_path()
+
+
+@pytest.fixture(scope="session")
+def toy_llama_path() -> str:
+    """The toy Llama folder (built and cached on first use, about half a minute)."""
+    import toy
+
+    return toy.toy_model_path(name="toy-llama")
 
 
 @pytest.fixture(scope="session")
