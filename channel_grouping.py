@@ -16,6 +16,8 @@ Methods:
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.linalg
 import torch
@@ -202,6 +204,7 @@ def range_groups(features, k: int, seed: int = 0) -> torch.Tensor:
     until there are exactly k, so the contract matches group_channels'. Returns canonical labels [C].
     """
     from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
 
     x = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
     if x.ndim != 2 or len(x) == 0 or not np.isfinite(x).all():
@@ -215,7 +218,9 @@ def range_groups(features, k: int, seed: int = 0) -> torch.Tensor:
     elif k == 1:
         labels = np.zeros(c, dtype=np.int64)
     else:
-        labels = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(z).labels_
+        with warnings.catch_warnings():  # tied points leave clusters empty: handled below
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            labels = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(z).labels_
         labels = _canonical(labels)
         while labels.max() + 1 < k:  # empty clusters on ties: split the largest group along feature 0
             g = int(np.argmax(np.bincount(labels)))
