@@ -278,7 +278,7 @@ import pathlib, sys, time
 sys.path.insert(0, sys.argv[1])
 import opt_mi, outputs
 marker, step, argv = sys.argv[2], sys.argv[3], sys.argv[4:]
-owner = {"compress": opt_mi, "save_model": outputs, "write_json": outputs}[step]
+owner = {"load_model": opt_mi, "save_model": outputs, "write_json": outputs}[step]
 real = getattr(owner, step)
 def paused(*args, **kwargs):
     result = real(*args, **kwargs)
@@ -307,12 +307,12 @@ def _paused(tmp_path: Path, step: str) -> tuple[subprocess.Popen, Path]:
     return p, work
 
 
-@pytest.mark.parametrize("step, sig", [("compress", signal.SIGINT), ("save_model", signal.SIGTERM),
+@pytest.mark.parametrize("step, sig", [("load_model", signal.SIGINT), ("save_model", signal.SIGTERM),
                                        ("write_json", signal.SIGINT)])
 def test_interrupt_is_one_line_exit_130_and_leaves_nothing(tmp_path, step, sig):
-    """Interrupted after compressing, with the model staged, and with every output staged (JSON last)."""
+    """Interrupted at work (the model loaded), with the model staged, and with every output staged (JSON last)."""
     p, work = _paused(tmp_path, step)
-    if step != "compress":
+    if step != "load_model":
         assert any(".tmp" in n for n in snapshot(work)), "nothing was staged when the signal came"
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
@@ -362,19 +362,29 @@ def test_killed_run_is_cleaned_up_and_repeated_runs_are_bit_identical(tmp_path, 
 # valid edge inputs: they run
 
 
-@pytest.mark.parametrize("flags", [["--sparsity", "0.5", "--wbits", "4", "--groups", "100000"],
+@pytest.mark.parametrize("flags", [["--sparsity", "0.5", "--wbits", "4", "--groups", "100000", "--prune_only", "fc1",
+                                    "--bit-alloc", "uniform", "--analysis-dir", "an"],
                                    ["--sparsity", "0.5", "--eval-batch", "100000"],
                                    ["--sparsity", "0.5", "--blocksize", "100000"],
                                    ["--sparsity", "0.5", "--wbits", "4", "--dtype", "float16"],
                                    ["--sparsity", "0.5", "--wbits", "4", "--groups", "4", "--dtype", "bfloat16"],
                                    ["--sparsity", "0.99999"],
-                                   ["--prunen", "2", "--prunem", "4", "--blocksize", "100"]],
+                                   ["--prunen", "2", "--prunem", "4", "--blocksize", "100"],
+                                   ["--wbits", "4", "--groups", "4", "--prune_only", "q_proj", "--bit-alloc", "uniform",
+                                    "--analysis-dir", "an"],
+                                   ["--sparsity", "0.5", "--plot-layer", "model.decoder.layers.0.fc1"]],
                          ids=["groups-100000", "eval-batch-100000", "blocksize-beyond-width", "float16-on-cpu",
-                              "bfloat16-on-cpu", "sparsity-0.99999", "nm-block-at-least-width"])
-def test_valid_edge_inputs_run(flags, tmp_path, monkeypatch):
+                              "bfloat16-on-cpu", "sparsity-0.99999", "nm-block-at-least-width",
+                              "default-plot-layer-not-compressed", "plot-layer-without-figures"])
+def test_valid_edge_inputs_run(flags, tmp_path, monkeypatch, capsys):
+    """They run, compress something, evaluate to a finite perplexity, and draw what an --analysis-dir asks for;
+    --plot-layer in a run without figures is a warning (a sweep's --extra reaches every configuration)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "short_eval.txt").write_text(synthetic_text("test")[:3000])
     assert opt_mi.main(["toy", "synthetic", *FAST, *flags, "--json", "r.json"]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["ppl"]["short_eval.txt"] is not None
     assert r["layers"], "nothing was compressed"
+    assert bool(r["figures"]) == ("--groups" in flags)  # MI-grouped runs draw (--analysis-dir default: analysis)
+    assert all((tmp_path / f).is_file() for f in r["figures"])
+    assert ("warning: --plot-layer" in capsys.readouterr().err) == ("--plot-layer" in flags)
