@@ -201,9 +201,12 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def check_targets(cfg: RunConfig) -> None:
-    """Every output path of the run can be published: checked up front, so that a mistake costs no work."""
+    """Every output path of the run can be published: checked up front, so that a mistake costs no work. The
+    analysis folder only where figures can be drawn (MI-grouped runs): it defaults to one, and a dense run in a
+    read-only folder must not fail over figures it never draws."""
+    figures = cfg.analysis_dir if cfg.grouped else ""
     targets = [(f, p, k) for f, p, k in [("--json", cfg.json, "file"), ("--save", cfg.save, "replace"),
-                                         ("--analysis-dir", cfg.analysis_dir, "folder")] if p]
+                                         ("--analysis-dir", figures, "folder")] if p]
     for flag, path, kind in targets:
         check_target(flag, path, kind)
     inputs = [("DATASET", cfg.dataset)] + [("--eval", e) for e in cfg.eval_names()] + [("MODEL", cfg.model)]
@@ -213,7 +216,7 @@ def check_targets(cfg: RunConfig) -> None:
                 raise ConfigError(f"{flag} {path}: would overwrite the {other} {src}")
         if cfg.save and flag != "--save" and _inside(path, cfg.save):
             raise ConfigError(f"{flag} {path}: inside the --save folder, which is replaced as a whole")
-    if cfg.json and cfg.analysis_dir and _inside(cfg.analysis_dir, cfg.json):
+    if cfg.json and figures and _inside(figures, cfg.json):
         raise ConfigError(f"--analysis-dir {cfg.analysis_dir}: the same path as --json")
 
 

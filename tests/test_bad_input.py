@@ -123,9 +123,10 @@ CASES = [
     case("save-in-proc", *T, "--save", "/proc/m", expect=("--save /proc/m", "cannot write")),
     case("save-onto-model", "toycopy", "synthetic", "--save", "toycopy", expect=("--save toycopy", "MODEL")),
     case("save-under-file", *T, "--save", "afile/m", expect=("--save afile/m", "is a file")),
-    case("analysis-onto-file", *T, "--analysis-dir", "afile", expect=("--analysis-dir afile", "is a file")),
-    case("analysis-in-proc", *T, "--analysis-dir", "/proc/an", expect=("--analysis-dir /proc/an",)),
-    case("analysis-is-json", *T, "--json", "r.json", "--analysis-dir", "r.json", expect=("--analysis-dir r.json",)),
+    case("analysis-onto-file", *T, *GROUPED, "--analysis-dir", "afile", expect=("--analysis-dir afile", "is a file")),
+    case("analysis-in-proc", *T, *GROUPED, "--analysis-dir", "/proc/an", expect=("--analysis-dir /proc/an",)),
+    case("analysis-is-json", *T, *GROUPED, "--json", "r.json", "--analysis-dir", "r.json",
+         expect=("--analysis-dir r.json",)),
     # --- data that is missing, too short, or not text
     case("dataset-unknown", "toy", "nosuchset", expect=("nosuchset", "wikitext2")),
     case("dataset-missing-file", "toy", "missing.txt", expect=("missing.txt", "not found")),
