@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 
 import torch
 
+import layerwalk
+
 HUB_PROBE_TIMEOUT = 3.0  # seconds; a reachable hub answers a TCP connect in well under a second
 SUPPORTED_TYPES = ("opt",)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -162,7 +164,7 @@ def skeleton(src: ModelSource):
     except Exception as e:  # any inconsistency of a user's config.json (heads not dividing the width ...)
         raise ModelError(f"MODEL {src.name}: config.json describes no model that can be built "
                          f"({first_line(e)})") from None
-    if not len(model.model.decoder.layers):
+    if not len(layerwalk.decoder_layers(model)):
         raise ModelError(f"MODEL {src.name}: config.json has no decoder layers (num_hidden_layers 0)")
     return model
 
