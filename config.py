@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
+
+import torch
 
 import allocation
 import channel_grouping
@@ -26,6 +29,10 @@ DEFAULT_EVAL = "wikitext2,ptb,c4"
 AXES = ("output", "input")
 TOY_EVAL = "synthetic"
 _MI = MIOptions()  # the estimator defaults
+SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's random_state take 0 .. 2**32 - 1
+PERCDAMP_MAX = 100.0  # damping of 100x the mean diagonal already makes H^-1 a scaled identity (RTN)
+DEVICE_TYPES = ("cpu", "cuda")
+COUNT_MAX = 2**31 - 1  # the largest window count, length, block, bin or sample count a flag may give
 
 
 class ConfigError(ValueError):
@@ -208,7 +215,8 @@ class RunConfig:
 
 
 def fmt_bits(x: float) -> str:
-    return str(int(x)) if x == int(x) else str(x)
+    """4.0 -> "4", 3.5 -> "3.5"; nan and inf as themselves (int() of them raises)."""
+    return str(int(x)) if math.isfinite(x) and x == int(x) else str(x)
 
 
 def _bad(flag: str, value, allowed: str) -> ConfigError:
@@ -238,7 +246,18 @@ def _bits_choices(text: str) -> tuple[int, ...]:
     return tuple(choices)
 
 
+def _check_finite(a: argparse.Namespace) -> None:
+    """NaN passes every comparison that a range check makes (nan < 0 is False), so reject it by name first."""
+    for flag, value in [("--sparsity", a.sparsity), ("--wbits", a.wbits), ("--percdamp", a.percdamp),
+                        ("--mi-alpha", a.mi_alpha)]:
+        if value is not None and not math.isfinite(value):
+            raise _bad(flag, value, "must be a finite number")
+
+
 def _check_ranges(a: argparse.Namespace) -> None:
+    _check_finite(a)
+    if not 0 <= a.seed <= SEED_MAX:
+        raise _bad("--seed", a.seed, f"must be in 0..{SEED_MAX} (the range numpy and scikit-learn seeds take)")
     if not 0 <= a.sparsity < 1:
         raise _bad("--sparsity", a.sparsity, "must be in [0, 1)")
     if (a.prunen == 0) != (a.prunem == 0):
@@ -251,15 +270,44 @@ def _check_ranges(a: argparse.Namespace) -> None:
         raise _bad("--wbits", fmt_bits(a.wbits), "must be in 2..8, or 16 for no quantization")
     if a.groupsize <= 0 and a.groupsize != -1:
         raise _bad("--groupsize", a.groupsize, "must be a positive number of columns, or -1 for none")
-    at_least = [("--nsamples", a.nsamples, 1), ("--eval-batch", a.eval_batch, 1), ("--blocksize", a.blocksize, 1),
-                ("--mi-samples", a.mi_samples, 2), ("--mi-bins", a.mi_bins, 2)]
-    if a.seqlen is not None:
-        at_least.insert(1, ("--seqlen", a.seqlen, 2))
-    for flag, value, low in at_least:
+    _check_counts(a)
+    if not 0 < a.percdamp <= PERCDAMP_MAX:
+        raise _bad("--percdamp", a.percdamp, f"must be in (0, {PERCDAMP_MAX:g}]")
+    if a.gmp and not (a.sparsity or a.prunen or a.wbits != 16):
+        raise ConfigError("--gmp: nothing to prune or quantize; add --sparsity, --prunen/--prunem or --wbits")
+
+
+def _check_counts(a: argparse.Namespace) -> None:
+    """Counts lie in [low, COUNT_MAX]: beyond 2**31 - 1 they overflow the int32/int64 index arithmetic of
+    torch before any memory check could speak (larger sizes that fit are bounded by memory, in preflight)."""
+    counts = [("--nsamples", a.nsamples, 1), ("--seqlen", a.seqlen, 2), ("--eval-batch", a.eval_batch, 1),
+              ("--blocksize", a.blocksize, 1), ("--groupsize", a.groupsize, -1), ("--prunen", a.prunen, 0),
+              ("--prunem", a.prunem, 0), ("--mi-samples", a.mi_samples, 2), ("--mi-bins", a.mi_bins, 2)]
+    for flag, value, low in counts:
+        if value is None:
+            continue
         if value < low:
             raise _bad(flag, value, f"must be at least {low}")
-    if a.percdamp <= 0:
-        raise _bad("--percdamp", a.percdamp, "must be > 0")
+        if value > COUNT_MAX:
+            raise _bad(flag, value, f"must be at most {COUNT_MAX}")
+
+
+def _check_device(text: str | None) -> None:
+    """The syntax of --device (is it a device at all); whether this machine has it is checked in preflight."""
+    if text is None:
+        return
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise _bad("--device", repr(text), "must be cpu, cuda or cuda:N")
+
+
+def _check_eval(cfg: RunConfig) -> None:
+    """Every eval set exists (name or file), and there is at least one: a run that evaluates nothing is a slip."""
+    if not cfg.eval_names():
+        raise _bad("--eval", repr(cfg.eval), "names no eval set; give at least one (a name or a file)")
 
 
 def _check_grouping(a: argparse.Namespace, groups, choices: tuple[int, ...]) -> None:
@@ -301,7 +349,9 @@ def from_namespace(a: argparse.Namespace) -> RunConfig:
         raise ConfigError("--act-order: orders SparseGPT's column loop; magnitude pruning (--gmp) has none")
     if a.mi_axis == "input" and groups == 0:
         raise _bad("--mi-axis", "input", "groups input columns: give --groups K (and --wbits below 16)")
+    _check_device(a.device)
     cfg = RunConfig(**{**vars(a), "groups": groups, "bits_choices": choices, "mi_alpha": float(alpha)})
+    _check_eval(cfg)
     for name in [cfg.dataset] + cfg.eval_names():
         try:
             datautils.validate_name(name)

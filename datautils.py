@@ -24,6 +24,8 @@ import contextlib
 import json
 import os
 import random
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +49,9 @@ C4_VALID_FILE = "en/c4-validation.00000-of-00008.json.gz"
 C4_EVAL_DOCS = 1100  # as the reference: first 1100 validation documents ...
 C4_EVAL_WINDOWS = 256  # ... cut to 256 windows of seqlen tokens
 C4_MAX_DRAWS = 10_000  # documents drawn for one calibration window before giving up
+# Control characters that text files do not hold (tab, newlines, vertical tab and form feed are text); a file
+# with them is binary or corrupt. Escaped ones inside JSON strings are content: real C4 records have a few.
+CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
 
 
 class DataError(Exception):
@@ -156,12 +161,14 @@ def read_text_file(path: str) -> str:
         data = p.read_bytes()
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from e
-    if b"\0" in data[:1 << 20]:
+    if b"\0" in data:
         raise DataError(f"{path}: a binary file (NUL bytes), not text")
     try:
         raw = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if m := CONTROL.search(raw):
+        raise DataError(f"{path}: not text (control character U+{ord(m.group()):04X} at character {m.start()})")
     if p.suffix.lower() not in RECORD_SUFFIXES:
         return raw
     return "\n\n".join(_records_text(path, _json_records(path, raw, p.suffix.lower())))
@@ -277,7 +284,19 @@ def get_calibration(name: str, nsamples: int, seed: int, seqlen: int, tokenizer)
         return _c4_calibration(nsamples, seed, seqlen, tokenizer)
     ids = _tokenize(_text(name, "train"), tokenizer)
     _check_calibration_length(name, ids.shape[1], seqlen)
+    _warn_if_windows_overlap(name, ids.shape[1], nsamples, seqlen)
     return _windows(ids, nsamples, seed, seqlen)
+
+
+def _warn_if_windows_overlap(name: str, ntokens: int, nsamples: int, seqlen: int) -> None:
+    """Windows are drawn with replacement: more of them than the text holds end to end must overlap, and
+    more than its start positions must repeat. Allowed (the reference does it), but said once."""
+    starts = ntokens - seqlen  # randint(0, T - seqlen - 1)
+    if nsamples * seqlen <= ntokens:
+        return
+    repeat = f"; at most {starts} of them can differ" if nsamples > starts else ""
+    print(f"warning: --nsamples {nsamples} windows of {seqlen} tokens need {nsamples * seqlen} tokens but the "
+          f"calibration text {name!r} has {ntokens}: the windows overlap{repeat}", file=sys.stderr)
 
 
 def get_eval_tokens(name: str, seqlen: int, tokenizer) -> torch.LongTensor:

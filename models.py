@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import socket
+import struct
 import threading
 import types
 from collections.abc import Iterator
@@ -23,6 +25,9 @@ import torch
 import layouts
 
 HUB_PROBE_TIMEOUT = 3.0  # seconds; a reachable hub answers a TCP connect in well under a second
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")  # what from_pretrained reads from a folder
+MAX_HEADER = 100 << 20  # bytes; a safetensors header beyond this is not one
 
 
 class ModelError(Exception):
@@ -86,6 +91,11 @@ class ModelSource:
     positions: int  # max_position_embeddings
     offline: bool
     trust_remote_code: bool
+    config: object = None  # the transformers config
+
+    @property
+    def local(self) -> bool:
+        return os.path.isdir(self.path)
 
     def cache_only(self):
         return offline_mode() if self.offline else contextlib.nullcontext()
@@ -98,8 +108,13 @@ def resolve(name: str) -> str:
     if name in toy.TOY_NAMES:
         return toy.toy_model_path(name=name)
     if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise ModelError(f"MODEL {name}: no config.json in the folder; give a Hugging Face model folder")
         return name
-    if name.startswith((".", "/", "~")) or os.path.exists(name):
+    if os.path.exists(name):
+        raise ModelError(f"MODEL {name}: a file, not a model folder (give a local folder, a hub id, 'toy' or "
+                         "'toy-llama')")
+    if name.startswith((".", "/", "~")):
         raise ModelError(f"MODEL {name}: model folder not found (give a local folder, a hub id, 'toy' or 'toy-llama')")
     return name
 
@@ -117,17 +132,100 @@ def open_source(name: str, trust_remote_code: bool = False):
         with offline_mode() if reason else contextlib.nullcontext():
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        why = f"{reason} and not in the cache" if reason else _first_line(e)
+        if os.path.isdir(path):
+            raise ModelError(f"MODEL {name}: config.json cannot be read ({first_line(e)})") from None
+        why = f"{reason} and not in the cache" if reason else first_line(e)
         raise ModelError(f"MODEL {name}: could not load it from the Hugging Face hub or the local cache "
                          f"({why}); offline? pass a local model folder or 'toy'") from None
     try:
         layouts.for_type(config.model_type)
     except layouts.UnsupportedModel as e:
         raise ModelError(f"MODEL {name}: {e}") from None
-    src = ModelSource(name, path, config.max_position_embeddings, bool(reason), trust_remote_code)
-    with src.cache_only():
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    src = ModelSource(name, path, config.max_position_embeddings, bool(reason), trust_remote_code, config)
+    try:
+        with src.cache_only():
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # whatever a missing or broken tokenizer raises, it is this model's problem
+        raise ModelError(f"MODEL {name}: could not load its tokenizer ({first_line(e)})") from None
+    if not tokenizer("the text", add_special_tokens=False).input_ids:  # built from nothing (no tokenizer files)
+        raise ModelError(f"MODEL {name}: its tokenizer is empty (no tokenizer files in the folder?)")
+    if len(tokenizer) > config.vocab_size:
+        raise ModelError(f"MODEL {name}: the tokenizer has {len(tokenizer)} tokens but the embedding only "
+                         f"{config.vocab_size} (config.json vocab_size); they do not belong together")
     return src, tokenizer
+
+
+def skeleton(src: ModelSource):
+    """The model built from its config on the meta device: its structure and every tensor's shape, no memory
+    and no weights read. What preflight checks (selection, n:m, memory, shapes) look at."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(src.config, trust_remote_code=src.trust_remote_code)
+    except Exception as e:  # any inconsistency of a user's config.json (heads not dividing the width ...)
+        raise ModelError(f"MODEL {src.name}: config.json describes no model that can be built "
+                         f"({first_line(e)})") from None
+    if not len(layouts.of(model).decoder_layers(model)):
+        raise ModelError(f"MODEL {src.name}: config.json has no decoder layers (num_hidden_layers 0)")
+    return model
+
+
+def check_weights(src: ModelSource, model) -> None:
+    """A local folder has weights, and every tensor in its safetensors headers has the shape that config.json
+    implies (``model``: the skeleton); the decoder's linear weights are all there. Headers only: cheap."""
+    if not src.local:
+        return
+    present = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(src.path, f))]
+    if not present:
+        raise ModelError(f"MODEL {src.name}: no weights in the folder (model.safetensors or pytorch_model.bin)")
+    if not present[0].startswith("model.safetensors"):
+        return  # pickled weights have no cheap header; from_pretrained reports their problems
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    found: set[str] = set()
+    for file in _safetensors_files(src, present[0]):
+        for key, shape in _safetensors_shapes(src, file).items():
+            key = key if key in expected else f"model.{key}"  # checkpoints saved without the base prefix
+            if key in expected and shape != expected[key]:
+                raise ModelError(f"MODEL {src.name}: tensor {key} is {shape} in {file}, but config.json implies "
+                                 f"{expected[key]}; the config and the weights do not belong together")
+            found.add(key)
+    needed = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    embed = next(f"{n}.weight" for n, m in model.named_modules() if m is model.get_input_embeddings())
+    missing = [k for k in needed + [embed] if k not in found]
+    if missing:
+        raise ModelError(f"MODEL {src.name}: tensor {missing[0]} is missing from the weights "
+                         f"({len(missing)} of the model's tensors are)")
+
+
+def _safetensors_files(src: ModelSource, first: str) -> list[str]:
+    if first == "model.safetensors":
+        return [first]
+    try:
+        with open(os.path.join(src.path, first)) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelError(f"MODEL {src.name}: {first} is not a shard index ({first_line(e)})") from None
+
+
+def _safetensors_shapes(src: ModelSource, file: str) -> dict[str, list[int]]:
+    """{tensor: shape} from a safetensors file's header (8-byte length, JSON), checked against the file size."""
+    path = os.path.join(src.path, file)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8).ljust(8, b"\xff"))
+            if n > min(size - 8, MAX_HEADER):
+                raise ValueError("no safetensors header")
+            header = json.loads(f.read(n))
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        shapes = {k: [int(d) for d in v["shape"]] for k, v in tensors.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise ModelError(f"MODEL {src.name}: {file} is not a readable safetensors file ({first_line(e)})") from None
+    if 8 + n + end > size:
+        raise ModelError(f"MODEL {src.name}: {file} is truncated ({size} bytes, its header needs {8 + n + end})")
+    return shapes
 
 
 def load_model(src: ModelSource, dtype: str, dev: torch.device):
@@ -138,14 +236,31 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device):
         torch_dtype = torch.float32 if dev.type == "cpu" else "auto"
     else:
         torch_dtype = getattr(torch, dtype)
-    with src.cache_only():
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype,
-                                                     trust_remote_code=src.trust_remote_code)
+    try:
+        with src.cache_only():
+            model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype,
+                                                         trust_remote_code=src.trust_remote_code)
+    except MemoryError:
+        raise
+    except Exception as e:  # a damaged or mismatched checkpoint, told in one line
+        raise ModelError(f"MODEL {src.name}: could not load the weights ({first_line(e)})") from None
     model.eval()
     model.config.use_cache = False
     return model
 
 
-def _first_line(e: BaseException) -> str:
+@torch.no_grad()
+def check_finite(model, name: str) -> None:
+    """Every floating tensor of the loaded model is finite: a NaN or inf weight gives NaN perplexity, or a
+    failed Cholesky, long after loading; named here, before any work."""
+    for key, t in model.state_dict().items():
+        if t.is_floating_point():
+            bad = t.numel() - int(torch.isfinite(t).sum())
+            if bad:
+                raise ModelError(f"MODEL {name}: tensor {key} holds {bad} NaN or inf value(s) of {t.numel()}; "
+                                 "the weights are damaged")
+
+
+def first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0][:200] if s else type(e).__name__

@@ -232,6 +232,27 @@ def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() @ b.float().T).round_().int()  # exact: 0/1 products, integer sums < 2^24
 
 
+def _blocks(n: int, c: int, bins: int, memory_budget: int) -> tuple[int, int]:
+    """(tokens per one-hot chunk, channels per count block) within the budget. cb channels a block: the lower
+    triangle inside the diagonal block is wasted (~cb / 2C of the work), C/16 keeps that small while the
+    products stay large."""
+    chunk = max(8, min(n, _FP32_EXACT - 1, memory_budget // 2 // (c * bins)))
+    cb = max(1, min(math.ceil(c / 16), memory_budget // 2 // (_BYTES_PER_CELL * bins * bins * c)))
+    return chunk, cb
+
+
+def pairwise_mi_bytes(n: int, c: int, bins: int = 16, estimator: str = "histogram",
+                      memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+    """Peak bytes (an upper estimate) of `pairwise_mi` on n samples of c channels, so that a caller can refuse
+    a size that cannot fit before computing anything: the budget bounds the joint counts only, and a block is
+    never less than one channel, [c*bins, bins] cells, however many bins."""
+    chunk, cb = _blocks(n, c, bins, memory_budget)
+    total = n * c * (8 + (1 if bins <= 256 else 4)) + 16 * c * bins + 8 * (n + 1) + 4 * 8 * c * c
+    if estimator == "gaussian":
+        return total + 16 * n * c
+    return total + 16 * _CHUNK_ELEMENTS + min(chunk, n) * c * bins + _BYTES_PER_CELL * c * bins * cb * bins
+
+
 def _joint_entropies(codes: torch.Tensor, bins: int, bias: str, memory_budget: int, table: torch.Tensor,
                      shift: int) -> torch.Tensor:
     """H(i, j) [C, C] float64 (symmetric, on the device of codes) of every pair of channels of codes [N, C];
@@ -243,12 +264,8 @@ def _joint_entropies(codes: torch.Tensor, bins: int, bias: str, memory_budget: i
     """
     n, c = codes.shape
     hxy = torch.empty(c, c, dtype=torch.float64, device=codes.device)
-
-    chunk = max(8, min(n, _FP32_EXACT - 1, memory_budget // 2 // (c * bins)))  # tokens per one-hot chunk
+    chunk, cb = _blocks(n, c, bins, memory_budget)
     onehot = _onehot_t(codes, bins) if chunk >= n else None  # fits: encode once, reuse for every block
-    # cb channels a block: the lower triangle inside the diagonal block is wasted (~cb / 2C of the work),
-    # C/16 keeps that small while the products stay large
-    cb = max(1, min(math.ceil(c / 16), memory_budget // 2 // (_BYTES_PER_CELL * bins * bins * c)))
 
     for i0 in range(0, c, cb):
         bi, bj = min(cb, c - i0), c - i0

@@ -6,16 +6,38 @@ optionally with MI channel grouping.
     python opt_mi.py toy synthetic --sparsity 0.5 --wbits 4 --groups 8        # offline, about a minute
     python opt_mi.py toy-llama synthetic --sparsity 0.5 --wbits 4 --groups 8  # the same on a tiny Llama
 
-Flow as IST-DASLab/sparsegpt's opt.py: parse the flags into a RunConfig (config.py), load the tokenizer and
-the data, then the model (models.py), compress it layer by layer (compress.py), evaluate perplexity with the
-same layer walker (layerwalk.py), and write the outputs (outputs.py). ``python opt_mi.py -h`` lists the flags.
+Flow as IST-DASLab/sparsegpt's opt.py: parse the flags into a RunConfig (config.py), check everything that
+can be checked before any work (``prepare``: device, output paths, the model's config, tokenizer, weight
+headers and structure: preflight.py), load the data, then the model (models.py), compress it layer by layer
+(compress.py), evaluate perplexity with the same layer walker (layerwalk.py), and publish the outputs together
+(outputs.py). A user error is one line and exit 2, an interrupt one line and exit 130; neither leaves a file.
+``python opt_mi.py -h`` lists the flags.
 """
 
 from __future__ import annotations
 
-import math
+import os
+import signal
 import sys
+
+INTERRUPTED = 130  # the exit status of an interrupted run (Ctrl-C or SIGTERM), as a shell reports SIGINT
+
+
+def _interrupted_early(signum, frame) -> None:
+    """An interrupt while the imports below run (torch takes seconds): nothing is written yet, so just go."""
+    os.write(2, b"opt_mi.py: interrupted\n")
+    os._exit(INTERRUPTED)
+
+
+if __name__ == "__main__":  # before the heavy imports, so that an early Ctrl-C is one line too
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _interrupted_early)
+
+import contextlib
+import math
+import threading
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -23,67 +45,100 @@ import bitstats
 import datautils
 import layerwalk
 import methods
+import models
 import outputs
+import preflight
 from compress import compress, decoder_linear_weights, mask_sparsity, zero_fraction
 from config import ConfigError, RunConfig, parse
 from mi_plan import PlanError
-from models import ModelError, load_model, open_source
+from models import ModelError, ModelSource, load_model, open_source
 from sparsegpt_mi import LayerInputError
 
 USER_ERRORS = (ConfigError, ModelError, datautils.DataError, PlanError, LayerInputError)
+OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
+
+
+def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelSource, object, torch.device]:
+    """Every check that needs neither data nor weights, cheapest first, before any work: the device, the
+    output paths, the model's config and tokenizer, its weights' headers, and the run against the model's
+    structure (selection, n:m, plotted layer, memory). Returns the resolved config, source, tokenizer, device."""
+    dev = preflight.device(cfg)
+    outputs.check_targets(cfg)
+    src, tokenizer = open_source(cfg.model, cfg.trust_remote_code)
+    cfg = cfg.with_seqlen(src.positions)
+    skeleton = models.skeleton(src)
+    models.check_weights(src, skeleton)
+    cfg = preflight.check_model(cfg, skeleton, dev)
+    return cfg, src, tokenizer, dev
+
+
+@contextlib.contextmanager
+def _naming(what: str) -> Iterator[None]:
+    """A data error's line names the argument it came from (DATASET or --eval), as the flag checks do."""
+    try:
+        yield
+    except datautils.DataError as e:
+        raise datautils.DataError(f"{what}: {e}") from None
 
 
 def run(cfg: RunConfig) -> dict:
-    """One run end to end; returns the result dict that --json writes."""
+    """One run end to end; returns the result dict that --json writes. Outputs are published together at the
+    end (outputs.Staging): an error or an interrupt anywhere leaves none of them."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    src, tokenizer = open_source(cfg.model, cfg.trust_remote_code)
-    cfg = cfg.with_seqlen(src.positions)
+    cfg, src, tokenizer, dev = prepare(cfg)
     label, family = methods.label(cfg)
 
     t = time.time()
-    calib = datautils.get_calibration(cfg.dataset, cfg.nsamples, cfg.seed, cfg.seqlen, tokenizer)
+    with _naming("DATASET"):
+        calib = datautils.get_calibration(cfg.dataset, cfg.nsamples, cfg.seed, cfg.seqlen, tokenizer)
     calib = torch.cat([inp for inp, _ in calib], dim=0)
     calibration_s = time.time() - t
     t = time.time()
-    eval_tokens = {name: datautils.get_eval_tokens(name, cfg.seqlen, tokenizer) for name in cfg.eval_names()}
+    with _naming("--eval"):
+        eval_tokens = {name: datautils.get_eval_tokens(name, cfg.seqlen, tokenizer) for name in cfg.eval_names()}
     eval_load_s = time.time() - t
     model = load_model(src, cfg.dtype, dev)
+    models.check_finite(model, cfg.model)
 
     t = time.time()
     res = compress(model, calib, cfg, dev)
     compress_s = time.time() - t
-
     t = time.time()
+    ppl = evaluate(model, eval_tokens, cfg, dev)
+    eval_s = time.time() - t + eval_load_s
+
+    with outputs.Staging() as stage:
+        if cfg.save:
+            outputs.save_model(model, tokenizer, res, cfg, stage.folder(cfg.save))
+        out = {
+            "config": {**cfg.as_dict(), "model_path": src.path},
+            "method": label,
+            "family": family,
+            "ppl": {k: (v if math.isfinite(v) else None) for k, v in ppl.items()},
+            "sparsity": mask_sparsity(res),
+            "zero_fraction": zero_fraction(model, [r["name"] for r in res.layers]),
+            "bits": bitstats.summarize(res.bits, decoder_linear_weights(model)),
+            "timing": {"calibration_s": calibration_s, "compress_s": compress_s, "eval_s": eval_s,
+                       **res.timing, "total_s": time.time() - t0},
+            "env": outputs.env_info(dev),
+            "figures": outputs.draw_figures(res, cfg, calib.numel(), stage),
+            "layers": res.layers,
+        }
+        if cfg.json:
+            outputs.write_json(stage.file(cfg.json), out)
+    print(summary({**out, "ppl": ppl}))
+    return out
+
+
+def evaluate(model, eval_tokens: dict[str, torch.Tensor], cfg: RunConfig, dev: torch.device) -> dict[str, float]:
+    """Perplexity on every eval set, with the layer walker (a warning for a non-finite one)."""
     ppl = {}
     for name, tokens in eval_tokens.items():
         ppl[name] = layerwalk.perplexity(model, tokens, cfg.seqlen, dev, desc=f"eval {name}", batch=cfg.eval_batch)
         if not math.isfinite(ppl[name]):
             print(f"warning: perplexity on {name} is not finite", file=sys.stderr)
-    eval_s = time.time() - t + eval_load_s
-
-    if cfg.save:
-        outputs.save_model(model, tokenizer, res, cfg, cfg.save)
-    figures = outputs.draw_figures(res, cfg, calib.numel())
-    out = {
-        "config": {**cfg.as_dict(), "model_path": src.path},
-        "method": label,
-        "family": family,
-        "ppl": {k: (v if math.isfinite(v) else None) for k, v in ppl.items()},
-        "sparsity": mask_sparsity(res),
-        "zero_fraction": zero_fraction(model, [r["name"] for r in res.layers]),
-        "bits": bitstats.summarize(res.bits, decoder_linear_weights(model)),
-        "timing": {"calibration_s": calibration_s, "compress_s": compress_s, "eval_s": eval_s,
-                   **res.timing, "total_s": time.time() - t0},
-        "env": outputs.env_info(dev),
-        "figures": figures,
-        "layers": res.layers,
-    }
-    if cfg.json:
-        outputs.write_json(cfg.json, out)
-    print(summary({**out, "ppl": ppl}))
-    return out
+    return ppl
 
 
 def summary(out: dict) -> str:
@@ -104,13 +159,46 @@ def summary(out: dict) -> str:
     ])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Exit code: 0 done, 2 a user error (one line on stderr, no result written)."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C raises KeyboardInterrupt, so that both take the same way out."""
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread while the run is on, so that every
+    ``finally`` (staged outputs removed) runs; the previous handlers come back after (tests call main
+    in-process, under pytest's own)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run(parse(argv))
-    except USER_ERRORS as e:
-        sys.stderr.write(f"opt_mi.py: error: {e}\n")
-        return 2
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit code: 0 done; 2 a user error (one line on stderr, nothing written); 130 interrupted (Ctrl-C or
+    SIGTERM: one line, nothing written)."""
+    with interrupts_raise():
+        try:
+            run(parse(argv))
+        except USER_ERRORS as e:
+            sys.stderr.write(f"opt_mi.py: error: {e}\n")
+            return 2
+        except OUT_OF_MEMORY as e:
+            sys.stderr.write(f"opt_mi.py: error: out of memory ({models.first_line(e)}); lower --nsamples, "
+                             "--mi-samples or --eval-batch, or use a device with more memory\n")
+            return 2
+        except KeyboardInterrupt:
+            sys.stderr.write("opt_mi.py: interrupted\n")
+            return INTERRUPTED
     return 0
 
 

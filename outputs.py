@@ -1,19 +1,227 @@
 """What a run leaves behind: the result JSON, the saved model, the analysis figures, and the facts (code
-version, library versions, device) that make a result comparable with another."""
+version, library versions, device) that make a result comparable with another.
+
+All or nothing: every output is written to a staging place beside its target (``Staging``) and the targets
+are published together, by renames, only when the whole run has succeeded; a failure or an interrupt at any
+point leaves no new file or folder behind. ``check_targets`` refuses, before any work, the paths that could
+not be published at the end.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
-import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 import atomic
 from compress import CompressionResult
-from config import RunConfig
+from config import ConfigError, RunConfig
+
+# ----------------------------------------------------------------------------------------------------------
+# staging: all or nothing
+
+
+@dataclass
+class _Staged:
+    target: str  # absolute final path
+    staged: str  # where it is built: beside the target, so that publishing is a rename
+    folder: bool
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT/SIGTERM wait until the block is done (renames that must all happen, or all be undone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class Staging:
+    """A run's outputs, built in hidden staging files and folders and published together.
+
+        with Staging() as stage:
+            write_json(stage.file(cfg.json), result)      # any writer, given the staged path
+            save_model(..., stage.folder(cfg.save))        # an empty folder to fill
+        # left normally: every target replaced by its staged version; left by an exception (a user error,
+        # Ctrl-C): every staged path and every parent folder this created removed, nothing published
+
+    Staged names are ``atomic.temp_name(name, pid)`` beside the target, so a process killed beyond any cleanup
+    (SIGKILL) leaves something ``atomic.remove_leftovers`` and the next run's ``atomic.remove_stale`` remove.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[_Staged] = []
+        self._made: list[str] = []  # parent folders created for targets, outermost first
+
+    def file(self, target) -> str:
+        """The staged path to write ``target``'s content to (its parent folder exists)."""
+        return self._stage(target, folder=False)
+
+    def folder(self, target) -> str:
+        """An empty staged folder that replaces the folder ``target`` on publishing."""
+        return self._stage(target, folder=True)
+
+    def _stage(self, target, folder: bool) -> str:
+        target = os.path.abspath(os.path.expanduser(os.fspath(target)))
+        if any(it.target == target for it in self._items):
+            raise ValueError(f"{target} is staged twice")
+        parent, name = os.path.split(target)
+        self._make_parents(parent)
+        atomic.remove_stale(parent, name)
+        staged = os.path.join(parent, atomic.temp_name(name, os.getpid()))
+        atomic.remove(staged)
+        self._items.append(_Staged(target, staged, folder))  # before it exists: an interrupt between the two
+        if folder:  # would otherwise leave a folder that discard does not know of
+            os.mkdir(staged)
+        return staged
+
+    def _make_parents(self, parent: str) -> None:
+        missing = []
+        while not os.path.lexists(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for d in reversed(missing):
+            self._made.append(d)  # first, as above
+            os.mkdir(d)
+
+    def publish(self) -> None:
+        """Rename every staged output onto its target (an existing target is replaced); if one rename fails,
+        undo the others, so that the targets are all old or all new."""
+        with _signals_held():
+            done: list[tuple[_Staged, str | None]] = []
+            try:
+                for it in self._items:
+                    old = None
+                    if os.path.lexists(it.target):  # set aside, to be restored if a later rename fails
+                        parent, name = os.path.split(it.target)
+                        old = os.path.join(parent, atomic.temp_name(name + ".old", os.getpid()))
+                        os.replace(it.target, old)
+                    done.append((it, old))
+                    os.replace(it.staged, it.target)
+            except BaseException:
+                self._roll_back(done)
+                self._discard()
+                raise
+            for _, old in done:
+                if old is not None:
+                    atomic.remove(old)
+            self._items, self._made = [], []
+
+    @staticmethod
+    def _roll_back(done: list[tuple[_Staged, str | None]]) -> None:
+        for it, old in reversed(done):
+            if os.path.lexists(it.staged):  # this one's rename did not happen
+                atomic.remove(it.staged)
+            else:
+                atomic.remove(it.target)
+            if old is not None:
+                os.replace(old, it.target)
+
+    def discard(self) -> None:
+        """Remove every staged output and every folder created for them: nothing of this run remains."""
+        with _signals_held():
+            self._discard()
+
+    def _discard(self) -> None:
+        for it in self._items:
+            atomic.remove(it.staged)
+        for d in reversed(self._made):
+            with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+                os.rmdir(d)
+        self._items, self._made = [], []
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.publish()
+        else:
+            self.discard()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# output paths, checked before any work
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _probe(flag: str, path: str, folder: str) -> None:
+    """Create and remove a file in ``folder``: the only test that tells /proc, read-only mounts and
+    permissions apart from a folder we can write to (root passes every permission bit check)."""
+    probe = os.path.join(folder, atomic.temp_name("probe", os.getpid()))
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write in {folder} ({e.strerror or e})") from None
+
+
+def check_target(flag: str, path: str, kind: str) -> None:
+    """Refuse (ConfigError) a path that the run could not publish at the end. kind: "file" (written whole),
+    "folder" (files are put in it) or "replace" (a folder replaced as a whole: the saved model)."""
+    target = os.path.abspath(os.path.expanduser(path))
+    if os.path.lexists(target):
+        if kind == "file" and os.path.isdir(target):
+            raise ConfigError(f"{flag} {path}: is a folder; give a file path")
+        if kind == "file" and not os.path.isfile(target):
+            raise ConfigError(f"{flag} {path}: exists and is not a regular file")
+        if kind != "file" and not os.path.isdir(target):
+            raise ConfigError(f"{flag} {path}: is a file; give a folder path")
+        if kind == "replace" and os.listdir(target) and not os.path.isfile(os.path.join(target, "config.json")):
+            raise ConfigError(f"{flag} {path}: an existing folder that is not a saved model (no config.json) "
+                              "would be replaced; remove it or give a new folder")
+    where = target if kind == "folder" else os.path.dirname(target)
+    existing = _nearest_existing(where)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{flag} {path}: {existing} is a file, not a folder")
+    _probe(flag, path, existing)
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_targets(cfg: RunConfig) -> None:
+    """Every output path of the run can be published: checked up front, so that a mistake costs no work. The
+    analysis folder only where figures can be drawn (MI-grouped runs): it defaults to one, and a dense run in a
+    read-only folder must not fail over figures it never draws."""
+    figures = cfg.analysis_dir if cfg.grouped else ""
+    targets = [(f, p, k) for f, p, k in [("--json", cfg.json, "file"), ("--save", cfg.save, "replace"),
+                                         ("--analysis-dir", figures, "folder")] if p]
+    for flag, path, kind in targets:
+        check_target(flag, path, kind)
+    inputs = [("DATASET", cfg.dataset)] + [("--eval", e) for e in cfg.eval_names()] + [("MODEL", cfg.model)]
+    for flag, path, kind in targets:
+        for other, src in inputs:
+            if kind != "folder" and os.path.exists(src) and _inside(src, path):
+                raise ConfigError(f"{flag} {path}: would overwrite the {other} {src}")
+        if cfg.save and flag != "--save" and _inside(path, cfg.save):
+            raise ConfigError(f"{flag} {path}: inside the --save folder, which is replaced as a whole")
+    if cfg.json and figures and _inside(figures, cfg.json):
+        raise ConfigError(f"--analysis-dir {cfg.analysis_dir}: the same path as --json")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the writers
 
 
 def write_json(path: str, obj) -> None:
@@ -21,45 +229,39 @@ def write_json(path: str, obj) -> None:
     atomic.write_text(path, json.dumps(obj, indent=1, allow_nan=False))
 
 
-def save_model(model, tokenizer, res: CompressionResult, cfg: RunConfig, out: str) -> None:
-    """save_pretrained (safetensors) + tokenizer + quantization.json, built beside ``out`` then moved in."""
-    out = os.path.abspath(out)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+def save_model(model, tokenizer, res: CompressionResult, cfg: RunConfig, out_dir: str) -> None:
+    """save_pretrained (safetensors) + tokenizer + quantization.json, into the (staged, empty) folder out_dir."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
     bits = None if not cfg.quantizing else int(cfg.wbits)
     qinfo = {"wbits": cfg.wbits, "strategy": cfg.strategy, "groupsize": cfg.groupsize,
              "layers": {r["name"]: {"labels": r.get("labels"), "group_bits": r.get("group_bits"),
                                     "bits": None if "group_bits" in r else bits}
                         for r in res.layers}}
-    write_json(os.path.join(tmp, "quantization.json"), qinfo)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    write_json(os.path.join(out_dir, "quantization.json"), qinfo)
 
 
-def draw_figures(res: CompressionResult, cfg: RunConfig, total_rows: int) -> list[str]:
-    """mi_matrix.png and grouping_result.png of the plotted layer; [] when there is nothing to draw."""
+def draw_figures(res: CompressionResult, cfg: RunConfig, total_rows: int, stage: Staging) -> list[str]:
+    """mi_matrix.png and grouping_result.png of the plotted layer, staged; their final paths ([] when there is
+    nothing to draw)."""
     if not cfg.analysis_dir or res.plot is None:
         return []
     import plots
 
     name, plan = res.plot
-    os.makedirs(cfg.analysis_dir, exist_ok=True)
     paths = []
     what = "input channels" if plan.axis == "input" else "output channels"
     if plan.nmi is not None:
         title = (f"{name}: NMI of {what}, K={int(plan.group_bits.numel())} {cfg.cluster} groups, "
                  f"{cfg.mi_estimator} estimator, {min(cfg.mi_samples, total_rows)} samples")
-        paths.append(plots.plot_nmi_heatmap(plan.nmi, plan.labels, os.path.join(cfg.analysis_dir, "mi_matrix.png"),
-                                            title=title))
+        paths.append(os.path.join(cfg.analysis_dir, "mi_matrix.png"))
+        plots.plot_nmi_heatmap(plan.nmi, plan.labels, stage.file(paths[-1]), title=title)
     rec = next(r for r in res.layers if r["name"] == name)
     how = "column groups" if plan.axis == "input" else f"{cfg.strategy} strategy"
-    paths.append(plots.plot_grouping_result(rec["group_sizes"], rec["group_bits"], rec["nmi_intra"], rec["nmi_inter"],
-                                            os.path.join(cfg.analysis_dir, "grouping_result.png"),
-                                            title=f"{name}: {how} of {what}, {cfg.bit_alloc} allocation",
-                                            h_mass=rec.get("h_mass")))
+    paths.append(os.path.join(cfg.analysis_dir, "grouping_result.png"))
+    plots.plot_grouping_result(rec["group_sizes"], rec["group_bits"], rec["nmi_intra"], rec["nmi_inter"],
+                               stage.file(paths[-1]), title=f"{name}: {how} of {what}, {cfg.bit_alloc} allocation",
+                               h_mass=rec.get("h_mass"))
     return paths
 
 

@@ -19,7 +19,7 @@
   of its own, which the sweep terminates and waits for when it stops, and (Linux) is SIGTERMed by the kernel
   if the sweep dies of anything else, SIGKILL included;
 - otherwise the sweep ends with ``python report.py OUT`` and exits 1 when any configuration has failed;
-- bad arguments: exit 2 with one line on stderr, nothing run.
+- bad arguments (an --out that cannot be written included): exit 2 with one line on stderr, nothing run.
 
 ``main(argv, runner)``: ``runner`` turns opt_mi.py's arguments into the command that runs a configuration
 (default ``opt_mi_command``); tests swap in a fake.
@@ -43,8 +43,9 @@ from pathlib import Path
 
 import atomic
 import methods
+import outputs
 import report
-from config import DEFAULT_EVAL, TOY_EVAL
+from config import DEFAULT_EVAL, TOY_EVAL, ConfigError
 from toy import TOY_NAMES
 
 HERE = Path(__file__).resolve().parent
@@ -157,6 +158,10 @@ def validate(raw: dict[str, str], retry: bool) -> Sweep:
         extra = shlex.split(raw["--extra"])
     except ValueError as e:
         raise UsageError(f"--extra: {e}") from None
+    try:  # before anything runs: a folder the results cannot go to is found now, not after the first run
+        outputs.check_target("--out", raw["--out"], "folder")
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
     toy = raw["--model"] in TOY_NAMES
     return Sweep(model=raw["--model"], calib=raw["--calib"], eval=raw["--eval"] or (TOY_EVAL if toy else DEFAULT_EVAL),
                  nsamples=int(raw["--nsamples"] or (32 if toy else 128)), out=Path(raw["--out"]),

@@ -263,6 +263,37 @@ def test_any_other_file_name_is_plain_text(tmp_path, tok):
         get_eval_tokens("foo", 8, None)  # validated before anything else
 
 
+def test_control_characters_are_not_text_but_escaped_ones_in_records_are(tmp_path):
+    """A literal control character (beyond tab, newlines, vertical tab, form feed) marks a binary or corrupt
+    file, anywhere in it (not only in its first MiB); JSON-escaped ones are record content (real C4 has some)."""
+    late = tmp_path / "late.txt"
+    late.write_bytes(b"word " * 300_000 + b"\x00")
+    with pytest.raises(DataError, match=r"late\.txt: a binary file \(NUL bytes\)"):
+        datautils.read_text_file(str(late))
+    bell = tmp_path / "bell.txt"
+    bell.write_text("ring the \x07 bell")
+    with pytest.raises(DataError, match=r"bell\.txt: not text \(control character U\+0007 at character 9\)"):
+        datautils.read_text_file(str(bell))
+    fine = tmp_path / "fine.txt"
+    fine.write_text("tab\tnew\nline\r\nvt\x0bff\x0c")
+    assert datautils.read_text_file(str(fine)) == "tab\tnew\nline\r\nvt\x0bff\x0c"
+    records = tmp_path / "r.jsonl"
+    records.write_text('{"text": "end of text \\u0003 inside"}\n')
+    assert datautils.read_text_file(str(records)) == "end of text \x03 inside"
+
+
+def test_windows_beyond_the_text_are_drawn_with_a_warning(tmp_path, tok, capsys):
+    path = tmp_path / "t.txt"
+    path.write_text(words_of(99))  # + BOS = 100 tokens
+    assert len(get_calibration(str(path), 3, 0, 32, tok)) == 3  # 96 tokens: no overlap needed
+    assert capsys.readouterr().err == ""
+    assert len(get_calibration(str(path), 4, 0, 32, tok)) == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--nsamples 4 windows of 32 tokens need 128" in err and "overlap" in err
+    get_calibration(str(path), 100, 0, 32, tok)
+    assert "at most 68 of them can differ" in capsys.readouterr().err
+
+
 def test_too_short_texts(tmp_path, tok):
     path = tmp_path / "short.txt"
     path.write_text(words_of(63))  # + BOS = 64 tokens

@@ -341,3 +341,13 @@ def test_grouping_result_png(tmp_path):
     img = mpimg.imread(p)
     assert img.shape[1] >= 800 and img.shape[0] >= 600
     assert list(tmp_path.iterdir()) == [tmp_path / "g.png"]
+
+
+def test_memory_estimate_bounds_what_was_measured_and_grows_with_bins():
+    """pairwise_mi_bytes is what preflight refuses sizes on: above the peak RSS measured for 8192 samples of
+    3072 channels (1.29 GiB, README), not wildly so, and quadratic in bins once a block is one channel."""
+    gib = 2**30
+    assert 1.29 * gib <= mutual_info.pairwise_mi_bytes(8192, 3072, 16) <= 3 * gib
+    small, large = (mutual_info.pairwise_mi_bytes(128, 256, b) for b in (10_000, 100_000))
+    assert 90 < large / small < 110
+    assert mutual_info.pairwise_mi_bytes(8192, 3072, 16, "gaussian") < mutual_info.pairwise_mi_bytes(8192, 3072, 16)

@@ -259,6 +259,44 @@ def test_sigkilled_sweep_leaves_no_configuration_running(tmp_path, fake):
     wait_for(lambda: not alive(slow.pid("dense")), timeout=10)
 
 
+def opt_mi_processes(marker: str) -> list[int]:
+    """Live opt_mi.py processes whose command line holds marker (the sweep's --out)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmdline = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"opt_mi.py" in cmdline and marker.encode() in cmdline and alive_pid(int(d.name)):
+            found.append(int(d.name))
+    return found
+
+
+def alive_pid(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="the children die with the sweep through PR_SET_PDEATHSIG")
+def test_sigkilled_compare_methods_sh_leaves_no_opt_mi_running(tmp_path):
+    """compare_methods.sh execs sweep.py: killing the script beyond any cleanup (SIGKILL) still ends the real
+    opt_mi.py it was running, so that a rerun never runs the same configuration twice at once."""
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHON": sys.executable}
+    p = subprocess.Popen(["bash", str(ROOT / "compare_methods.sh"), "--out", str(out), "--methods", "dense",
+                          "--nsamples", "8"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: opt_mi_processes(str(out)), timeout=120)
+    p.kill()
+    p.wait(timeout=30)
+    wait_for(lambda: not opt_mi_processes(str(out)), timeout=30)
+    assert not (out / "dense.json").exists()
+    assert not [f for f in out.rglob("*") if f.name.endswith(".tmp")]
+
+
 def test_failed_configuration_is_recorded_and_the_sweep_goes_on(tmp_path, fake, run):
     out = tmp_path / "sweep"
     r = run(out, dataclasses.replace(fake, fail="miA_"))
@@ -322,7 +360,8 @@ def test_seeds_run_every_seeded_configuration_per_seed(tmp_path, fake, run):
 
 @pytest.mark.parametrize("args", [["--jobs", "0"], ["--bogus"], ["--wbits"], ["--methods", "miC"],
                                   ["--sparsities", "1.5"], ["--groups", "all"], ["--extra", "--eval 'x"],
-                                  ["--seeds", "0 0"], ["--seeds", "-1"], ["--seeds", ""]])
+                                  ["--seeds", "0 0"], ["--seeds", "-1"], ["--seeds", ""],
+                                  ["--out", "/proc/sweep"], ["--out", "/dev/null/sweep"]])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, fake, run, args):
     r = run(tmp_path / "sweep", fake, *args)
     assert r.returncode == 2

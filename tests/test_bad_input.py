@@ -1,0 +1,391 @@
+"""Bad input as a careless user gives it: every case prints one line on stderr, exits 2 (130 for an
+interrupt), shows no traceback, and leaves no new or changed file or folder in the working folder.
+
+The cases are data (``CASES``: flags, output paths, data files, model folders), run in-process through
+``opt_mi.main`` in a working folder holding every prepared file (``workdir``); the interrupts run
+``opt_mi.py`` in a process of its own. Valid edge inputs, which must still run, are at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import opt_mi
+import preflight
+from synthetic import synthetic_text
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--nsamples", "4", "--seqlen", "32", "--eval", "short_eval.txt", "--mi-samples", "128"]
+GROUPED = ["--sparsity", "0.5", "--wbits", "4", "--groups", "4"]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: tuple[str, ...]  # MODEL DATASET [flags]; FAST is appended, so later flags given here win
+    expect: tuple[str, ...] = ()  # pieces of the error line
+    memory: int | None = None  # bytes preflight sees as available (None: the machine's)
+
+
+def case(id: str, *argv: str, expect: tuple[str, ...] = (), memory: int | None = None) -> Case:
+    return Case(id, argv, expect, memory)
+
+
+T = ("toy", "synthetic")
+CASES = [
+    # --- numbers: NaN, inf, ranges, sizes beyond memory
+    case("wbits-nan", *T, "--wbits", "nan", expect=("--wbits nan", "finite")),
+    case("wbits-inf", *T, "--wbits", "inf", expect=("--wbits inf", "finite")),
+    case("wbits-neg-inf", *T, "--wbits=-inf", expect=("--wbits -inf",)),
+    case("wbits-1", *T, "--wbits", "1", expect=("--wbits 1", "2..8")),
+    case("wbits-fraction-no-groups", *T, "--wbits", "3.5", expect=("--wbits 3.5", "--groups")),
+    case("percdamp-nan", *T, "--sparsity", "0.5", "--percdamp", "nan", expect=("--percdamp nan", "finite")),
+    case("percdamp-inf", *T, "--percdamp", "inf", expect=("--percdamp inf",)),
+    case("percdamp-zero", *T, "--percdamp", "0", expect=("--percdamp 0.0", "(0, 100]")),
+    case("percdamp-huge", *T, "--percdamp", "1e9", expect=("--percdamp 1000000000.0", "(0, 100]")),
+    case("mi-alpha-nan", *T, *GROUPED, "--mi-alpha", "nan", expect=("--mi-alpha nan", "finite")),
+    case("mi-alpha-negative", *T, *GROUPED, "--mi-alpha", "-1", expect=("--mi-alpha -1.0", ">= 0")),
+    case("sparsity-nan", *T, "--sparsity", "nan", expect=("--sparsity nan",)),
+    case("sparsity-negative", *T, "--sparsity", "-0.5", expect=("--sparsity -0.5", "[0, 1)")),
+    case("seed-negative-groups", *T, *GROUPED, "--seed", "-1", expect=("--seed -1", "0..4294967295")),
+    case("seed-2-32", *T, "--seed", str(2**32), expect=("--seed 4294967296",)),
+    case("seed-not-int", *T, "--seed", "1.5", expect=("--seed", "1.5")),
+    case("nsamples-zero", *T, "--nsamples", "0", expect=("--nsamples 0", "at least 1")),
+    case("nsamples-beyond-memory", *T, "--nsamples", "1000000000", expect=("--nsamples 1000000000", "memory")),
+    case("nsamples-beyond-int32", *T, "--nsamples", str(2**31), expect=("--nsamples 2147483648", "at most")),
+    case("seqlen-1", *T, "--seqlen", "1", expect=("--seqlen 1", "at least 2")),
+    case("seqlen-beyond-positions", *T, "--seqlen", "100000", expect=("--seqlen 100000", "positions")),
+    case("blocksize-zero", *T, "--blocksize", "0", expect=("--blocksize 0",)),
+    case("groupsize-zero", *T, "--wbits", "4", "--groupsize", "0", expect=("--groupsize 0",)),
+    case("groupsize-huge", *T, "--wbits", "4", "--groupsize", str(2**40), expect=("--groupsize", "at most")),
+    case("eval-batch-zero", *T, "--eval-batch", "0", expect=("--eval-batch 0",)),
+    case("mi-samples-1", *T, *GROUPED, "--mi-samples", "1", expect=("--mi-samples 1", "at least 2")),
+    case("mi-bins-1", *T, *GROUPED, "--mi-bins", "1", expect=("--mi-bins 1", "at least 2")),
+    case("mi-bins-beyond-memory", *T, *GROUPED, "--mi-bins", "1000000", expect=("--mi-bins 1000000", "memory")),
+    case("mi-samples-beyond-memory", *T, *GROUPED, "--nsamples", "64", "--seqlen", "128", "--mi-samples", "8192",
+         memory=60 << 20, expect=("--mi-samples 8192", "memory")),
+    # --- n:m against the model's widths and the block
+    case("nm-width-not-multiple", *T, "--prunen", "2", "--prunem", "3", expect=("2:3", "64 input columns")),
+    case("nm-m-beyond-width", *T, "--prunen", "1", "--prunem", "1000", expect=("1:1000", "not a multiple")),
+    case("nm-block-not-multiple", *T, "--prunen", "2", "--prunem", "4", "--blocksize", "6",
+         expect=("--blocksize 6", "--prunem 4")),
+    case("nm-n-only", *T, "--prunen", "2", expect=("--prunen/--prunem 2:0",)),
+    case("nm-n-above-m", *T, "--prunen", "3", "--prunem", "2", expect=("3:2", "N < M")),
+    case("nm-and-sparsity", *T, "--prunen", "2", "--prunem", "4", "--sparsity", "0.5", expect=("--sparsity",)),
+    # --- inconsistent flags, choices, devices
+    case("groups-without-wbits", *T, "--groups", "8", expect=("--groups 8", "--wbits")),
+    case("groups-negative", *T, "--wbits", "4", "--groups", "-3", expect=("--groups -3",)),
+    case("bits-choices-decreasing", *T, *GROUPED, "--bits-choices", "4,2", expect=("--bits-choices",)),
+    case("gmp-alone", *T, "--gmp", expect=("--gmp", "nothing to prune")),
+    case("gmp-with-groups", *T, *GROUPED, "--gmp", expect=("--groups 4", "--gmp")),
+    case("device-nonsense", *T, "--device", "nonsense", expect=("--device 'nonsense'", "cpu, cuda")),
+    case("device-mps", *T, "--device", "mps", expect=("--device 'mps'",)),
+    case("device-empty", *T, "--device", "", expect=("--device ''",)),
+    case("device-absent-gpu", *T, "--device", "cuda:99", expect=("--device cuda:99",)),
+    case("unknown-flag", *T, "--bogus", expect=("--bogus",)),
+    case("bad-choice", *T, "--strategy", "both", expect=("--strategy", "both")),
+    case("dtype-float64", *T, "--dtype", "float64", expect=("--dtype", "float64")),
+    case("no-dataset", "toy", expect=("dataset",)),
+    # --- no silent no-ops
+    case("eval-commas", *T, "--eval", ",,", expect=("--eval ',,'", "no eval set")),
+    case("eval-empty", *T, "--eval", "", expect=("--eval ''",)),
+    case("eval-unknown", *T, "--eval", "synthetic,bogus", expect=("--eval", "bogus")),
+    case("prune-only-nothing", *T, "--sparsity", "0.5", "--prune_only", "nosuchname",
+         expect=("--prune_only 'nosuchname'", "nothing would be compressed")),
+    case("min-above-max", *T, "--sparsity", "0.5", "--minlayer", "5", "--maxlayer", "2",
+         expect=("--minlayer 5 --maxlayer 2", "selects none")),
+    case("invert-all", *T, "--wbits", "4", "--invert", expect=("--invert", "selects none")),
+    case("gmp-selects-nothing", *T, "--sparsity", "0.5", "--gmp", "--maxlayer", "0", expect=("--maxlayer 0",)),
+    case("plot-layer-unknown", *T, *GROUPED, "--plot-layer", "nosuch.layer", expect=("--plot-layer nosuch.layer",)),
+    case("plot-layer-not-compressed", *T, *GROUPED, "--prune_only", "fc1", "--plot-layer",
+         "model.decoder.layers.0.fc2", expect=("--plot-layer model.decoder.layers.0.fc2", "not among")),
+    # --- output paths, checked before any work
+    case("json-in-proc", *T, "--json", "/proc/r.json", expect=("--json /proc/r.json", "cannot write")),
+    case("json-onto-folder", *T, "--json", "adir", expect=("--json adir", "is a folder")),
+    case("json-under-file", *T, "--json", "afile/r.json", expect=("--json afile/r.json", "is a file")),
+    case("json-onto-device", *T, "--json", "/dev/null", expect=("--json /dev/null", "not a regular file")),
+    case("json-onto-dataset", "toy", "good.txt", "--json", "good.txt", expect=("--json good.txt", "DATASET")),
+    case("json-onto-eval", *T, "--json", "short_eval.txt", expect=("--json short_eval.txt", "--eval")),
+    case("json-inside-save", *T, "--save", "m", "--json", "m/r.json", expect=("--json m/r.json", "--save")),
+    case("save-onto-file", *T, "--save", "afile", expect=("--save afile", "is a file")),
+    case("save-onto-other-folder", *T, "--save", "adir", expect=("--save adir", "not a saved model")),
+    case("save-in-proc", *T, "--save", "/proc/m", expect=("--save /proc/m", "cannot write")),
+    case("save-onto-model", "toycopy", "synthetic", "--save", "toycopy", expect=("--save toycopy", "MODEL")),
+    case("save-under-file", *T, "--save", "afile/m", expect=("--save afile/m", "is a file")),
+    case("analysis-onto-file", *T, *GROUPED, "--analysis-dir", "afile", expect=("--analysis-dir afile", "is a file")),
+    case("analysis-in-proc", *T, *GROUPED, "--analysis-dir", "/proc/an", expect=("--analysis-dir /proc/an",)),
+    case("analysis-is-json", *T, *GROUPED, "--json", "r.json", "--analysis-dir", "r.json",
+         expect=("--analysis-dir r.json",)),
+    # --- data that is missing, too short, or not text
+    case("dataset-unknown", "toy", "nosuchset", expect=("nosuchset", "wikitext2")),
+    case("dataset-missing-file", "toy", "missing.txt", expect=("missing.txt", "not found")),
+    case("dataset-folder", "toy", "adir/", expect=("adir", "folder")),
+    case("dataset-nul-bytes", "toy", "nul.txt", expect=("nul.txt", "NUL")),
+    case("eval-nul-bytes", *T, "--eval", "nul.txt", expect=("nul.txt", "NUL")),
+    case("dataset-control-chars", "toy", "ctl.txt", expect=("ctl.txt", "control character U+0001")),
+    case("dataset-escape-bytes", "toy", "esc.txt", expect=("esc.txt", "U+001B")),
+    case("dataset-latin1", "toy", "latin1.txt", expect=("latin1.txt", "UTF-8")),
+    case("dataset-empty", "toy", "empty.txt", expect=("empty.txt", "tokens")),
+    case("dataset-too-short", "toy", "good.txt", "--seqlen", "128", expect=("good.txt", "seqlen=128")),
+    case("dataset-bad-jsonl", "toy", "bad.jsonl", expect=("bad.jsonl:2", "JSON")),
+    case("dataset-json-no-text", "toy", "notext.json", expect=("notext.json", "record 0")),
+    # --- model folders
+    case("model-missing", "./nope", "synthetic", expect=("MODEL ./nope", "not found")),
+    case("model-is-file", "afile", "synthetic", expect=("MODEL afile", "a file")),
+    case("model-no-config", "adir", "synthetic", expect=("MODEL adir", "config.json")),
+    case("model-bad-json", "badjson", "synthetic", expect=("MODEL badjson",)),
+    case("model-not-opt", "gpt2ish", "synthetic", expect=("gpt2", "not OPT")),
+    case("model-no-weights", "noweights", "synthetic", expect=("MODEL noweights", "no weights")),
+    case("model-no-tokenizer", "notokenizer", "synthetic", expect=("MODEL notokenizer", "tokenizer")),
+    case("model-vocab-too-small", "smallvocab", "synthetic", expect=("MODEL smallvocab", "vocab_size")),
+    case("model-heads-not-dividing", "badheads", "synthetic", expect=("MODEL badheads", "config.json")),
+    case("model-zero-layers", "nolayers", "synthetic", expect=("MODEL nolayers", "no decoder layers")),
+    case("model-hidden-mismatch", "badhidden", "synthetic",
+         expect=("MODEL badhidden", "tensor model.decoder.", "config.json implies")),
+    case("model-ffn-mismatch", "badffn", "synthetic",
+         expect=("tensor model.decoder.layers.0.fc1.", "is [256", "implies [128")),
+    case("model-missing-tensor", "notensor", "synthetic",
+         expect=("tensor model.decoder.layers.1.fc2.weight is missing",)),
+    case("model-truncated", "truncated", "synthetic", expect=("MODEL truncated", "truncated")),
+    case("model-garbage-weights", "garbage", "synthetic", expect=("MODEL garbage", "safetensors")),
+    case("model-nan-dense", "nanmodel", "synthetic", expect=("tensor model.decoder.layers.1.fc2.weight", "NaN")),
+    case("model-nan-magnitude", "nanmodel", "synthetic", "--sparsity", "0.5", "--gmp", expect=("NaN",)),
+    case("model-nan-sparsegpt", "nanmodel", "synthetic", "--sparsity", "0.5", expect=("NaN",)),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the working folder: every file the cases name
+
+
+def _model_copy(toy: Path, dst: Path, config: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
+    shutil.copytree(toy, dst)
+    for f in drop:
+        (dst / f).unlink()
+    if config:
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, **config}))
+    return dst
+
+
+def _weights(dst: Path, edit) -> None:
+    w = load_file(str(dst / "model.safetensors"))
+    edit(w)
+    save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _write_files(d: Path) -> None:
+    (d / "adir").mkdir()
+    (d / "adir" / "keep.txt").write_text("not a model")
+    (d / "afile").write_text("a file")
+    (d / "good.txt").write_text(synthetic_text("train")[:400])
+    (d / "short_eval.txt").write_text(synthetic_text("test")[:3000])
+    (d / "nul.txt").write_bytes(b"\0" * 200_000)
+    (d / "ctl.txt").write_text("the cat sat \x01 on the mat " * 200)
+    (d / "esc.txt").write_text("colour \x1b[31mred\x1b[0m " * 200)
+    (d / "latin1.txt").write_bytes("caf\xe9 au lait ".encode("latin-1") * 200)
+    (d / "empty.txt").write_text("")
+    (d / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    (d / "notext.json").write_text('[{"body": "no text field"}]')
+
+
+def _write_models(d: Path, toy: Path) -> None:
+    _model_copy(toy, d / "toycopy")
+    (d / "badjson").mkdir()
+    (d / "badjson" / "config.json").write_text("{not json")
+    (d / "gpt2ish").mkdir()
+    (d / "gpt2ish" / "config.json").write_text('{"model_type": "gpt2"}')
+    _model_copy(toy, d / "noweights", drop=("model.safetensors",))
+    _model_copy(toy, d / "notokenizer", drop=("tokenizer.json", "tokenizer_config.json"))
+    _model_copy(toy, d / "smallvocab", {"vocab_size": 100})
+    _model_copy(toy, d / "badheads", {"num_attention_heads": 5})
+    _model_copy(toy, d / "nolayers", {"num_hidden_layers": 0})
+    _model_copy(toy, d / "badhidden", {"hidden_size": 32, "word_embed_proj_dim": 32})
+    _model_copy(toy, d / "badffn", {"ffn_dim": 128})
+    _weights(_model_copy(toy, d / "notensor"), lambda w: w.pop("model.decoder.layers.1.fc2.weight"))
+    _weights(_model_copy(toy, d / "nanmodel"), lambda w: w["model.decoder.layers.1.fc2.weight"].view(-1)[7:8].fill_(
+        float("nan")))
+    data = (_model_copy(toy, d / "truncated") / "model.safetensors").read_bytes()
+    (d / "truncated" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (_model_copy(toy, d / "garbage") / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, toy_path) -> Path:
+    d = tmp_path_factory.mktemp("bad_input")
+    _write_files(d)
+    _write_models(d, Path(toy_path))
+    return d
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every file and folder under root, hidden ones included, with what would show a change."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def check_one_line(err: str, code: int, expected_code: int, expect=()) -> str:
+    assert code == expected_code, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for piece in expect:
+        assert piece in lines[0], (piece, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(c: Case, workdir, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
+    if c.memory is not None:
+        monkeypatch.setattr(preflight, "available_memory", lambda dev=None: c.memory)
+    before = snapshot(workdir)
+    capsys.readouterr()
+    code = opt_mi.main([*c.argv[:2], *FAST, *c.argv[2:]] if len(c.argv) >= 2 else list(c.argv))
+    out, err = capsys.readouterr()
+    line = check_one_line(err, code, 2, c.expect)
+    assert line.startswith("opt_mi.py: error: "), line
+    assert out == ""
+    assert snapshot(workdir) == before
+
+
+def test_the_matrix_is_large_enough():
+    assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# interrupts: opt_mi.py in a process of its own, paused at a chosen step until the signal comes
+
+# argv: root, marker, step, then opt_mi.py's arguments. The step's function runs, then the marker is written
+# and the process sleeps until a signal ends it.
+PAUSED = r"""
+import pathlib, sys, time
+sys.path.insert(0, sys.argv[1])
+import opt_mi, outputs
+marker, step, argv = sys.argv[2], sys.argv[3], sys.argv[4:]
+owner = {"load_model": opt_mi, "save_model": outputs, "write_json": outputs}[step]
+real = getattr(owner, step)
+def paused(*args, **kwargs):
+    result = real(*args, **kwargs)
+    pathlib.Path(marker).write_text("paused")
+    time.sleep(120)
+    return result
+setattr(owner, step, paused)
+sys.exit(opt_mi.main(argv))
+"""
+# every output (model, figure, JSON), at a small cost: MI grouping of the two fc1 layers
+RUN = [*GROUPED, *FAST, "--prune_only", "fc1", "--bit-alloc", "uniform", "--save", "out/model", "--json", "out/r.json",
+       "--analysis-dir", "out/analysis"]
+
+
+def _paused(tmp_path: Path, step: str) -> tuple[subprocess.Popen, Path]:
+    work, marker = tmp_path / "work", tmp_path / "marker"
+    work.mkdir()
+    (work / "short_eval.txt").write_text(synthetic_text("test")[:3000])
+    p = subprocess.Popen([sys.executable, "-c", PAUSED, str(ROOT), str(marker), step, "toy", "synthetic", *RUN],
+                         cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert p.poll() is None, p.communicate()
+        assert time.time() < deadline, "the run never reached the step"
+        time.sleep(0.05)
+    return p, work
+
+
+@pytest.mark.parametrize("step, sig", [("load_model", signal.SIGINT), ("save_model", signal.SIGTERM),
+                                       ("write_json", signal.SIGINT)])
+def test_interrupt_is_one_line_exit_130_and_leaves_nothing(tmp_path, step, sig):
+    """Interrupted at work (the model loaded), with the model staged, and with every output staged (JSON last)."""
+    p, work = _paused(tmp_path, step)
+    if step != "load_model":
+        assert any(".tmp" in n for n in snapshot(work)), "nothing was staged when the signal came"
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert check_one_line(err, p.returncode, 130) == "opt_mi.py: interrupted"
+    assert sorted(snapshot(work)) == ["short_eval.txt"]
+
+
+def test_interrupt_while_importing_is_one_line_exit_130(tmp_path):
+    p = subprocess.Popen([sys.executable, str(ROOT / "opt_mi.py"), "toy", "synthetic", *RUN], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.8)  # the imports (torch) take seconds
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert check_one_line(err, p.returncode, 130) == "opt_mi.py: interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
+def _result(path: Path) -> dict:
+    r = json.loads(path.read_text())
+    r.pop("timing")
+    for layer in r["layers"]:
+        layer.pop("timing")
+    return r
+
+
+def test_killed_run_is_cleaned_up_and_repeated_runs_are_bit_identical(tmp_path, capsys, monkeypatch):
+    """A run killed with SIGKILL while saving leaves its staged folder (nothing can remove it then); the next
+    run removes it, publishes, and a second run gives the same JSON (timings aside) and the same weights."""
+    p, work = _paused(tmp_path, "save_model")
+    p.kill()
+    p.communicate(timeout=60)
+    assert [n for n in snapshot(work) if n.startswith("out/.model.")], "the killed run left nothing to clean"
+    monkeypatch.chdir(work)
+    results, weights = [], []
+    for _ in range(2):
+        assert opt_mi.main(["toy", "synthetic", *RUN]) == 0
+        results.append(_result(work / "out" / "r.json"))
+        weights.append((work / "out" / "model" / "model.safetensors").read_bytes())
+        names = sorted(snapshot(work / "out"))
+        assert not [n for n in names if ".tmp" in n], names
+    assert results[0] == results[1] and weights[0] == weights[1]
+    assert {"analysis", "model", "r.json"} <= set(names)
+    assert "warning" not in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# valid edge inputs: they run
+
+
+@pytest.mark.parametrize("flags", [["--sparsity", "0.5", "--wbits", "4", "--groups", "100000", "--prune_only", "fc1",
+                                    "--bit-alloc", "uniform", "--analysis-dir", "an"],
+                                   ["--sparsity", "0.5", "--eval-batch", "100000"],
+                                   ["--sparsity", "0.5", "--blocksize", "100000"],
+                                   ["--sparsity", "0.5", "--wbits", "4", "--dtype", "float16"],
+                                   ["--sparsity", "0.5", "--wbits", "4", "--groups", "4", "--dtype", "bfloat16"],
+                                   ["--sparsity", "0.99999"],
+                                   ["--prunen", "2", "--prunem", "4", "--blocksize", "100"],
+                                   ["--wbits", "4", "--groups", "4", "--prune_only", "q_proj", "--bit-alloc", "uniform",
+                                    "--analysis-dir", "an"],
+                                   ["--sparsity", "0.5", "--plot-layer", "model.decoder.layers.0.fc1"]],
+                         ids=["groups-100000", "eval-batch-100000", "blocksize-beyond-width", "float16-on-cpu",
+                              "bfloat16-on-cpu", "sparsity-0.99999", "nm-block-at-least-width",
+                              "default-plot-layer-not-compressed", "plot-layer-without-figures"])
+def test_valid_edge_inputs_run(flags, tmp_path, monkeypatch, capsys):
+    """They run, compress something, evaluate to a finite perplexity, and draw what an --analysis-dir asks for;
+    --plot-layer in a run without figures is a warning (a sweep's --extra reaches every configuration)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "short_eval.txt").write_text(synthetic_text("test")[:3000])
+    assert opt_mi.main(["toy", "synthetic", *FAST, *flags, "--json", "r.json"]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["ppl"]["short_eval.txt"] is not None
+    assert r["layers"], "nothing was compressed"
+    assert bool(r["figures"]) == ("--groups" in flags)  # MI-grouped runs draw (--analysis-dir default: analysis)
+    assert all((tmp_path / f).is_file() for f in r["figures"])
+    assert ("warning: --plot-layer" in capsys.readouterr().err) == ("--plot-layer" in flags)
