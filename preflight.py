@@ -18,6 +18,7 @@ from torch import nn
 
 import compress
 import layerwalk
+import layouts
 import mutual_info
 from config import ConfigError, RunConfig
 
@@ -69,15 +70,17 @@ def fmt_bytes(n: float) -> str:
 def selected_linears(cfg: RunConfig, model: nn.Module) -> dict[str, nn.Linear]:
     """The decoder linears that --minlayer/--maxlayer/--prune_only/--invert select, by state-dict path, as
     the compression walk will find them (the walk's own rule, ``compress.selected_linears``)."""
+    layout = layouts.of(model)
     out: dict[str, nn.Linear] = {}
-    for i, layer in enumerate(layerwalk.decoder_layers(model)):
-        out.update(compress.selected_linears(cfg, i, layer))
+    for i, layer in enumerate(layout.decoder_layers(model)):
+        out.update(compress.selected_linears(cfg, layout, i, layer))
     return out
 
 
 def all_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for i, layer in enumerate(layerwalk.decoder_layers(model))
-            for n, m in layerwalk.find_linears(layer, compress.layer_prefix(i)).items()}
+    layout = layouts.of(model)
+    return {n: m for i, layer in enumerate(layout.decoder_layers(model))
+            for n, m in layerwalk.find_linears(layer, layout.layer_prefix(i)).items()}
 
 
 def _selection_flags(cfg: RunConfig) -> str:
@@ -138,7 +141,7 @@ def resolve_plot_layer(cfg: RunConfig, model: nn.Module, chosen: dict[str, nn.Li
             raise ConfigError(f"--plot-layer {cfg.plot_layer}: not among the layers this run compresses (e.g. "
                               f"{next(iter(chosen))})")
         return cfg
-    if draws_figures(cfg) and compress.default_plot_layer(model) not in chosen:
+    if draws_figures(cfg) and layouts.of(model).default_plot_layer(model) not in chosen:
         return dataclasses.replace(cfg, plot_layer=next(iter(chosen)))
     return cfg
 
@@ -184,7 +187,7 @@ def check_mi_memory(cfg: RunConfig, chosen: dict[str, nn.Linear]) -> None:
     if not cfg.grouped:
         return
     n = min(cfg.mi_samples, cfg.nsamples * cfg.seqlen)
-    c = max(m.out_features for m in chosen.values())
+    c = max(m.out_features if cfg.mi_axis == "output" else m.in_features for m in chosen.values())
     need, have = _mi_bytes(cfg, n, c, cfg.mi_bins), available_memory()
     if need <= have:
         return
