@@ -18,6 +18,7 @@ import allocation
 import channel_grouping
 import datautils
 import mutual_info
+import saving
 from mi_plan import MIOptions
 from quant import STRATEGIES
 
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prune_only", type=str, default="", help="compress only linear layers whose name contains this")
     a.add_argument("--invert", action="store_true", help="invert the layer selection above")
     a.add_argument("--save", type=str, default="", help="save the compressed model (safetensors) and tokenizer here")
+    a.add_argument("--save-format", choices=saving.FORMATS, default="packed",
+                   help="packed: codes at their widths, reloads exactly; compressed-tensors: loads with "
+                        "transformers' from_pretrained; dense: save_pretrained of the fake-quantized weights")
     b = p.add_argument_group("toolkit options")
     b.add_argument("--groupsize", type=int, default=-1, help="GPTQ groups: new quantization parameters every G columns")
     b.add_argument("--sym", action="store_true", help="symmetric quantization (reference default: asymmetric)")
@@ -116,6 +120,7 @@ class RunConfig:
     prune_only: str = ""
     invert: bool = False
     save: str = ""
+    save_format: str = "packed"
     groupsize: int = -1
     sym: bool = False
     seqlen: int | None = None  # None until the model's positions are known (``with_seqlen``)
@@ -274,6 +279,9 @@ def from_namespace(a: argparse.Namespace) -> RunConfig:
             datautils.validate_name(name)
         except datautils.DataError as e:
             raise ConfigError(f"{'DATASET' if name == cfg.dataset else '--eval'}: {e}") from None
+    problem = saving.flag_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
     return cfg
 
 

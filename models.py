@@ -121,6 +121,10 @@ def open_source(name: str, trust_remote_code: bool = False):
                          f"({why}); offline? pass a local model folder or 'toy'") from None
     if config.model_type not in SUPPORTED_TYPES:
         raise ModelError(f"MODEL {name}: model_type '{config.model_type}' is not OPT; this toolkit walks OPT")
+    if _packed(path):
+        import packed
+
+        packed.read_manifest(path)  # a damaged saved folder fails here, before calibration
     src = ModelSource(name, path, config.max_position_embeddings, bool(reason), trust_remote_code)
     with src.cache_only():
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -135,12 +139,24 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device):
         torch_dtype = torch.float32 if dev.type == "cpu" else "auto"
     else:
         torch_dtype = getattr(torch, dtype)
+    if _packed(src.path):  # a folder saved by --save-format packed: its own loader, exact weights
+        import packed
+
+        model = packed.load_compressed(src.path, None if torch_dtype == "auto" else torch_dtype)
+        model.config.use_cache = False
+        return model
     with src.cache_only():
         model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype,
                                                      trust_remote_code=src.trust_remote_code)
     model.eval()
     model.config.use_cache = False
     return model
+
+
+def _packed(path: str) -> bool:
+    import packed
+
+    return os.path.isdir(path) and packed.is_packed(path)
 
 
 def _first_line(e: BaseException) -> str:

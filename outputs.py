@@ -1,5 +1,5 @@
-"""What a run leaves behind: the result JSON, the saved model, the analysis figures, and the facts (code
-version, library versions, device) that make a result comparable with another."""
+"""What a run leaves behind: the result JSON, the analysis figures, and the facts (code version, library
+versions, device) that make a result comparable with another. The saved model (--save) is ``saving.py``'s."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 
 import torch
 
@@ -19,24 +18,6 @@ from config import RunConfig
 def write_json(path: str, obj) -> None:
     """Strict JSON (no NaN), written atomically."""
     atomic.write_text(path, json.dumps(obj, indent=1, allow_nan=False))
-
-
-def save_model(model, tokenizer, res: CompressionResult, cfg: RunConfig, out: str) -> None:
-    """save_pretrained (safetensors) + tokenizer + quantization.json, built beside ``out`` then moved in."""
-    out = os.path.abspath(out)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    bits = None if not cfg.quantizing else int(cfg.wbits)
-    qinfo = {"wbits": cfg.wbits, "strategy": cfg.strategy, "groupsize": cfg.groupsize,
-             "layers": {r["name"]: {"labels": r.get("labels"), "group_bits": r.get("group_bits"),
-                                    "bits": None if "group_bits" in r else bits}
-                        for r in res.layers}}
-    write_json(os.path.join(tmp, "quantization.json"), qinfo)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 def draw_figures(res: CompressionResult, cfg: RunConfig, total_rows: int) -> list[str]:
