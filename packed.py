@@ -99,7 +99,7 @@ def write_packed(folder: str, model, tokenizer, layers: list[QuantizedLayer], nm
         tensors.update(t)
     save_file(tensors, os.path.join(folder, PACKED), metadata={"format": FORMAT, "version": str(VERSION)})
     save_file(dense, os.path.join(folder, DENSE), metadata={"format": FORMAT, "version": str(VERSION)})
-    nbytes = sum(_header(os.path.join(folder, PACKED)).values())
+    nbytes = sum(tensor_bytes(os.path.join(folder, PACKED)).values())
     weights = sum(q.weight.numel() for q in layers)
     manifest = {"format": FORMAT, "version": VERSION, "dtype": packed_layer.DTYPE_NAMES[dtype],
                 "files": {"packed": PACKED, "dense": DENSE}, "tied": tied,
@@ -129,7 +129,7 @@ def dense_state(model, compressed: set[str]) -> tuple[dict[str, torch.Tensor], d
     return out, tied
 
 
-def _header(path: str) -> dict[str, int]:
+def tensor_bytes(path: str) -> dict[str, int]:
     """{tensor: data bytes} from a safetensors file's header (the 8-byte length, then JSON)."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")

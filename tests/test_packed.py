@@ -192,7 +192,7 @@ def test_bytes_on_disk_match_bits_accounting(tmp_path, case):
     q = grid_layer(torch.randn(768, 3072), bits, mask=random_mask(768, 3072), **kw)
     _, tensors = packed_layer.encode(q, torch.float32, None)
     save_file(tensors, tmp_path / "packed.safetensors")
-    on_disk = sum(packed._header(str(tmp_path / "packed.safetensors")).values())
+    on_disk = sum(packed.tensor_bytes(str(tmp_path / "packed.safetensors")).values())
     acc = bitstats.layer_bits(768, 3072, row_bits, sets, k, choices, "unstructured")
     accounted = (acc.weight_bits + acc.metadata_bits + acc.mask_bits) / 8
     assert abs(on_disk - accounted) / accounted < 0.01, (on_disk, accounted)
@@ -217,7 +217,7 @@ def test_reloaded_model_equals_the_compressed_one(toy_path, tmp_path, flags):
     assert again.lm_head.weight is again.model.decoder.embed_tokens.weight
     manifest = json.loads((tmp_path / "m" / "quantization.json").read_text())
     assert manifest["bytes_on_disk"] == stats["bytes_on_disk"] == sum(
-        packed._header(str(tmp_path / "m" / "packed.safetensors")).values())
+        packed.tensor_bytes(str(tmp_path / "m" / "packed.safetensors")).values())
     if cfg.prunen:
         assert {e["mask"]["kind"] for e in manifest["layers"].values()} == {"n:m"}
 
