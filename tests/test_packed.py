@@ -222,6 +222,18 @@ def test_reloaded_model_equals_the_compressed_one(toy_path, tmp_path, flags):
         assert {e["mask"]["kind"] for e in manifest["layers"].values()} == {"n:m"}
 
 
+def test_dense_format_is_plain_save_pretrained(toy_path, tmp_path):
+    """--save-format dense: today's fake-quantized save_pretrained, not mistaken for a packed folder."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok, res, cfg = compress_toy(toy_path, "--sparsity", "0.5", "--wbits", "4", "--save-format", "dense")
+    assert saving.save(model, tok, res, cfg, str(tmp_path / "d")) is None
+    a, b = model.state_dict(), AutoModelForCausalLM.from_pretrained(str(tmp_path / "d")).state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "d" / "quantization.json").read_text())["format"] == "dense"
+    assert not packed.is_packed(str(tmp_path / "d"))
+
+
 @pytest.mark.slow
 def test_save_then_reload_through_opt_mi_gives_the_same_ppl(toy_path, tmp_path, small_eval):
     save, out = tmp_path / "m", tmp_path / "r.json"
