@@ -154,6 +154,7 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device):
 
 
 def _packed(path: str) -> bool:
+    """A folder saved with --save-format packed (damaged or not): read by packed.py, not from_pretrained."""
     import packed
 
     return os.path.isdir(path) and packed.is_packed(path)
