@@ -21,6 +21,7 @@ import allocation
 import channel_grouping
 import datautils
 import mutual_info
+import saving
 from mi_plan import MIOptions
 from quant import STRATEGIES
 from toy import TOY_NAMES
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--true-sequential", action="store_true",
                    help="compress a layer's linears in sub-groups (attention q/k/v, output projection, MLP in, MLP "
                         "out), each from the outputs of the sub-groups compressed before it (IST-DASLab/gptq)")
+    a.add_argument("--save-format", choices=saving.FORMATS, default="packed",
+                   help="packed: codes at their widths, reloads exactly; compressed-tensors: loads with "
+                        "transformers' from_pretrained; dense: save_pretrained of the fake-quantized weights")
     b = p.add_argument_group("toolkit options")
     b.add_argument("--groupsize", type=int, default=-1, help="GPTQ groups: new quantization parameters every G columns")
     b.add_argument("--sym", action="store_true", help="symmetric quantization (reference default: asymmetric)")
@@ -141,6 +145,7 @@ class RunConfig:
     invert: bool = False
     save: str = ""
     true_sequential: bool = False
+    save_format: str = "packed"
     groupsize: int = -1
     sym: bool = False
     act_order: bool = False
@@ -357,6 +362,9 @@ def from_namespace(a: argparse.Namespace) -> RunConfig:
             datautils.validate_name(name)
         except datautils.DataError as e:
             raise ConfigError(f"{'DATASET' if name == cfg.dataset else '--eval'}: {e}") from None
+    problem = saving.flag_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
     return cfg
 
 

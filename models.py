@@ -141,6 +141,10 @@ def open_source(name: str, trust_remote_code: bool = False):
         layouts.for_type(config.model_type)
     except layouts.UnsupportedModel as e:
         raise ModelError(f"MODEL {name}: {e}") from None
+    if _packed(path):
+        import packed
+
+        packed.read_manifest(path)  # a damaged saved folder fails here, before calibration
     src = ModelSource(name, path, config.max_position_embeddings, bool(reason), trust_remote_code, config)
     try:
         with src.cache_only():
@@ -174,7 +178,7 @@ def skeleton(src: ModelSource):
 def check_weights(src: ModelSource, model) -> None:
     """A local folder has weights, and every tensor in its safetensors headers has the shape that config.json
     implies (``model``: the skeleton); the decoder's linear weights are all there. Headers only: cheap."""
-    if not src.local:
+    if not src.local or _packed(src.path):  # a packed folder's manifest was checked on opening it
         return
     present = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(src.path, f))]
     if not present:
@@ -236,6 +240,12 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device):
         torch_dtype = torch.float32 if dev.type == "cpu" else "auto"
     else:
         torch_dtype = getattr(torch, dtype)
+    if _packed(src.path):  # a folder saved by --save-format packed: its own loader, exact weights
+        import packed
+
+        model = packed.load_compressed(src.path, None if torch_dtype == "auto" else torch_dtype)
+        model.config.use_cache = False
+        return model
     try:
         with src.cache_only():
             model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype,
@@ -247,6 +257,13 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device):
     model.eval()
     model.config.use_cache = False
     return model
+
+
+def _packed(path: str) -> bool:
+    """A folder saved with --save-format packed (damaged or not): read by packed.py, not from_pretrained."""
+    import packed
+
+    return os.path.isdir(path) and packed.is_packed(path)
 
 
 @torch.no_grad()

@@ -48,6 +48,7 @@ import methods
 import models
 import outputs
 import preflight
+import saving
 from compress import compress, decoder_linear_weights, mask_sparsity, zero_fraction
 from config import ConfigError, RunConfig, parse
 from mi_plan import PlanError
@@ -109,8 +110,7 @@ def run(cfg: RunConfig) -> dict:
     eval_s = time.time() - t + eval_load_s
 
     with outputs.Staging() as stage:
-        if cfg.save:
-            outputs.save_model(model, tokenizer, res, cfg, stage.folder(cfg.save))
+        disk = saving.write(stage.folder(cfg.save), model, tokenizer, res, cfg) if cfg.save else None
         out = {
             "config": {**cfg.as_dict(), "model_path": src.path},
             "method": label,
@@ -118,7 +118,7 @@ def run(cfg: RunConfig) -> dict:
             "ppl": {k: (v if math.isfinite(v) else None) for k, v in ppl.items()},
             "sparsity": mask_sparsity(res),
             "zero_fraction": zero_fraction(model, [r["name"] for r in res.layers]),
-            "bits": bitstats.summarize(res.bits, decoder_linear_weights(model)),
+            "bits": {**bitstats.summarize(res.bits, decoder_linear_weights(model)), **(disk or {})},
             "timing": {"calibration_s": calibration_s, "compress_s": compress_s, "eval_s": eval_s,
                        **res.timing, "total_s": time.time() - t0},
             "env": outputs.env_info(dev),
@@ -153,10 +153,25 @@ def summary(out: dict) -> str:
         f"bits      {b['avg_weight_bits']:.3f} avg weight + {b['metadata_bpw']:.4f} metadata = {b['bpw']:.3f} bpw"
         f" over all decoder linears ({100 * b['compressed_fraction']:.0f}% compressed, at "
         f"{b['bpw_compressed']:.3f} bpw; mask {b['mask_bpw']:.3f} bpw apart; embeddings, lm_head fp16)",
+        *([disk_line(b, out["config"])] if b.get("bytes_on_disk") is not None else []),
         f"time      calibration {t['calibration_s']:.1f}s, compress {t['compress_s']:.1f}s "
         f"(MI {t['mi_s']:.1f}s, cluster {t['cluster_s']:.1f}s, alloc {t['alloc_s']:.1f}s, "
         f"prune {t['prune_s']:.1f}s), eval {t['eval_s']:.1f}s, total {t['total_s']:.1f}s",
     ])
+
+
+def disk_line(b: dict, config: dict) -> str:
+    """What --save wrote for the compressed linears; for the packed format, beside what the bits accounting
+    says it should be (compressed-tensors has its own layout: no mask, float32 scales, packed zero-points)."""
+    line = (f"disk      {b['bytes_on_disk']} bytes for the compressed linears ({config['save_format']}, "
+            f"{config['save']})")
+    if b.get("bpw_on_disk") is None:
+        return line
+    line += f" = {b['bpw_on_disk']:.3f} bpw"
+    if config["save_format"] != "packed":
+        return line
+    accounted = b["bpw_compressed"] + b["mask_bpw"] / max(b["compressed_fraction"], 1e-12)
+    return f"{line}; accounted {accounted:.3f} (bpw_compressed + mask)"
 
 
 class Interrupted(KeyboardInterrupt):

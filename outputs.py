@@ -1,10 +1,10 @@
-"""What a run leaves behind: the result JSON, the saved model, the analysis figures, and the facts (code
+"""What a run leaves behind: the result JSON, the analysis figures, and the facts (code
 version, library versions, device) that make a result comparable with another.
 
 All or nothing: every output is written to a staging place beside its target (``Staging``) and the targets
 are published together, by renames, only when the whole run has succeeded; a failure or an interrupt at any
 point leaves no new file or folder behind. ``check_targets`` refuses, before any work, the paths that could
-not be published at the end.
+not be published at the end. The saved model (--save) is written by ``saving.py`` into a staged folder.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Staging:
 
         with Staging() as stage:
             write_json(stage.file(cfg.json), result)      # any writer, given the staged path
-            save_model(..., stage.folder(cfg.save))        # an empty folder to fill
+            saving.write(stage.folder(cfg.save), ...)        # an empty folder to fill
         # left normally: every target replaced by its staged version; left by an exception (a user error,
         # Ctrl-C): every staged path and every parent folder this created removed, nothing published
 
@@ -227,18 +227,6 @@ def check_targets(cfg: RunConfig) -> None:
 def write_json(path: str, obj) -> None:
     """Strict JSON (no NaN), written atomically."""
     atomic.write_text(path, json.dumps(obj, indent=1, allow_nan=False))
-
-
-def save_model(model, tokenizer, res: CompressionResult, cfg: RunConfig, out_dir: str) -> None:
-    """save_pretrained (safetensors) + tokenizer + quantization.json, into the (staged, empty) folder out_dir."""
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    bits = None if not cfg.quantizing else int(cfg.wbits)
-    qinfo = {"wbits": cfg.wbits, "strategy": cfg.strategy, "groupsize": cfg.groupsize,
-             "layers": {r["name"]: {"labels": r.get("labels"), "group_bits": r.get("group_bits"),
-                                    "bits": None if "group_bits" in r else bits}
-                        for r in res.layers}}
-    write_json(os.path.join(out_dir, "quantization.json"), qinfo)
 
 
 def draw_figures(res: CompressionResult, cfg: RunConfig, total_rows: int, stage: Staging) -> list[str]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quick end-to-end check on the toy model (about a minute, offline): SparseGPT at 50% with 4-bit MI grouping
-# (K=8), saving the model and the analysis figures, then checks that every output exists and every
-# perplexity is finite. Exits non-zero with a message naming what is missing or wrong.
+# (K=8), saving the model (packed format) and the analysis figures, then checks that every output exists and
+# every perplexity is finite. Exits non-zero with a message naming what is missing or wrong.
 #
 #   ./test_mi.sh                         # outputs in a temporary folder, removed afterwards
 #   ./test_mi.sh --strategy shared       # extra flags go to opt_mi.py
@@ -65,8 +65,13 @@ for png in ("mi_matrix.png", "grouping_result.png"):
     p = out / "analysis" / png
     if need_file(p, png) and not p.read_bytes().startswith(b"\x89PNG\r\n\x1a\n"):
         problems.append(f"{p} is not a PNG")
-for f in ("model.safetensors", "config.json"):
+# the packed format (packed.py): codes, scales and masks; everything else; the manifest; the HF config
+for f in ("packed.safetensors", "dense.safetensors", "quantization.json", "config.json"):
     need_file(out / "model" / f, f"saved model's {f}")
+if (out / "model" / "quantization.json").is_file():
+    manifest = json.loads((out / "model" / "quantization.json").read_text())
+    if manifest.get("format") != "miq-packed" or not manifest.get("layers"):
+        problems.append("quantization.json is not a miq-packed manifest with compressed layers")
 
 for p in problems:
     print(f"test_mi.sh: FAIL: {p}", file=sys.stderr)

@@ -1,6 +1,7 @@
-"""Shared fixtures and helpers: the built-in toy models, the optional ../shared testbed, the independent
-textbook OBS loop that every SparseGPT implementation detail is checked against, and the check that a
-report's tables equal the result JSONs they were built from (used by the report and the sweep tests)."""
+"""Shared fixtures and helpers: the built-in toy model (and compressing it in memory), the optional ../shared
+testbed, the independent textbook OBS loop that every SparseGPT implementation detail is checked against, and
+the check that a report's tables equal the result JSONs they were built from (used by the report and the
+sweep tests)."""
 
 import json
 import math
@@ -20,6 +21,32 @@ def toy_path() -> str:
     import toy
 
     return toy.toy_model_path()
+
+
+def compress_toy(toy_path: str, *flags: str, save: str = "unused"):
+    """(model, tokenizer, CompressionResult, RunConfig): the toy compressed in memory with opt_mi.py's flags,
+    on 8 windows of 32 tokens (a few seconds); ``res.saved`` holds its layers as a checkpoint stores them."""
+    import compress
+    import config
+    import datautils
+    import models
+
+    cfg = config.parse([toy_path, "synthetic", "--nsamples", "8", "--seqlen", "32", "--save", save, *flags])
+    src, tokenizer = models.open_source(toy_path)
+    calib = datautils.get_calibration("synthetic", cfg.nsamples, cfg.seed, cfg.seqlen, tokenizer)
+    model = models.load_model(src, "auto", torch.device("cpu"))
+    res = compress.compress(model, torch.cat([inp for inp, _ in calib]), cfg, torch.device("cpu"))
+    return model, tokenizer, res, cfg
+
+
+@pytest.fixture(scope="session")
+def small_eval(tmp_path_factory) -> str:
+    """A tenth of the synthetic test text as a local file: an --eval set for runs that only compare PPLs."""
+    import synthetic
+
+    path = tmp_path_factory.mktemp("eval") / "small_eval.txt"
+    path.write_text(synthetic.synthetic_text("test", 30), encoding="utf-8")
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -277,9 +277,9 @@ def test_the_matrix_is_large_enough():
 PAUSED = r"""
 import pathlib, sys, time
 sys.path.insert(0, sys.argv[1])
-import opt_mi, outputs
+import opt_mi, outputs, saving
 marker, step, argv = sys.argv[2], sys.argv[3], sys.argv[4:]
-owner = {"load_model": opt_mi, "save_model": outputs, "write_json": outputs}[step]
+owner = {"load_model": opt_mi, "write": saving, "write_json": outputs}[step]
 real = getattr(owner, step)
 def paused(*args, **kwargs):
     result = real(*args, **kwargs)
@@ -308,7 +308,7 @@ def _paused(tmp_path: Path, step: str) -> tuple[subprocess.Popen, Path]:
     return p, work
 
 
-@pytest.mark.parametrize("step, sig", [("load_model", signal.SIGINT), ("save_model", signal.SIGTERM),
+@pytest.mark.parametrize("step, sig", [("load_model", signal.SIGINT), ("write", signal.SIGTERM),
                                        ("write_json", signal.SIGINT)])
 def test_interrupt_is_one_line_exit_130_and_leaves_nothing(tmp_path, step, sig):
     """Interrupted at work (the model loaded), with the model staged, and with every output staged (JSON last)."""
@@ -342,7 +342,7 @@ def _result(path: Path) -> dict:
 def test_killed_run_is_cleaned_up_and_repeated_runs_are_bit_identical(tmp_path, capsys, monkeypatch):
     """A run killed with SIGKILL while saving leaves its staged folder (nothing can remove it then); the next
     run removes it, publishes, and a second run gives the same JSON (timings aside) and the same weights."""
-    p, work = _paused(tmp_path, "save_model")
+    p, work = _paused(tmp_path, "write")
     p.kill()
     p.communicate(timeout=60)
     assert [n for n in snapshot(work) if n.startswith("out/.model.")], "the killed run left nothing to clean"

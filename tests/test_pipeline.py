@@ -1,16 +1,17 @@
-"""End to end on the toy model (and the ../shared testbed when present): walker, methods, bits, save."""
+"""End to end on the toy model (and the ../shared testbed when present): walker, methods, bits, save (the packed
+format, read back through its loader) and reload."""
 
 import json
 import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import datautils
 import layerwalk
 import opt_mi
+import packed
 
 pytestmark = pytest.mark.slow
 FAST = ["--nsamples", "16", "--seqlen", "64", "--analysis-dir", "", "--eval", "synthetic"]
@@ -72,19 +73,23 @@ def test_groups_all_uniform_alloc_equals_per_channel_baseline(toy_path, tmp_path
     allg = run(toy_path, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--groups", "all", "--bit-alloc", "uniform",
                "--save", str(tmp_path / "m1"), name="all")
     assert base["ppl"] == allg["ppl"]
-    w0 = load_file(str(tmp_path / "m0" / "model.safetensors"))
-    w1 = load_file(str(tmp_path / "m1" / "model.safetensors"))
-    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    w0 = packed.load_compressed(str(tmp_path / "m0")).state_dict()
+    w1 = packed.load_compressed(str(tmp_path / "m1")).state_dict()
+    assert set(w0) == set(w1) and all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
-def _levels_within_bits(save_dir) -> tuple[int, float]:
-    """Independent count: distinct values per saved row vs 2^bits of its group; returns (rows, mean bits)."""
-    weights = load_file(str(save_dir / "model.safetensors"))
-    qinfo = json.loads((save_dir / "quantization.json").read_text())
+def _levels_within_bits(save_dir, result: dict) -> tuple[int, float]:
+    """Independent count: distinct values per row of the reloaded (packed) model vs 2^bits of the row's group
+    as the run recorded it (labels, group_bits), and the widths the manifest stores vs those; returns
+    (rows, mean bits)."""
+    model = packed.load_compressed(str(save_dir))
+    manifest = json.loads((save_dir / "quantization.json").read_text())
     rows, bits_sum, n = 0, 0.0, 0
-    for name, info in qinfo["layers"].items():
-        W = weights[f"{name}.weight"]
-        row_bits = [info["group_bits"][g] for g in info["labels"]] if info["group_bits"] else [info["bits"]] * len(W)
+    for layer in result["layers"]:
+        W = model.get_parameter(f"{layer['name']}.weight")
+        row_bits = ([layer["group_bits"][g] for g in layer["labels"]] if layer.get("group_bits")
+                    else [int(result["config"]["wbits"])] * len(W))
+        assert manifest["layers"][layer["name"]]["widths"]["table"] == sorted(set(row_bits))
         for r, b in zip(W, row_bits, strict=True):
             assert torch.unique(r).numel() <= 2**b
             rows += 1
@@ -114,7 +119,7 @@ def test_mi_methods_end_to_end_with_budget_and_levels(toy_path, tmp_path, extra)
         assert len(sizes) == 6 and min(sizes) > 0
         assert sum(s * b for s, b in zip(sizes, bits, strict=True)) <= 3.5 * layer["channels"] + 1e-9
         assert set(layer["timing"]) >= {"mi_s", "cluster_s", "alloc_s", "prune_s"}
-    rows, mean_bits = _levels_within_bits(save)
+    rows, mean_bits = _levels_within_bits(save, r)
     assert rows == sum(layer["channels"] for layer in r["layers"])
     assert mean_bits == pytest.approx(r["bits"]["avg_weight_bits"], abs=1e-9)
     assert r["bits"]["avg_weight_bits"] <= 3.5

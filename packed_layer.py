@@ -1,0 +1,215 @@
+"""One compressed linear layer in the packed format: ``encode`` (QuantizedLayer -> manifest entry + tensors)
+and ``decode`` (the inverse, checking every size against the manifest). The layout is specified in
+``packed.py``'s docstring; bit streams are ``packbits.py``'s.
+
+Codes are recovered from the weights as ``round(w / scale) + zero``. That is exact: a kept weight is
+``scale * k`` with k = code - zero an integer of at most 8 bits and scale fp16-representable (11 significant
+bits), so the float32 product has at most 19 significant bits, is exact, and divides back to k exactly.
+``encode`` still checks, for every weight, that decoding reproduces it bit for bit, and refuses otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import packbits
+from bitstats import index_bits
+from quant import QuantizedLayer
+
+DTYPE_NAMES = {torch.uint8: "uint8", torch.int32: "int32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+               torch.float32: "float32", torch.float64: "float64"}
+
+
+def encode(q: QuantizedLayer, dtype: torch.dtype, nm: tuple[int, int] | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The manifest entry and the tensors ({"<layer>.<part>": tensor}) of one layer; ``dtype``: the model's."""
+    R, C = q.weight.shape
+    entry: dict = {"shape": [R, C], "quantized": q.scale is not None, "mask": None, "perm": q.perm is not None}
+    t: dict[str, torch.Tensor] = {}
+    if q.mask is not None:
+        if bool(q.weight[q.mask].any()):
+            raise ValueError(f"layer {q.name}: pruned weights are not 0")
+        entry["mask"] = _encode_mask(q.mask, nm, t)
+    if q.perm is not None:
+        t["perm"] = q.perm.to(torch.int32)
+    if q.scale is None:  # pruned only: the kept weights as evaluated
+        w = q.weight.to(dtype)
+        t["values"] = (w if q.mask is None else w[~q.mask]).reshape(-1)
+    else:
+        entry.update(_encode_grid(q, dtype, t))
+    tensors = {f"{q.name}.{k}": v.contiguous() for k, v in t.items()}
+    entry["tensors"] = {k: {"dtype": DTYPE_NAMES[v.dtype], "shape": list(v.shape)} for k, v in tensors.items()}
+    return entry, tensors
+
+
+def _encode_mask(mask: torch.Tensor, nm: tuple[int, int] | None, t: dict) -> dict:
+    if nm is not None:
+        stream = packbits.encode_nm(mask, *nm)
+        if stream is not None:
+            t["nm_index"] = stream
+            return {"kind": "n:m", "n": nm[0], "m": nm[1], "index_bits": packbits.nm_index_bits(*nm)}
+    t["mask"] = packbits.pack_bits(mask, 1)
+    return {"kind": "bitmask"}
+
+
+def _parameter_sets(q: QuantizedLayer) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(set index of every row [R] or None when each row is its own set, the first row of every set [P])."""
+    R = q.weight.shape[0]
+    if q.row_groups is None:
+        return None, torch.arange(R)
+    _, sets = torch.unique(q.row_groups.long(), return_inverse=True)
+    first = torch.full((int(sets.max()) + 1,), R, dtype=torch.long)
+    first = first.scatter_reduce(0, sets, torch.arange(R), reduce="amin")
+    return sets, first
+
+
+def _encode_grid(q: QuantizedLayer, dtype: torch.dtype, t: dict) -> dict:
+    """Sets, columns, widths, scales, zero-points and codes of a quantized layer; returns the manifest keys."""
+    sets, first = _parameter_sets(q)
+    row_set = sets if sets is not None else torch.arange(q.weight.shape[0])
+    scale, zero, maxq = (x.float()[first] for x in (q.scale, q.zero, q.maxq))
+    for label, x, per_set in (("scale", q.scale, scale), ("zero", q.zero, zero), ("maxq", q.maxq, maxq)):
+        if not torch.equal(x.float(), per_set[row_set]):
+            raise ValueError(f"layer {q.name}: rows of a shared group have different {label}s")
+    bits = torch.log2(maxq.double() + 1).round().long()
+    if not torch.equal((2**bits - 1).float(), maxq) or not bool(((bits >= 1) & (bits <= 8)).all()):
+        raise ValueError(f"layer {q.name}: maxq must be 2^b - 1 with b in 1..8")
+    if not torch.equal(scale.half().float(), scale):
+        raise ValueError(f"layer {q.name}: scales are not float16 values")
+    g_idx = q.g_idx.long()
+    info = {"sym": q.sym, "sets": len(first), "row_groups": sets is not None,
+            "columns": _encode_columns(g_idx, scale.shape[1], t)}
+    if sets is not None:
+        t["row_groups"] = packbits.pack_bits(sets, index_bits(len(first)))
+    info["widths"] = _encode_widths(bits, t)
+    t["scale"] = scale.half()
+    if q.sym:
+        if not torch.equal(zero, 2.0 ** (bits - 1).float()):
+            raise ValueError(f"layer {q.name}: a symmetric grid's zero-point must be 2^(bits-1)")
+    else:
+        if not torch.equal(zero, zero.round()) or bool(((zero < 0) | (zero > maxq)).any()):
+            raise ValueError(f"layer {q.name}: zero-points must be integers in [0, maxq]")
+        t["zero"] = zero.half()
+    info["codes"] = _encode_codes(q, scale, zero, bits, row_set, g_idx, dtype, t)
+    return info
+
+
+def _encode_columns(g_idx: torch.Tensor, G: int, t: dict) -> dict:
+    """Contiguous groups are named by their size alone; any other assignment is stored as g_idx."""
+    C = g_idx.numel()
+    if C == 0 or int(g_idx.min()) < 0 or int(g_idx.max()) != G - 1:
+        raise ValueError(f"g_idx must name the {G} column groups of the grid")
+    size = int((g_idx == 0).sum())
+    if torch.equal(g_idx, torch.arange(C) // size) and G == -(-C // size):
+        return {"groups": G, "groupsize": size}
+    t["g_idx"] = g_idx.to(torch.int32)
+    return {"groups": G, "g_idx": True}
+
+
+def _encode_widths(bits: torch.Tensor, t: dict) -> dict:
+    """bits [P, G] as a table of distinct widths plus, where they vary, a stream of indices into it."""
+    table = sorted(set(bits.flatten().tolist()))
+    spec = {"table": table, "index_bits": index_bits(len(table))}
+    if len(table) == 1:
+        return {**spec, "layout": "uniform"}
+    idx = torch.searchsorted(torch.tensor(table), bits)
+    per_set = bool((bits == bits[:, :1]).all())
+    t["widths"] = packbits.pack_bits(idx[:, 0] if per_set else idx, spec["index_bits"])
+    return {**spec, "layout": "per_set" if per_set else "per_set_group"}
+
+
+def _encode_codes(q: QuantizedLayer, scale, zero, bits, row_set, g_idx, dtype, t: dict) -> dict[str, int]:
+    """One stream per width of the codes round(w / scale) + zero, checked to decode to the weights exactly."""
+    s, z, b = (x[row_set][:, g_idx] for x in (scale, zero, bits))
+    codes = torch.round(q.weight.float() / s) + z
+    in_range = bool(((codes >= 0) & (codes <= 2.0**b - 1)).all())
+    if not in_range or not torch.equal((s * (codes - z)).to(dtype), q.weight.to(dtype)):
+        raise ValueError(f"layer {q.name}: weights are not exactly on their stored grid; cannot pack them losslessly")
+    counts = {}
+    for w in sorted(set(bits.flatten().tolist())):
+        sel = b == w
+        t[f"codes.w{w}"] = packbits.pack_bits(codes[sel].long(), w)
+        counts[str(w)] = int(sel.sum())
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decoding: every size is derived from the manifest and checked; a ValueError names what is wrong
+
+
+def decode(name: str, entry: dict, get: Callable[[str], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The weight [R, C] in ``dtype`` of layer ``name``; get(part) returns its tensor "<name>.<part>"."""
+    R, C = (int(x) for x in entry["shape"])
+    mask = _decode_mask(entry["mask"], get, (R, C)) if entry["mask"] is not None else None
+    if not entry["quantized"]:
+        values = get("values")
+        kept = R * C if mask is None else int((~mask).sum())
+        if values.numel() != kept:
+            raise ValueError(f"{values.numel()} stored values for {kept} kept weights")
+        w = torch.zeros(R, C, dtype=values.dtype)
+        w[torch.ones_like(w, dtype=torch.bool) if mask is None else ~mask] = values
+        return w.to(dtype)
+    P, G = int(entry["sets"]), int(entry["columns"]["groups"])
+    row_set = packbits.unpack_bits(get("row_groups"), index_bits(P), R) if entry["row_groups"] else torch.arange(R)
+    g_idx = _decode_columns(entry["columns"], get, C)
+    if int(row_set.max()) >= P or int(g_idx.max()) >= G or int(g_idx.min()) < 0:
+        raise ValueError("row_groups or g_idx name a parameter set or column group beyond the manifest's")
+    bits = _decode_widths(entry["widths"], get, P, G)
+    scale = _grid_tensor(get("scale"), "scale", P, G)
+    zero = 2.0 ** (bits - 1).float() if entry["sym"] else _grid_tensor(get("zero"), "zero", P, G)
+    b = bits[row_set][:, g_idx]
+    codes = torch.empty(R, C, dtype=torch.float32)
+    for w, count in entry["codes"].items():
+        sel = b == int(w)
+        if int(sel.sum()) != int(count):
+            raise ValueError(f"{int(sel.sum())} weights have width {w}, the manifest counts {count}")
+        codes[sel] = packbits.unpack_bits(get(f"codes.w{w}"), int(w), int(count)).float()
+    if sum(int(c) for c in entry["codes"].values()) != R * C:
+        raise ValueError(f"code streams cover {sum(int(c) for c in entry['codes'].values())} of {R * C} weights")
+    w = (scale[row_set][:, g_idx] * (codes - zero[row_set][:, g_idx])).to(dtype)
+    if mask is not None and bool(w[mask].any()):
+        raise ValueError("the mask marks weights pruned whose codes are not the zero-point")
+    return w
+
+
+def _decode_mask(spec: dict, get, shape: tuple[int, int]) -> torch.Tensor:
+    if spec["kind"] == "bitmask":
+        return packbits.unpack_bits(get("mask"), 1, shape[0] * shape[1]).bool().reshape(shape)
+    if spec["kind"] == "n:m":
+        n, m = int(spec["n"]), int(spec["m"])
+        if not 0 < n < m <= packbits.MAX_NM_M or shape[1] % m:
+            raise ValueError(f"n:m mask {n}:{m} does not fit rows of {shape[1]}")
+        return packbits.decode_nm(get("nm_index"), n, m, shape)
+    raise ValueError(f"unknown mask kind {spec['kind']!r}")
+
+
+def _decode_columns(spec: dict, get, C: int) -> torch.Tensor:
+    if spec.get("g_idx"):
+        g_idx = get("g_idx").long()
+        if g_idx.shape != (C,):
+            raise ValueError(f"g_idx has shape {list(g_idx.shape)}, expected [{C}]")
+        return g_idx
+    size = int(spec["groupsize"])
+    if size < 1 or -(-C // size) != int(spec["groups"]):
+        raise ValueError(f"groupsize {size} does not give {spec['groups']} groups over {C} columns")
+    return torch.arange(C) // size
+
+
+def _decode_widths(spec: dict, get, P: int, G: int) -> torch.Tensor:
+    table = torch.tensor([int(x) for x in spec["table"]], dtype=torch.long)
+    if table.numel() == 0 or bool(((table < 1) | (table > 8)).any()):
+        raise ValueError(f"widths table {spec['table']} must hold widths in 1..8")
+    if spec["layout"] == "uniform":
+        return table[:1].expand(P, G)
+    count = {"per_set": P, "per_set_group": P * G}[spec["layout"]]
+    idx = packbits.unpack_bits(get("widths"), index_bits(table.numel()), count)
+    if int(idx.max()) >= table.numel():
+        raise ValueError("width indices beyond the widths table")
+    return table[idx].reshape(P, -1).expand(P, G)
+
+
+def _grid_tensor(x: torch.Tensor, label: str, P: int, G: int) -> torch.Tensor:
+    if tuple(x.shape) != (P, G):
+        raise ValueError(f"{label} has shape {list(x.shape)}, expected [{P}, {G}]")
+    return x.float()
