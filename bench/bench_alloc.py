@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import allocation  # noqa: E402
+import trials  # noqa: E402
 from mutual_info import pairwise_mi  # noqa: E402
 from quant import Quantizer  # noqa: E402
 from sparsegpt_mi import SparseGPT  # noqa: E402
@@ -85,7 +86,7 @@ def bench_shape(rows: int, cols: int, dev: torch.device, repeat: int) -> dict:
         g.fasterprune(0.5)
 
     def obs():
-        t = fresh().trial(CHOICES, 3, sparsity=0.5)
+        t = trials.trial(fresh(), CHOICES, 3, sparsity=0.5)
         costs = allocation.obs_group_costs(t.row_loss, torch.arange(rows, device=dev))
         allocation.allocate_bits(costs, torch.ones(rows, dtype=torch.long), CHOICES, 3.5)
 
