@@ -46,6 +46,7 @@ truncated file or a tensor that does not decode is one ``PackedFormatError`` lin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -202,7 +203,11 @@ def load_compressed(path: str, dtype: torch.dtype | None = None):
     manifest = read_manifest(path)
     dtype = dtype or DTYPES[manifest["dtype"]]
     config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):  # no random init: every tensor comes from the files
+    try:  # no random init: every parameter comes from the files (buffers the files lack, e.g. a rotary
+        from transformers.initialization import no_init_weights  # embedding's inv_freq, are computed as usual)
+    except ImportError:  # older transformers: initialised, then overwritten
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     expected = model.state_dict()
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(os.path.join(path, DENSE)).items()}

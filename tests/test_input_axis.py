@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import opt_mi
+import packed
 
 pytestmark = pytest.mark.slow
 FAST = ["--nsamples", "16", "--seqlen", "64", "--analysis-dir", "", "--eval", "synthetic", "--sparsity", "0.5"]
@@ -41,7 +41,7 @@ def test_contiguous_input_groups_equal_gptq_groups_bit_for_bit(toy_path, tmp_pat
 def test_methods_hold_the_budget_and_the_levels(toy_path, tmp_path, extra):
     save = tmp_path / "model"
     r = run(toy_path, tmp_path, "--wbits", "3.5", "--groups", "4", "--save", str(save), *extra)
-    weights = load_file(str(save / "model.safetensors"))
+    weights = packed.load_compressed(str(save)).state_dict()  # the saved (packed) model, decoded
     for layer in r["layers"]:
         sizes, bits, labels = layer["group_sizes"], layer["group_bits"], layer["labels"]
         n = layer["in_features"] if layer["axis"] == "input" else layer["channels"]
