@@ -51,8 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="hub id (facebook/opt-125m, meta-llama/Llama-3.2-1B ...), a local folder, or a "
                    "built-in offline toy: 'toy' (OPT) or 'toy-llama'")
-    p.add_argument("dataset", help="calibration data: wikitext2, ptb, c4, synthetic, or a .txt/.json/.jsonl file")
-    a = p.add_argument_group("reference (IST-DASLab/sparsegpt) options")
+    p.add_argument("dataset", help="calibration data: wikitext2, ptb, c4, synthetic, or a local file (.json/.jsonl "
+                   "records, any other name read as text)")
+    _reference_flags(p.add_argument_group("reference (IST-DASLab/sparsegpt) options"))
+    _toolkit_flags(p.add_argument_group("toolkit options"))
+    _grouping_flags(p.add_argument_group("MI channel grouping"))
+    o = p.add_argument_group("analysis")
+    o.add_argument("--analysis-dir", type=str, default="analysis", help="where mi_matrix.png etc. go; '' = none")
+    o.add_argument("--plot-layer", type=str, default=None,
+                   help="layer to draw (default: the middle decoder layer's fc1 (OPT) or mlp.up_proj (Llama family)), "
+                        "e.g. model.decoder.layers.0.fc1 or model.layers.0.mlp.up_proj")
+    return p
+
+
+def _reference_flags(a) -> None:
+    """The flags of IST-DASLab/sparsegpt's opt.py, same names and defaults (plus --true-sequential from gptq)."""
     a.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and everything seeded")
     a.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     a.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal")
@@ -67,14 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--maxlayer", type=int, default=1000, help="compress decoder layers with index < this")
     a.add_argument("--prune_only", type=str, default="", help="compress only linear layers whose name contains this")
     a.add_argument("--invert", action="store_true", help="invert the layer selection above")
-    a.add_argument("--save", type=str, default="", help="save the compressed model (safetensors) and tokenizer here")
+    a.add_argument("--save", type=str, default="", help="save the compressed model here (see --save-format)")
     a.add_argument("--true-sequential", action="store_true",
                    help="compress a layer's linears in sub-groups (attention q/k/v, output projection, MLP in, MLP "
                         "out), each from the outputs of the sub-groups compressed before it (IST-DASLab/gptq)")
     a.add_argument("--save-format", choices=saving.FORMATS, default="packed",
                    help="packed: codes at their widths, reloads exactly; compressed-tensors: loads with "
                         "transformers' from_pretrained; dense: save_pretrained of the fake-quantized weights")
-    b = p.add_argument_group("toolkit options")
+
+
+def _toolkit_flags(b) -> None:
+    """Quantization grid, data, device and output flags the reference lacks."""
     b.add_argument("--groupsize", type=int, default=-1, help="GPTQ groups: new quantization parameters every G columns")
     b.add_argument("--sym", action="store_true", help="symmetric quantization (reference default: asymmetric)")
     b.add_argument("--act-order", action="store_true",
@@ -90,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-batch", type=int, default=16, help="windows per layer call during evaluation")
     b.add_argument("--json", type=str, default="", help="write results here (atomically)")
     b.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
-    m = p.add_argument_group("MI channel grouping")
+
+
+def _grouping_flags(m) -> None:
+    """The MI method and its controls: groups, axis, clustering, allocation, estimator."""
     m.add_argument("--groups", type=str, default="0",
                    help="K channel groups per layer; 0 = off (uniform per-channel); 'all' = every channel its own")
     m.add_argument("--mi-axis", choices=AXES, default="output",
@@ -107,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "rtn = Hessian-weighted round-to-nearest error of the dense weights (a proxy)")
     m.add_argument("--bits-choices", type=str, default=",".join(map(str, allocation.DEFAULT_BITS_CHOICES)),
                    help="candidate bit-widths")
-    m.add_argument("--mi-samples", type=int, default=8192, help="output rows (tokens) sampled per layer for MI")
+    m.add_argument("--mi-samples", type=int, default=8192,
+                   help="rows (tokens) of each layer's outputs (or inputs, --mi-axis input) sampled for MI")
     m.add_argument("--mi-bins", type=int, default=_MI.bins)
     m.add_argument("--mi-binning", choices=mutual_info.BINNINGS, default=_MI.binning)
     m.add_argument("--mi-bias", choices=mutual_info.BIASES, default=_MI.bias)
@@ -116,12 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mi-alpha", type=float, default=None,
                    help="exponent of the MI redundancy factor (1 - intra NMI)^alpha; "
                         f"default {allocation.DEFAULT_MI_ALPHA:g} for hessian-mi, else 0")
-    o = p.add_argument_group("analysis")
-    o.add_argument("--analysis-dir", type=str, default="analysis", help="where mi_matrix.png etc. go; '' = none")
-    o.add_argument("--plot-layer", type=str, default=None,
-                   help="layer to draw (default: the middle decoder layer's fc1 (OPT) or mlp.up_proj (Llama family)), "
-                        "e.g. model.decoder.layers.0.fc1 or model.layers.0.mlp.up_proj")
-    return p
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,23 @@ def _check_one_width_per_group(bits: torch.Tensor, row_groups: torch.Tensor) -> 
         raise ValueError(f"rows of a shared group must have one bit-width; groups {bad[:5]} mix widths")
 
 
+def static_grid(q: Quantizer, W: torch.Tensor, g_idx: torch.Tensor, group_bits: torch.Tensor | None):
+    """(scale, zero, maxq) [R, G] of every column group, found before the pass on the weights W [R, C]
+    (dead columns zeroed), as GPTQ's static groups; ``group_bits`` [G] overrides the per-row widths."""
+    G = int(g_idx.max()) + 1
+    out = [torch.zeros(W.shape[0], G, device=W.device) for _ in range(3)]
+    row_maxq = q.maxq
+    for g in range(G):
+        if group_bits is not None:
+            q.maxq = torch.full((W.shape[0], 1), float(2 ** int(group_bits[g]) - 1), device=W.device)
+        else:
+            q.maxq = row_maxq
+        q.find_params(W[:, g_idx == g], weight=True)
+        for t, v in zip(out, (q.scale, q.zero, q.maxq), strict=True):
+            t[:, g] = v.reshape(-1).expand(W.shape[0])
+    return tuple(out)
+
+
 @dataclass
 class QuantizedLayer:
     """A compressed linear layer as a checkpoint stores it.

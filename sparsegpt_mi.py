@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mi_plan import RowSampler
-from quant import Quantizer, quantize
+from quant import Quantizer, quantize, static_grid
 
 
 class LayerInputError(ValueError):
@@ -344,7 +344,7 @@ class SparseGPT:
         cols = None
         if g_idx is not None:
             g_idx = g_idx.to(self.dev)
-            static = _static_params(q, W0.repeat(reps, 1), g_idx, group_bits) if act_order and q else None
+            static = static_grid(q, W0.repeat(reps, 1), g_idx, group_bits) if act_order and q else None
             maxq = None if group_bits is None else 2.0 ** group_bits.to(self.dev).double() - 1
             cols = ColumnGrid(g_idx if perm is None else g_idx[perm], maxq, static)
         W = W0.repeat(reps, 1)
@@ -381,23 +381,6 @@ def _upper_factor(Hd: torch.Tensor) -> torch.Tensor | None:
         return None
     U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
     return U if info == 0 and torch.isfinite(U).all() else None
-
-
-def _static_params(q: Quantizer, W: torch.Tensor, g_idx: torch.Tensor, group_bits: torch.Tensor | None):
-    """(scale, zero, maxq) [R, G] of every column group, found before the pass on the weights W [R, C]
-    (dead columns zeroed), as GPTQ's static groups; ``group_bits`` [G] overrides the per-row widths."""
-    G = int(g_idx.max()) + 1
-    out = [torch.zeros(W.shape[0], G, device=W.device) for _ in range(3)]
-    row_maxq = q.maxq
-    for g in range(G):
-        if group_bits is not None:
-            q.maxq = torch.full((W.shape[0], 1), float(2 ** int(group_bits[g]) - 1), device=W.device)
-        else:
-            q.maxq = row_maxq
-        q.find_params(W[:, g_idx == g], weight=True)
-        for t, v in zip(out, (q.scale, q.zero, q.maxq), strict=True):
-            t[:, g] = v.reshape(-1).expand(W.shape[0])
-    return tuple(out)
 
 
 def smallest(x: torch.Tensor, k: int) -> torch.Tensor:
