@@ -1,5 +1,7 @@
 """methods.py: every entry against the real flag parser, the labels reports use, and the sweep matrix."""
 
+from pathlib import Path
+
 import pytest
 
 import methods
@@ -93,3 +95,9 @@ def test_matrix_sizes_skips_and_zero_sparsity():
 def test_unknown_signature_is_an_error():
     with pytest.raises(ValueError, match="signature"):
         methods._find("quant", ("groups", "nosuch", "independent"))
+
+
+def test_the_readme_names_every_method():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [m.id for m in methods.METHODS if f"`{m.id}`" not in readme]
+    assert not missing, f"README.md does not name {missing}"
