@@ -155,13 +155,14 @@ def label(cfg: RunConfig) -> tuple[str, str]:
     prune = _find("prune", prune_key).label
     if cfg.prunen:
         prune += f"-{cfg.prunen}:{cfg.prunem}"
+    order = ["true-seq"] if cfg.true_sequential and (cfg.pruning or cfg.quantizing) else []  # changes the inputs
     if quant_key is None:
-        return prune, _find("prune", prune_key).family
+        return prune + (f"[{order[0]}]" if order else ""), _find("prune", prune_key).family
     m = _find("quant", quant_key)
     quant = m.label.format(groupsize=cfg.groupsize)
     if cfg.groupsize > 0 and "{groupsize}" not in m.label:
         quant += f"-g{cfg.groupsize}"
-    details = allocation_details(cfg)
+    details = allocation_details(cfg) + order
     if details:
         quant += f"[{','.join(details)}]"
     return (quant if prune == "dense" else f"{prune}+{quant}"), m.family
