@@ -43,8 +43,8 @@ class Method:
         return self.stage == "quant"
 
 
-def _prune(id: str, role: Role, flags: str, about: str, seeded: bool = True) -> Method:
-    return Method(id, id, id, role, "prune", (id,), flags, seeded=seeded, about=about)
+def _prune(id: str, role: Role, flags: str, about: str, seeded: bool = True, in_matrix: bool = True) -> Method:
+    return Method(id, id, id, role, "prune", (id,), flags, seeded=seeded, in_matrix=in_matrix, about=about)
 
 
 def _grouped(id: str, label: str, family: str, role: Role, axis: str, cluster: str, strategy: str, about: str,
@@ -60,6 +60,9 @@ METHODS: tuple[Method, ...] = (
     _prune("dense", "reference", "", "the model as loaded", seeded=False),
     _prune("magnitude", "baseline", "--gmp", "magnitude pruning per layer (reference --gmp)", seeded=False),
     _prune("sparsegpt", "baseline", "", "SparseGPT pruning only"),
+    _prune("sparsegpt-act-order", "baseline", "--act-order",
+           "SparseGPT pruning only, columns by descending diag H (the mask blocks follow that order)",
+           in_matrix=False),
     Method("uniform", "uniform", "uniform", "baseline", "quant", ("uniform", False, False), whole_bits=True,
            about="SparseGPT + per-channel B-bit quantization (the reference)"),
     Method("g128", "uniform-g{groupsize}", "uniform-g", "baseline", "quant", ("uniform", True, False),
@@ -128,7 +131,7 @@ def signature(cfg: RunConfig) -> tuple[tuple, tuple | None]:
     """(prune key, quant key) of a run: the flags that decide which methods it is an instance of."""
     prune = ("magnitude",) if cfg.gmp and cfg.pruning else ("sparsegpt",) if cfg.pruning else ("dense",)
     if not cfg.quantizing:
-        return prune, None
+        return (("sparsegpt-act-order",) if prune == ("sparsegpt",) and cfg.act_order else prune), None
     if cfg.groups == 0:
         return prune, ("uniform", cfg.groupsize > 0, cfg.act_order)
     if cfg.groups == "all":

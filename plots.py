@@ -135,12 +135,20 @@ FAMILY_STYLE = {  # family -> (color, marker); fixed so colors mean the same thi
     "dense": ("black", "*"),
     "magnitude": ("tab:gray", "v"),
     "sparsegpt": ("tab:brown", "^"),
+    "sparsegpt-act-order": ("tab:brown", "<"),
     "uniform": ("tab:blue", "s"),
     "uniform-g": ("tab:cyan", "D"),
     "per-channel": ("tab:purple", "P"),
     "mi": ("tab:red", "o"),
     "random": ("tab:olive", "X"),
     "contiguous": ("tab:orange", "h"),
+    "act-order": ("tab:green", "s"),
+    "act-order-g": ("tab:green", "D"),
+    "mi-in": ("tab:red", "p"),
+    "contiguous-in": ("tab:orange", "8"),
+    "random-in": ("tab:olive", "H"),
+    "range-in": ("tab:pink", "d"),
+    "range": ("tab:pink", "<"),
 }
 # K-plot lines; blue and purple are left to the uniform and per-channel baselines
 LINE_COLORS = ("tab:red", "tab:green", "tab:orange", "tab:olive", "tab:brown", "tab:pink", "tab:gray", "k")

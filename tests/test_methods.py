@@ -47,6 +47,7 @@ LABELS = [
     (["--wbits", "3", "--groups", "6", "--mi-axis", "input", "--cluster", "random"], "random-in", "random-in"),
     (["--wbits", "3", "--groups", "6", "--mi-axis", "input", "--cluster", "range"], "range-in", "range-in"),
     (["--wbits", "3.5", "--groups", "6", "--cluster", "range", "--strategy", "shared"], "range-A", "range"),
+    (["--sparsity", "0.5", "--act-order"], "sparsegpt-act-order", "sparsegpt-act-order"),
     # --true-sequential changes every later layer's inputs
     (["--sparsity", "0.5", "--true-sequential"], "sparsegpt[true-seq]", "sparsegpt"),
     (["--sparsity", "0.5", "--wbits", "4", "--true-sequential"], "sparsegpt+uniform[true-seq]", "uniform"),
