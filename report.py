@@ -238,8 +238,9 @@ def outcome_text(c: Comparison) -> str:
         d, se, n = c.paired.mean, c.paired.se, c.paired.n
         stats = f"{abs(d):.3f} +- {se:.3f} SE over {n} seeds ({100 * abs(d) / c.reference_ppl:.2f}%)"
         if c.decision == "no significant difference":
-            return (f"no significant difference (mean paired difference {d:+.3f} +- {se:.3f} SE over {n} seeds, "
-                    f"within {SIGNIFICANCE:g} SE)")
+            side = "lower" if d > 0 else "higher"  # d = other PPL - MI PPL, paired by seed
+            return (f"no significant difference (MI's PPL {side} by {abs(d):.3f} +- {se:.3f} SE on average over "
+                    f"{n} seeds, within {SIGNIFICANCE:g} SE)")
         if c.decision == "equal":
             return f"equal over {n} seeds (no gain)"
         return f"{c.decision} by {stats}"

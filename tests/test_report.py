@@ -228,7 +228,7 @@ def test_seeds_give_mean_std_and_a_paired_verdict(tmp_path):
     assert over["perchannel_s0.5_w4"]["seeds"] == "3"
     syn = verdict_line(md, "synthetic")
     # MI vs per-channel: paired differences 0.5, -0.3, 0.1 -> 0.100 +- 0.231 SE: not significant
-    assert "no significant difference (mean paired difference +0.100 +- 0.231 SE over 3 seeds" in syn[0]
+    assert "no significant difference (MI's PPL lower by 0.100 +- 0.231 SE on average over 3 seeds" in syn[0]
     # MI vs random: 0.4 on every seed -> beats
     assert "MI beats the random-group control" in syn[1] and "better by 0.400 +- 0.000 SE over 3 seeds" in syn[1]
     assert "No significant difference from the baseline in 1 of 1 cells" in md
