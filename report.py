@@ -281,7 +281,12 @@ def control_text(c: Comparison) -> str:
                                             f"{x.id} (PPL {fmt_ppl(x.ppl.get(s))})")
     verb = {"better": "beats", "no significant difference": "does not significantly differ from"}.get(
         c.decision, "does NOT beat")
-    return f"{who} {verb} the {name} ({of}{ctl.id}, PPL {fmt_ppl(ctl.ppl.get(s))}): {outcome_text(c)}."
+    line = f"{who} {verb} the {name} ({of}{ctl.id}, PPL {fmt_ppl(ctl.ppl.get(s))}): {outcome_text(c)}."
+    gap = x.bpw - ctl.bpw  # controls match K and budget, not the bits spent: say when those differ
+    if abs(gap) > BPW_TOL:
+        line += (f" Not at equal bits: MI spends {abs(gap):.4f} {'more' if gap > 0 else 'fewer'} bpw "
+                 f"({x.bpw:.4f} vs {ctl.bpw:.4f}).")
+    return line
 
 
 def cell_lines(cell: Cell, several_budgets: bool, several_families: bool = False) -> list[str]:

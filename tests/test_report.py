@@ -116,6 +116,19 @@ def test_random_control_verdict_flips(src):
             in verdict_line(md, "synthetic")[1])
 
 
+def test_control_at_other_bits_is_flagged(src):
+    """A control matches K and budget; when its bpw differs from MI's, the line says so and by how much."""
+    syn = verdict_line(build(src), "synthetic")[1]
+    assert "Not at equal bits" not in syn
+    p = src / "random_s0.5_w4_k8.json"
+    j = json.loads(p.read_text())
+    mi_bpw = json.loads((src / "miB_s0.5_w4_k8.json").read_text())["bits"]["bpw"]
+    j["bits"]["bpw"] = mi_bpw - 0.1
+    p.write_text(json.dumps(j))
+    syn = verdict_line(build(src), "synthetic")[1]
+    assert f"Not at equal bits: MI spends 0.1000 more bpw ({mi_bpw:.4f} vs {mi_bpw - 0.1:.4f})." in syn
+
+
 def test_random_control_like_for_like_when_the_best_mi_run_has_none(src):
     edit(src, "miA_s0.5_w4_k8", synthetic=14.0)  # best MI is now strategy A; the random control is B
     syn = verdict_line(build(src), "synthetic")
