@@ -1,9 +1,10 @@
-"""Bit streams: unsigned integers of any width 1..8 packed densely into bytes, and pruning masks.
+"""Bit streams: unsigned integers of any width 1..32 packed densely into bytes, and pruning masks.
 
 The packed model format (``packed.py``) stores every integer array, whatever its width, as one such stream,
 so there is exactly one packing rule to specify and to test:
 
-- A stream holds N values of width w (1 <= w <= 8) in ``ceil(N * w / 8)`` bytes (uint8), no padding between
+- A stream holds N values of width w (1 <= w <= 32; codes use 1..8, column indices and permutations more)
+  in ``ceil(N * w / 8)`` bytes (uint8), no padding between
   values and no alignment of any kind: rows of any length, widths that do not divide 8, all fine.
 - Value k occupies stream bits ``k*w .. k*w + w - 1``, its least significant bit first; stream bit i is bit
   ``i % 8`` (value 2^(i % 8)) of byte ``i // 8`` (LSB-first, as numpy's ``packbits(bitorder="little")``).
@@ -32,20 +33,30 @@ def stream_bytes(count: int, width: int) -> int:
     return (count * width + 7) // 8
 
 
+MAX_WIDTH = 32
+
+
+def _check_width(width: int) -> None:
+    if not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"bit width {width} outside 1..{MAX_WIDTH}")
+
+
 def pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
     """values (any shape, integers in [0, 2^width)) in row-major order -> uint8 stream [stream_bytes(N, width)].
 
-    Eight values of w bits are exactly w bytes, so values are taken eight at a time into one int64 (at most
-    56 bits for w <= 7; w == 8 is the values themselves) and cut into bytes.
+    Eight values of w bits are exactly w bytes, so for w <= 7 values are taken eight at a time into one int64
+    (at most 56 bits) and cut into bytes; w == 8 is the values themselves; wider values (indices, not codes)
+    are spread into their bits first.
     """
-    if not 1 <= width <= 8:
-        raise ValueError(f"bit width {width} outside 1..8")
+    _check_width(width)
     v = values.reshape(-1).to(torch.int64)
     n = v.numel()
     if n and (int(v.min()) < 0 or int(v.max()) >= 1 << width):
         raise ValueError(f"values outside [0, {(1 << width) - 1}] cannot be packed at {width} bits")
     if width == 8:
         return v.to(torch.uint8)
+    if width > 8:
+        return pack_bits((v[:, None] >> torch.arange(width, dtype=torch.int64)) & 1, 1)
     v = torch.nn.functional.pad(v, (0, -n % 8)).reshape(-1, 8)
     words = (v << (torch.arange(8, dtype=torch.int64) * width)).sum(1)  # disjoint bit ranges: sum == or
     out = (words[:, None] >> (torch.arange(width, dtype=torch.int64) * 8)) & 0xFF
@@ -54,14 +65,16 @@ def pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
 
 def unpack_bits(stream: torch.Tensor, width: int, count: int) -> torch.Tensor:
     """The inverse of ``pack_bits``: ``count`` values (int64 [count]) from a uint8 stream of the right length."""
-    if not 1 <= width <= 8:
-        raise ValueError(f"bit width {width} outside 1..8")
+    _check_width(width)
     if stream.dtype != torch.uint8 or stream.dim() != 1 or stream.numel() != stream_bytes(count, width):
         raise ValueError(f"expected {stream_bytes(count, width)} bytes (uint8) for {count} values of {width} bits, "
                          f"found {stream.numel()} ({stream.dtype})")
     b = stream.to(torch.int64)
     if width == 8:
         return b
+    if width > 8:
+        bits = unpack_bits(stream, 1, count * width).reshape(count, width)
+        return (bits << torch.arange(width, dtype=torch.int64)).sum(1)
     b = torch.nn.functional.pad(b, (0, -b.numel() % width)).reshape(-1, width)
     words = (b << (torch.arange(width, dtype=torch.int64) * 8)).sum(1)
     out = (words[:, None] >> (torch.arange(8, dtype=torch.int64) * width)) & ((1 << width) - 1)

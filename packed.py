@@ -1,4 +1,4 @@
-"""The packed compressed-model format ("miq-packed", version 1): the bits the toolkit reports, on disk, and a
+"""The packed compressed-model format ("miq-packed", version 2): the bits the toolkit reports, on disk, and a
 loader that rebuilds the evaluated model bit for bit.
 
 A folder written by ``opt_mi.py ... --save DIR`` (``--save-format packed``, the default) holds:
@@ -19,8 +19,10 @@ streams (``packbits.py``: width w, ceil(N w / 8) bytes, value k at bits k*w.., l
   rows sharing grids (strategy A) P = K and ``row_groups`` is the stream of every row's set s(r) at
   ceil(log2 K) bits;
 - column groups: G groups; contiguous runs of ``groupsize`` columns, g(c) = c // groupsize (the last may be
-  shorter), or ``g_idx`` int32 [C] giving g(c) per column (act-order). ``perm`` int32 [C], when present, is
-  the order the columns were processed in (decoding does not need it);
+  shorter), or ``g_idx``, the stream of g(c) per column at ceil(log2 G) bits (input-axis groups, act-order).
+  ``perm``, for act-order layers without column groups, is the stream of the order the columns were
+  processed in, at ceil(log2 C) bits (decoding does not need it; bits accounting charges it). Version 1
+  stored both as int32 [C]; its folders still load;
 - widths b[p, g] in 1..8: the manifest's ``widths.table`` (sorted distinct widths) and ``widths.layout``:
   ``uniform`` (the table's one width), ``per_set`` (``widths``: P indices into the table, at
   ceil(log2 |table|) bits) or ``per_set_group`` (P*G indices, row-major [P, G]);
@@ -36,7 +38,7 @@ streams (``packbits.py``: width w, ceil(N w / 8) bytes, value k at bits k*w.., l
   checks that pruned weights decode to 0;
 - a pruned-only (unquantized) layer stores ``values``: its kept weights in row-major order, model dtype.
 
-The manifest: ``{"format": "miq-packed", "version": 1, "dtype", "files", "tied", "bit_order", "run" (the
+The manifest: ``{"format": "miq-packed", "version": 2, "dtype", "files", "tied", "bit_order", "run" (the
 run's flags), "weights", "bytes_on_disk", "layers": {L: {"shape": [R, C], "quantized", "sym", "sets",
 "row_groups", "columns": {"groups", "groupsize" | "g_idx"}, "widths", "codes": {w: count}, "mask": null |
 {"kind": "bitmask"} | {"kind": "n:m", "n", "m", "index_bits"}, "perm", "tensors": {name: {"dtype",
@@ -58,7 +60,8 @@ import packed_layer
 from models import ModelError
 from quant import QuantizedLayer
 
-FORMAT, VERSION = "miq-packed", 1
+FORMAT, VERSION = "miq-packed", 2
+READS = (1, 2)  # version 1 differs only in int32 g_idx and perm
 MANIFEST, PACKED, DENSE = "quantization.json", "packed.safetensors", "dense.safetensors"
 DTYPES = {v: k for k, v in packed_layer.DTYPE_NAMES.items()}
 SAFETENSORS_DTYPES = {"U8": "uint8", "I32": "int32", "I64": "int64", "F16": "float16", "BF16": "bfloat16",
@@ -154,8 +157,9 @@ def read_manifest(path: str) -> dict:
         raise PackedFormatError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PackedFormatError(f"{p}: not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
-        raise PackedFormatError(f"{p}: format version {manifest.get('version')!r}; this toolkit reads {VERSION}")
+    if manifest.get("version") not in READS:
+        raise PackedFormatError(f"{p}: format version {manifest.get('version')!r}; this toolkit reads "
+                                f"{' and '.join(map(str, READS))}")
     try:
         expected = {k: v for e in manifest["layers"].values() for k, v in e["tensors"].items()}
         _check_file(os.path.join(path, PACKED), expected)

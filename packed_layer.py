@@ -25,14 +25,17 @@ DTYPE_NAMES = {torch.uint8: "uint8", torch.int32: "int32", torch.float16: "float
 def encode(q: QuantizedLayer, dtype: torch.dtype, nm: tuple[int, int] | None) -> tuple[dict, dict[str, torch.Tensor]]:
     """The manifest entry and the tensors ({"<layer>.<part>": tensor}) of one layer; ``dtype``: the model's."""
     R, C = q.weight.shape
-    entry: dict = {"shape": [R, C], "quantized": q.scale is not None, "mask": None, "perm": q.perm is not None}
+    # the processing order is kept where the bits account charges it: quantized act-order layers without
+    # column groups (with groups, g_idx or contiguous groups carry what decoding needs; it never needs perm)
+    keep_perm = q.perm is not None and q.scale is not None and q.scale.shape[1] == 1
+    entry: dict = {"shape": [R, C], "quantized": q.scale is not None, "mask": None, "perm": keep_perm}
     t: dict[str, torch.Tensor] = {}
     if q.mask is not None:
         if bool(q.weight[q.mask].any()):
             raise ValueError(f"layer {q.name}: pruned weights are not 0")
         entry["mask"] = _encode_mask(q.mask, nm, t)
-    if q.perm is not None:
-        t["perm"] = q.perm.to(torch.int32)
+    if keep_perm:  # at the ceil(log2 C) bits per column the account charges
+        t["perm"] = packbits.pack_bits(q.perm, index_bits(C))
     if q.scale is None:  # pruned only: the kept weights as evaluated
         w = q.weight.to(dtype)
         t["values"] = (w if q.mask is None else w[~q.mask]).reshape(-1)
@@ -103,7 +106,7 @@ def _encode_columns(g_idx: torch.Tensor, G: int, t: dict) -> dict:
     size = int((g_idx == 0).sum())
     if torch.equal(g_idx, torch.arange(C) // size) and G == -(-C // size):
         return {"groups": G, "groupsize": size}
-    t["g_idx"] = g_idx.to(torch.int32)
+    t["g_idx"] = packbits.pack_bits(g_idx, index_bits(G))  # ceil(log2 G) bits per column, as accounted
     return {"groups": G, "g_idx": True}
 
 
@@ -186,10 +189,12 @@ def _decode_mask(spec: dict, get, shape: tuple[int, int]) -> torch.Tensor:
 
 def _decode_columns(spec: dict, get, C: int) -> torch.Tensor:
     if spec.get("g_idx"):
-        g_idx = get("g_idx").long()
-        if g_idx.shape != (C,):
-            raise ValueError(f"g_idx has shape {list(g_idx.shape)}, expected [{C}]")
-        return g_idx
+        stored = get("g_idx")
+        if stored.dtype == torch.int32:  # version 1 stored g_idx as int32
+            if stored.shape != (C,):
+                raise ValueError(f"g_idx has shape {list(stored.shape)}, expected [{C}]")
+            return stored.long()
+        return packbits.unpack_bits(stored, index_bits(int(spec["groups"])), C)
     size = int(spec["groupsize"])
     if size < 1 or -(-C // size) != int(spec["groups"]):
         raise ValueError(f"groupsize {size} does not give {spec['groups']} groups over {C} columns")

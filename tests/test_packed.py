@@ -65,7 +65,7 @@ def nm_mask(R, C, n=2, m=4, seed=0) -> torch.Tensor:
 # bit streams
 
 
-@pytest.mark.parametrize("width", range(1, 9))
+@pytest.mark.parametrize("width", [*range(1, 10), 12, 15, 16, 17, 31, 32])
 def test_bit_streams_follow_the_spec(width):
     """value k at stream bits k*w .. k*w + w - 1, LSB first; stream bit i is bit i % 8 of byte i // 8."""
     g = torch.Generator().manual_seed(width)
@@ -83,6 +83,8 @@ def test_streams_reject_out_of_range_values_and_wrong_lengths():
         packbits.pack_bits(torch.tensor([8]), 3)
     with pytest.raises(ValueError, match="expected 2 bytes"):
         packbits.unpack_bits(torch.zeros(3, dtype=torch.uint8), 3, 5)
+    with pytest.raises(ValueError, match="outside 1..32"):
+        packbits.pack_bits(torch.tensor([1]), 33)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,8 +142,16 @@ def test_round_trip_act_order_g_idx_and_perm():
     p = grid_layer(W[:, perm], 4, groupsize=64)
     q = QuantizedLayer("layer", p.weight[:, inv], None, p.scale, p.zero, p.maxq, p.g_idx[inv], perm=perm)
     entry, tensors = round_trip(q)
-    assert entry["columns"] == {"groups": 13, "g_idx": True} and entry["perm"]
-    assert torch.equal(tensors["layer.g_idx"].long(), q.g_idx) and torch.equal(tensors["layer.perm"].long(), perm)
+    # g_idx at ceil(log2 13) = 4 bits per column, what accounting charges; the groups need no permutation
+    assert entry["columns"] == {"groups": 13, "g_idx": True} and not entry["perm"] and "layer.perm" not in tensors
+    assert tensors["layer.g_idx"].numel() == (771 * 4 + 7) // 8
+    assert torch.equal(packbits.unpack_bits(tensors["layer.g_idx"], 4, 771), q.g_idx)
+    # without column groups the permutation is kept, at ceil(log2 771) = 10 bits per column
+    p = grid_layer(W, 4)
+    q = QuantizedLayer("layer", p.weight, None, p.scale, p.zero, p.maxq, p.g_idx, perm=perm)
+    entry, tensors = round_trip(q)
+    assert entry["perm"] and tensors["layer.perm"].numel() == (771 * 10 + 7) // 8
+    assert torch.equal(packbits.unpack_bits(tensors["layer.perm"], 10, 771), perm)
 
 
 def test_round_trip_shared_row_grids_stores_each_group_once():
@@ -196,6 +206,30 @@ def test_bytes_on_disk_match_bits_accounting(tmp_path, case):
     acc = bitstats.layer_bits(768, 3072, row_bits, sets, k, choices, "unstructured")
     accounted = (acc.weight_bits + acc.metadata_bits + acc.mask_bits) / 8
     assert abs(on_disk - accounted) / accounted < 0.01, (on_disk, accounted)
+
+
+def _on_disk(q: QuantizedLayer, tmp_path) -> int:
+    _, tensors = packed_layer.encode(q, torch.float32, None)
+    save_file(tensors, tmp_path / "packed.safetensors")
+    return sum(packed.tensor_bytes(str(tmp_path / "packed.safetensors")).values())
+
+
+def test_bytes_on_disk_match_bits_accounting_for_column_orders(tmp_path):
+    """Scattered column groups store g_idx at ceil(log2 K) bits per column, act-order without groups its
+    permutation at ceil(log2 C): both as bits accounting charges them (768 x 3072, 4 bits, 50% mask)."""
+    R, C, g = 768, 3072, torch.Generator().manual_seed(6)
+    W, mask, perm = torch.randn(R, C, generator=g), random_mask(R, C), torch.randperm(C, generator=g)
+    inv = torch.argsort(perm)
+    p = grid_layer(W[:, perm], 4, groupsize=192, mask=mask[:, perm])  # 16 groups, scattered in layer order
+    q = QuantizedLayer("layer", p.weight[:, inv], mask, p.scale, p.zero, p.maxq, p.g_idx[inv])
+    acc = bitstats.layer_bits(R, C, [4] * R, R * 16, 16, 1, "unstructured", indexed=C)
+    accounted = (acc.weight_bits + acc.metadata_bits + acc.mask_bits) / 8
+    assert abs(_on_disk(q, tmp_path) - accounted) / accounted < 0.001
+    p = grid_layer(W, 4, mask=mask)
+    q = QuantizedLayer("layer", p.weight, mask, p.scale, p.zero, p.maxq, p.g_idx, perm=perm)
+    acc = bitstats.layer_bits(R, C, [4] * R, R, None, 1, "unstructured", extra_bits=C * bitstats.index_bits(C))
+    accounted = (acc.weight_bits + acc.metadata_bits + acc.mask_bits) / 8
+    assert abs(_on_disk(q, tmp_path) - accounted) / accounted < 0.001
 
 
 # ----------------------------------------------------------------------------------------------------------
