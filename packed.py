@@ -25,7 +25,8 @@ streams (``packbits.py``: width w, ceil(N w / 8) bytes, value k at bits k*w.., l
   stored both as int32 [C]; its folders still load;
 - widths b[p, g] in 1..8: the manifest's ``widths.table`` (sorted distinct widths) and ``widths.layout``:
   ``uniform`` (the table's one width), ``per_set`` (``widths``: P indices into the table, at
-  ceil(log2 |table|) bits) or ``per_set_group`` (P*G indices, row-major [P, G]);
+  ceil(log2 |table|) bits), ``per_group`` (G indices: column groups whose width every row shares, as
+  input-axis groups) or ``per_set_group`` (P*G indices, row-major [P, G]);
 - ``scale`` float16 [P, G]; ``zero`` float16 [P, G] integer zero-points, for asymmetric grids only (a
   symmetric grid's zero-point is 2^(b-1) = (maxq + 1) / 2: not stored);
 - codes: with w(r, c) = b[s(r), g(c)], for each width w of the table ``codes.w<w>`` is the stream of the codes

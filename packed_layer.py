@@ -117,9 +117,14 @@ def _encode_widths(bits: torch.Tensor, t: dict) -> dict:
     if len(table) == 1:
         return {**spec, "layout": "uniform"}
     idx = torch.searchsorted(torch.tensor(table), bits)
-    per_set = bool((bits == bits[:, :1]).all())
-    t["widths"] = packbits.pack_bits(idx[:, 0] if per_set else idx, spec["index_bits"])
-    return {**spec, "layout": "per_set" if per_set else "per_set_group"}
+    if bool((bits == bits[:, :1]).all()):  # row (set) widths: output-axis groups
+        layout, stored = "per_set", idx[:, 0]
+    elif bool((bits == bits[:1]).all()):  # column-group widths shared by every row: input-axis groups
+        layout, stored = "per_group", idx[0]
+    else:
+        layout, stored = "per_set_group", idx
+    t["widths"] = packbits.pack_bits(stored, spec["index_bits"])
+    return {**spec, "layout": layout}
 
 
 def _encode_codes(q: QuantizedLayer, scale, zero, bits, row_set, g_idx, dtype, t: dict) -> dict[str, int]:
@@ -207,11 +212,13 @@ def _decode_widths(spec: dict, get, P: int, G: int) -> torch.Tensor:
         raise ValueError(f"widths table {spec['table']} must hold widths in 1..8")
     if spec["layout"] == "uniform":
         return table[:1].expand(P, G)
-    count = {"per_set": P, "per_set_group": P * G}[spec["layout"]]
-    idx = packbits.unpack_bits(get("widths"), index_bits(table.numel()), count)
+    shape = {"per_set": (P, 1), "per_group": (1, G), "per_set_group": (P, G)}.get(spec["layout"])
+    if shape is None:
+        raise ValueError(f"unknown widths layout {spec['layout']!r}")
+    idx = packbits.unpack_bits(get("widths"), index_bits(table.numel()), shape[0] * shape[1])
     if int(idx.max()) >= table.numel():
         raise ValueError("width indices beyond the widths table")
-    return table[idx].reshape(P, -1).expand(P, G)
+    return table[idx].reshape(shape).expand(P, G)
 
 
 def _grid_tensor(x: torch.Tensor, label: str, P: int, G: int) -> torch.Tensor:

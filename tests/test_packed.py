@@ -135,6 +135,20 @@ def test_round_trip_mixed_widths_per_row_and_column_group():
     assert entry["widths"]["layout"] == "per_set_group" and entry["mask"] is None
 
 
+def test_round_trip_widths_per_column_group_shared_by_all_rows():
+    """Input-axis groups: one width per column group for every row, stored once per group (G indices)."""
+    W, gs, mask = torch.randn(37, 771), 100, random_mask(37, 771)
+    W[mask] = 0
+    widths = torch.randint(2, 9, (8,), generator=torch.Generator().manual_seed(4))
+    blocks = [rtn_grid(W[:, c : c + gs], int(widths[i])) for i, c in enumerate(range(0, 771, gs))]
+    Q, scale, zero, maxq = (torch.cat([b[k] for b in blocks], dim=1) for k in range(4))
+    q = QuantizedLayer("layer", Q, mask, scale, zero, maxq, column_groups(771, gs))
+    entry, tensors = round_trip(q)
+    n = len(entry["widths"]["table"])
+    assert entry["widths"]["layout"] == "per_group" and n == len(set(widths.tolist()))
+    assert tensors["layer.widths"].numel() == (8 * bitstats.index_bits(n) + 7) // 8
+
+
 def test_round_trip_act_order_g_idx_and_perm():
     """Columns processed in a permuted order: groups are contiguous in that order, scattered in the layer's."""
     W, perm = torch.randn(37, 771), torch.randperm(771, generator=torch.Generator().manual_seed(3))
