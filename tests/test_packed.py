@@ -160,6 +160,10 @@ def test_round_trip_act_order_g_idx_and_perm():
     assert entry["columns"] == {"groups": 13, "g_idx": True} and not entry["perm"] and "layer.perm" not in tensors
     assert tensors["layer.g_idx"].numel() == (771 * 4 + 7) // 8
     assert torch.equal(packbits.unpack_bits(tensors["layer.g_idx"], 4, 771), q.g_idx)
+    # version 1 stored g_idx as int32 [C]: such a layer still decodes to the same weights
+    v1 = {**tensors, "layer.g_idx": q.g_idx.to(torch.int32)}
+    w = packed_layer.decode("layer", entry, lambda part: v1[f"layer.{part}"], torch.float32)
+    assert same_bits(w, q.weight)
     # without column groups the permutation is kept, at ceil(log2 771) = 10 bits per column
     p = grid_layer(W, 4)
     q = QuantizedLayer("layer", p.weight, None, p.scale, p.zero, p.maxq, p.g_idx, perm=perm)
