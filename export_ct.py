@@ -55,6 +55,13 @@ def flag_problem(cfg) -> str | None:
     if cfg.grouped and cfg.wbits != int(cfg.wbits):
         return (f"{flag}: --wbits {fmt_bits(cfg.wbits)} with --groups mixes widths within a layer, and "
                 f"compressed-tensors stores one width per layer; {USE_PACKED}")
+    if cfg.grouped and cfg.mi_axis == "input":
+        return (f"{flag}: --mi-axis input groups columns out of order (a g_idx), which compressed-tensors 0.20 "
+                f"cannot store; {USE_PACKED}")
+    if cfg.grouped and cfg.bit_alloc != "uniform":
+        return (f"{flag}: --groups with --bit-alloc {cfg.bit_alloc} may give rows different widths even at a "
+                f"whole-bit budget, and compressed-tensors stores one width per layer; use --bit-alloc uniform "
+                f"or --save-format packed")
     return None
 
 

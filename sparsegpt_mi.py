@@ -272,11 +272,13 @@ class SparseGPT:
             damp = percdamp * (10**attempt)
             Hd = H.clone()
             Hd[diag, diag] += damp * mean_diag
-            if _upper_factor(Hd) is not None:
+            U = _upper_factor(Hd)
+            if U is not None:
                 if attempt:
                     print(f"warning: {self.name}: Hessian not positive definite, damping raised to "
                           f"{damp:g} x mean(diag H)")
                 self.percdamp_used = damp
+                self._factors[None] = U  # the natural order's factor: factor(None) need not compute it again
                 return Hd
         raise torch.linalg.LinAlgError(
             f"layer {self.name}: Cholesky of the damped Hessian failed even at percdamp={damp:g}")

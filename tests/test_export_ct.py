@@ -37,7 +37,9 @@ def _refused(capsys, tmp_path, argv, *expect) -> str:
     (["--sparsity", "0.5"], ["does not quantize"]),
     (["--wbits", "4", "--groups", "4", "--strategy", "shared"], ["--strategy shared"]),
     (["--wbits", "3.5", "--groups", "4"], ["--wbits 3.5", "one width per layer"]),
-], ids=["pruned-only", "mi-A", "fractional-budget"])
+    (["--wbits", "4", "--groups", "4", "--mi-axis", "input", "--bit-alloc", "uniform"], ["--mi-axis input"]),
+    (["--wbits", "4", "--groups", "all"], ["--bit-alloc hessian", "one width per layer"]),
+], ids=["pruned-only", "mi-A", "fractional-budget", "input-axis", "whole-budget-allocation"])
 def test_flags_it_cannot_express_are_refused_before_the_run(capsys, tmp_path, flags, expect):
     _refused(capsys, tmp_path, ["toy", "synthetic", *FAST, *CT, *flags], *expect)
 
