@@ -248,10 +248,13 @@ def _indexed(cfg: RunConfig, rows: int, cols: int, plan: LayerPlan | None) -> in
 
 
 def _permutation_bits(cfg: RunConfig, cols: int, plan: LayerPlan | None) -> float:
-    """Act-order stores its column order (ceil(log2 C) bits per column) when no column groups carry it."""
-    column_groups_given = cfg.groupsize > 0 or (plan is not None and plan.axis == "input")
-    return float(cols * bitstats.index_bits(cols)) if cfg.act_order and cfg.quantizing and not column_groups_given \
-        else 0.0
+    """Act-order stores its column order (ceil(log2 C) bits per column) when the layer has one column group
+    (none carries the order); the packed format keeps ``perm`` under the same rule (``packed_layer.encode``)."""
+    if plan is not None and plan.axis == "input":
+        n_groups = plan.group_bits.numel()
+    else:
+        n_groups = -(-cols // cfg.groupsize) if cfg.groupsize > 0 else 1
+    return float(cols * bitstats.index_bits(cols)) if cfg.act_order and cfg.quantizing and n_groups == 1 else 0.0
 
 
 @torch.no_grad()

@@ -274,6 +274,23 @@ def test_reloaded_model_equals_the_compressed_one(toy_path, tmp_path, flags):
         assert {e["mask"]["kind"] for e in manifest["layers"].values()} == {"n:m"}
 
 
+@pytest.mark.parametrize("flags", [
+    ["--sparsity", "0.5", "--wbits", "4", "--act-order"],
+    ["--sparsity", "0.5", "--wbits", "4", "--act-order", "--groupsize", "128"],  # 64-wide layers: one group
+    ["--sparsity", "0.5", "--wbits", "3.5", "--groups", "4", "--mi-axis", "input", "--act-order"],
+], ids=["act-order", "act-order-g128", "mi-in-act-order"])
+def test_column_orders_on_disk_are_what_the_account_charges(toy_path, tmp_path, flags):
+    """Permutations, g_idx and per-group widths take on disk the bits the account charges them, per layer."""
+    model, tok, res, cfg = compress_toy(toy_path, *flags)
+    saving.save(model, tok, res, cfg, str(tmp_path / "m"))
+    manifest = json.loads((tmp_path / "m" / "quantization.json").read_text())
+    on_disk = packed.tensor_bytes(str(tmp_path / "m" / "packed.safetensors"))
+    for q, acc in zip(res.saved, res.bits, strict=True):
+        stored = sum(on_disk[k] for k in manifest["layers"][q.name]["tensors"])
+        accounted = (acc.weight_bits + acc.metadata_bits + acc.mask_bits) / 8
+        assert abs(stored - accounted) <= 8 + 0.002 * accounted, (q.name, stored, accounted)  # stream padding
+
+
 def test_dense_format_is_plain_save_pretrained(toy_path, tmp_path):
     """--save-format dense: today's fake-quantized save_pretrained, not mistaken for a packed folder."""
     from transformers import AutoModelForCausalLM
