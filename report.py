@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import atomic
+import methods
 import plots
 from results import BASELINE_FAMILIES, Run, counted_control, eval_sets, fmt_num, load_dir, units
 from verdict import BPW_TOL, SIGNIFICANCE, Cell, Comparison, Verdict, judge
@@ -304,7 +305,7 @@ def cell_lines(cell: Cell, several_budgets: bool, several_families: bool = False
 def headline(v: Verdict, family: str | None = None) -> str:
     """The counts of wins (and of cells without a significant difference, over seeds) of one MI family."""
     (bw, bn), (rw, rn) = v.baseline_wins, v.control_wins
-    who = "MI grouping" if family is None else f"MI grouping on the {AXIS_NAMES[family]} ({family})"
+    who = "MI grouping" if family is None else f"MI grouping on the {methods.axis_of(family)} axis ({family})"
     overall = (f"**{who} beats the best baseline at equal bits in {bw} of {bn} "
                f"cells; beats the random control in {rw} of {rn}.**")
     nb, nr = v.not_significant
@@ -315,9 +316,6 @@ def headline(v: Verdict, family: str | None = None) -> str:
         overall += (f" ({len(v.cells) - bn} of {len(v.cells)} cells have no baseline at equal or higher bpw "
                     "to compare with.)")
     return overall
-
-
-AXIS_NAMES = {"mi": "output axis", "mi-in": "input axis"}
 
 
 def verdict_section(runs: list[Run], sets: list[str]) -> list[str]:
