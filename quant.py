@@ -192,6 +192,7 @@ def static_grid(q: Quantizer, W: torch.Tensor, g_idx: torch.Tensor, group_bits: 
         q.find_params(W[:, g_idx == g], weight=True)
         for t, v in zip(out, (q.scale, q.zero, q.maxq), strict=True):
             t[:, g] = v.reshape(-1).expand(W.shape[0])
+    q.maxq = row_maxq  # the quantizer leaves as it came: the pass takes every group's width from the grid
     return tuple(out)
 
 
