@@ -76,7 +76,7 @@ def bench_shape(rows: int, cols: int, dev: torch.device, repeat: int) -> dict:
         g = copy.copy(base)
         g.layer = nn.Linear(cols, rows, bias=False).to(dev)
         g.layer.weight.data = W.clone()
-        g.H, g._prepared = H.clone(), None
+        g.H, g._prepared, g._factors = H.clone(), None, {}  # nothing cached from an earlier timed pass
         return g
 
     def sparsegpt():
