@@ -328,19 +328,20 @@ class SparseGPT:
         a fixed prune mask. Writes the result into ``layer.weight`` (and ``self.result``); returns the
         summed OBS error sum (w - q)^2 / [U]_ii^2 / 2.
         """
-        q = self.quantizer
-        if g_idx is None and groupsize > 0:
-            g_idx = column_groups(self.columns, groupsize)
-        if q is not None and g_idx is None and not q.ready():
-            # as the reference: per-row parameters from the weights as loaded, before dead columns are zeroed
-            q.find_params(self.layer.weight.data.float(), weight=True)
-        res = self.run_pass(q, sparsity, prunen, prunem, blocksize, percdamp, g_idx, group_bits, act_order, mask)
+        res = self.run_pass(self.quantizer, sparsity, prunen, prunem, blocksize, percdamp, g_idx, group_bits,
+                            act_order, mask, groupsize=groupsize)
         self.finish(res)
         return self.error
 
     def run_pass(self, q, sparsity, prunen, prunem, blocksize, percdamp, g_idx, group_bits, act_order, mask,
-              reps: int = 1) -> PassResult:
-        """One obs_pass over the layer (stacked ``reps`` times), columns in their processing order and back."""
+                 reps: int = 1, groupsize: int = -1) -> PassResult:
+        """One obs_pass over the layer (stacked ``reps`` times), columns in their processing order and back.
+        ``groupsize`` > 0 without ``g_idx``: GPTQ's consecutive column groups."""
+        if g_idx is None and groupsize > 0:
+            g_idx = column_groups(self.columns, groupsize)
+        if q is not None and g_idx is None and not q.ready():
+            # as the reference: per-row parameters from the weights as loaded, before dead columns are zeroed
+            q.find_params(self.layer.weight.data.float().repeat(reps, 1), weight=True)
         W0, Hd = self.prepare(percdamp)
         perm = processing_order(Hd, g_idx, act_order)
         cols = None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from quant import Quantizer
-from sparsegpt_mi import PassResult, SparseGPT, column_groups
+from sparsegpt_mi import PassResult, SparseGPT
 
 
 @dataclass
@@ -63,11 +63,8 @@ def trial(gpt: SparseGPT, bits: list[int], ref_bits: int, *, sym: bool = False, 
         stacked_groups = torch.cat([row_groups.to(gpt.dev) + j * k for j in range(S)])
     q.configure(torch.cat([torch.full((R,), b, device=gpt.dev) for b in order]), perchannel=True, sym=sym,
                 row_groups=stacked_groups)
-    if g_idx is None and groupsize > 0:
-        g_idx = column_groups(gpt.columns, groupsize)
-    if g_idx is None:
-        q.find_params(gpt.layer.weight.data.float().repeat(S, 1), weight=True)
-    res = gpt.run_pass(q, sparsity, prunen, prunem, blocksize, percdamp, g_idx, None, act_order, None, reps=S)
+    res = gpt.run_pass(q, sparsity, prunen, prunem, blocksize, percdamp, g_idx, None, act_order, None, reps=S,
+                       groupsize=groupsize)
     back = [order.index(b) for b in bits]  # candidates in the order of ``bits``
 
     def per_candidate(t):
