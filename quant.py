@@ -178,11 +178,27 @@ def _check_one_width_per_group(bits: torch.Tensor, row_groups: torch.Tensor) -> 
         raise ValueError(f"rows of a shared group must have one bit-width; groups {bad[:5]} mix widths")
 
 
+class GridRecorder:
+    """Collects the (scale, zero, maxq) a quantizer holds for each column group (found at its first column, or
+    before the pass for static groups): [R, G] each."""
+
+    def __init__(self, rows: int, ngroups: int, dev: torch.device):
+        self.scale = torch.zeros(rows, ngroups, device=dev)
+        self.zero = torch.zeros(rows, ngroups, device=dev)
+        self.maxq = torch.zeros(rows, ngroups, device=dev)
+
+    def record(self, g: int, q: Quantizer) -> None:
+        rows = self.scale.shape[0]
+        self.scale[:, g] = q.scale.reshape(-1).expand(rows)
+        self.zero[:, g] = q.zero.reshape(-1).expand(rows)
+        self.maxq[:, g] = q.maxq.reshape(-1).expand(rows)
+
+
 def static_grid(q: Quantizer, W: torch.Tensor, g_idx: torch.Tensor, group_bits: torch.Tensor | None):
     """(scale, zero, maxq) [R, G] of every column group, found before the pass on the weights W [R, C]
     (dead columns zeroed), as GPTQ's static groups; ``group_bits`` [G] overrides the per-row widths."""
     G = int(g_idx.max()) + 1
-    out = [torch.zeros(W.shape[0], G, device=W.device) for _ in range(3)]
+    grid = GridRecorder(W.shape[0], G, W.device)
     row_maxq = q.maxq
     for g in range(G):
         if group_bits is not None:
@@ -190,10 +206,9 @@ def static_grid(q: Quantizer, W: torch.Tensor, g_idx: torch.Tensor, group_bits: 
         else:
             q.maxq = row_maxq
         q.find_params(W[:, g_idx == g], weight=True)
-        for t, v in zip(out, (q.scale, q.zero, q.maxq), strict=True):
-            t[:, g] = v.reshape(-1).expand(W.shape[0])
+        grid.record(g, q)
     q.maxq = row_maxq  # the quantizer leaves as it came: the pass takes every group's width from the grid
-    return tuple(out)
+    return grid.scale, grid.zero, grid.maxq
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mi_plan import RowSampler
-from quant import Quantizer, quantize, static_grid
+from quant import GridRecorder, Quantizer, quantize, static_grid
 
 
 class LayerInputError(ValueError):
@@ -103,7 +103,7 @@ def obs_pass(
     gid = cols.gid.to(W.device) if cols is not None else torch.zeros(columns, dtype=torch.long, device=W.device)
     starts = torch.ones(columns, dtype=torch.bool)
     starts[1:] = (gid[1:] != gid[:-1]).cpu()
-    grid = _GridRecorder(rows, int(gid.max()) + 1, W.device) if q is not None else None
+    grid = GridRecorder(rows, int(gid.max()) + 1, W.device) if q is not None else None
     if grid is not None and cols is None:
         grid.record(0, q)
     fixed = mask
@@ -177,21 +177,6 @@ def _group_params(q: Quantizer, cols: ColumnGrid, g: int, gid, W, W1, Err1, Hinv
         q.maxq = torch.full((W.shape[0], 1), float(cols.maxq[g]), device=W.device)
     size = int((gid[i1 + i :] == g).int().cumprod(0).sum())  # the group's run of columns from here
     q.find_params(_current_columns(W, W1, Err1, Hinv, i1, i2, i, size), weight=True)
-
-
-class _GridRecorder:
-    """Collects the (scale, zero, maxq) a quantizer holds at each column group's start: [R, G] each."""
-
-    def __init__(self, rows: int, ngroups: int, dev: torch.device):
-        self.scale = torch.zeros(rows, ngroups, device=dev)
-        self.zero = torch.zeros(rows, ngroups, device=dev)
-        self.maxq = torch.zeros(rows, ngroups, device=dev)
-
-    def record(self, g: int, q: Quantizer) -> None:
-        rows = self.scale.shape[0]
-        self.scale[:, g] = q.scale.reshape(-1).expand(rows)
-        self.zero[:, g] = q.zero.reshape(-1).expand(rows)
-        self.maxq[:, g] = q.maxq.reshape(-1).expand(rows)
 
 
 def _current_columns(W, W1, Err1, Hinv, i1, i2, i, size) -> torch.Tensor:
