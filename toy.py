@@ -180,12 +180,6 @@ _CONFIGS = {
 }
 
 
-def toy_config(vocab_size: int, name: str = OPT_TOY.name):
-    """The untrained config of the toy ``name``."""
-    spec = TOYS[name]
-    return _CONFIGS[spec.model_type][0](spec, vocab_size)
-
-
 def window_perplexity(model, ids: torch.LongTensor) -> float:
     """Held-out perplexity of a toy at its training context, batched (the walker module's definition)."""
     seqlen = model.config.max_position_embeddings  # a toy's training window
