@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run the method matrix and build the report: sweep.py does it, with the same flags (see --help or its
-# docstring for the contract: resumable, failures recorded, SIGINT/SIGTERM stop everything it started).
+# Run the method matrix and build the report: miq/experiments/sweep.py does it, with the same flags (see
+# --help or its docstring for the contract: resumable, failures recorded, SIGINT/SIGTERM stop everything it
+# started).
 #
 #   ./compare_methods.sh                                   # toy model, offline, a few minutes on a laptop
 #   ./compare_methods.sh --model facebook/opt-125m --calib c4 --eval wikitext2,c4 \
@@ -11,4 +12,6 @@ if [[ -z ${PYTHON:-} ]]; then
     PYTHON=python3
     command -v python3 >/dev/null || PYTHON=python
 fi
-exec "$PYTHON" "$(dirname "${BASH_SOURCE[0]}")/sweep.py" "$@"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PYTHON" -m miq.experiments.sweep "$@"

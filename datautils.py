@@ -14,7 +14,7 @@ evaluation streams are ``LongTensor[1, T]``. Every user-facing failure (bad name
 short, hub unreachable) is a :class:`DataError` whose ``str`` is one line fit for a CLI.
 
 Offline behaviour: ``datasets`` retries an unreachable hub for ~25 s before giving up, so before a hub
-load we probe the endpoint (``models.hub_probe``) and, if it does not answer, load in offline mode (local
+load we probe the endpoint (``loading.hub_probe``) and, if it does not answer, load in offline mode (local
 cache only), which answers in about a second either way.
 """
 
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-import models
-from synthetic import synthetic_text
+from miq.model import loading
+from miq.synthetic import synthetic_text
 
 KNOWN = ("wikitext2", "ptb", "c4", "synthetic")
 RECORD_SUFFIXES = (".json", ".jsonl")  # files of {"text": ...} records; any other file is plain text
@@ -212,9 +212,9 @@ def _load_hub(dataset: str, hub_id: str, **kwargs):
 
     # Offline already (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): datasets reads the cache without network.
     offline = constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE
-    reason = None if offline else models.hub_probe()
+    reason = None if offline else loading.hub_probe()
     try:
-        with models.offline_mode() if reason else contextlib.nullcontext():
+        with loading.offline_mode() if reason else contextlib.nullcontext():
             return datasets.load_dataset(hub_id, **kwargs)
     except Exception as e:  # any failure here is "could not load", told in one line
         why = f"{reason} and not in the cache" if reason else (str(e).strip().splitlines() or [repr(e)])[0]

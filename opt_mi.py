@@ -8,7 +8,7 @@ optionally with MI channel grouping.
 
 Flow as IST-DASLab/sparsegpt's opt.py: parse the flags into a RunConfig (config.py), check everything that
 can be checked before any work (``prepare``: device, output paths, the model's config, tokenizer, weight
-headers and structure: preflight.py), load the data, then the model (models.py), compress it layer by layer
+headers and structure: preflight.py), load the data, then the model (loading.py), compress it layer by layer
 (compress.py), evaluate perplexity with the same layer walker (layerwalk.py), and publish the outputs together
 (outputs.py). A user error is one line and exit 2, an interrupt one line and exit 130; neither leaves a file.
 ``python opt_mi.py -h`` lists the flags.
@@ -41,18 +41,16 @@ from collections.abc import Iterator
 
 import torch
 
-import bitstats
 import datautils
-import layerwalk
-import methods
-import models
-import outputs
-import preflight
-import saving
-from compress import compress, decoder_linear_weights, mask_sparsity, zero_fraction
-from config import ConfigError, RunConfig, parse
-from mi_plan import PlanError
-from models import ModelError, ModelSource, load_model, open_source
+from miq import bitstats
+from miq.checkpoint import saving
+from miq.experiments import methods
+from miq.model import layerwalk, loading
+from miq.model.loading import ModelError, ModelSource, load_model, open_source
+from miq.plan.mi_plan import PlanError
+from miq.run import outputs, preflight
+from miq.run.compress import compress, decoder_linear_weights, mask_sparsity, zero_fraction
+from miq.run.config import ConfigError, RunConfig, parse
 from sparsegpt_mi import LayerInputError
 
 USER_ERRORS = (ConfigError, ModelError, datautils.DataError, PlanError, LayerInputError)
@@ -67,8 +65,8 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelSource, object, torch.devic
     outputs.check_targets(cfg)
     src, tokenizer = open_source(cfg.model, cfg.trust_remote_code)
     cfg = cfg.with_seqlen(src.positions)
-    skeleton = models.skeleton(src)
-    models.check_weights(src, skeleton)
+    skeleton = loading.skeleton(src)
+    loading.check_weights(src, skeleton)
     cfg = preflight.check_model(cfg, skeleton, dev)
     return cfg, src, tokenizer, dev
 
@@ -100,7 +98,7 @@ def run(cfg: RunConfig) -> dict:
         eval_tokens = {name: datautils.get_eval_tokens(name, cfg.seqlen, tokenizer) for name in cfg.eval_names()}
     eval_load_s = time.time() - t
     model = load_model(src, cfg.dtype, dev)
-    models.check_finite(model, cfg.model)
+    loading.check_finite(model, cfg.model)
 
     t = time.time()
     res = compress(model, calib, cfg, dev)
@@ -208,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"opt_mi.py: error: {e}\n")
             return 2
         except OUT_OF_MEMORY as e:
-            sys.stderr.write(f"opt_mi.py: error: out of memory ({models.first_line(e)}); lower --nsamples, "
+            sys.stderr.write(f"opt_mi.py: error: out of memory ({loading.first_line(e)}); lower --nsamples, "
                              "--mi-samples or --eval-batch, or use a device with more memory\n")
             return 2
         except KeyboardInterrupt:

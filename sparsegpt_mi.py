@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mi_plan import RowSampler
+from miq.plan.mi_plan import RowSampler
 from quant import GridRecorder, Quantizer, quantize, static_grid
 
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import allocation  # noqa: E402
 import trials  # noqa: E402
+
 from mutual_info import pairwise_mi  # noqa: E402
 from quant import Quantizer  # noqa: E402
 from sparsegpt_mi import SparseGPT  # noqa: E402

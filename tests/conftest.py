@@ -18,7 +18,7 @@ SHARED_DATA = SHARED / "data"
 @pytest.fixture(scope="session")
 def toy_path() -> str:
     """The toy OPT folder (built and cached on first use, about half a minute)."""
-    import toy
+    from miq.model import toy
 
     return toy.toy_model_path()
 
@@ -26,15 +26,14 @@ def toy_path() -> str:
 def compress_toy(toy_path: str, *flags: str, save: str = "unused"):
     """(model, tokenizer, CompressionResult, RunConfig): the toy compressed in memory with opt_mi.py's flags,
     on 8 windows of 32 tokens (a few seconds); ``res.saved`` holds its layers as a checkpoint stores them."""
-    import compress
-    import config
     import datautils
-    import models
+    from miq.model import loading
+    from miq.run import compress, config
 
     cfg = config.parse([toy_path, "synthetic", "--nsamples", "8", "--seqlen", "32", "--save", save, *flags])
-    src, tokenizer = models.open_source(toy_path)
+    src, tokenizer = loading.open_source(toy_path)
     calib = datautils.get_calibration("synthetic", cfg.nsamples, cfg.seed, cfg.seqlen, tokenizer)
-    model = models.load_model(src, "auto", torch.device("cpu"))
+    model = loading.load_model(src, "auto", torch.device("cpu"))
     res = compress.compress(model, torch.cat([inp for inp, _ in calib]), cfg, torch.device("cpu"))
     return model, tokenizer, res, cfg
 
@@ -42,7 +41,7 @@ def compress_toy(toy_path: str, *flags: str, save: str = "unused"):
 @pytest.fixture(scope="session")
 def small_eval(tmp_path_factory) -> str:
     """A tenth of the synthetic test text as a local file: an --eval set for runs that only compare PPLs."""
-    import synthetic
+    from miq import synthetic
 
     path = tmp_path_factory.mktemp("eval") / "small_eval.txt"
     path.write_text(synthetic.synthetic_text("test", 30), encoding="utf-8")
@@ -52,7 +51,7 @@ def small_eval(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def toy_llama_path() -> str:
     """The toy Llama folder (built and cached on first use, about half a minute)."""
-    import toy
+    from miq.model import toy
 
     return toy.toy_model_path(name="toy-llama")
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-import allocation as al
 import quant
+from miq.plan import allocation as al
 
 CHOICES = list(al.DEFAULT_BITS_CHOICES)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import atomic
+from miq import atomic
 
 
 def test_write_creates_folders_and_replaces(tmp_path):
@@ -36,10 +36,10 @@ def test_remove_leftovers_takes_only_that_writers_temp_files(tmp_path):
 
 
 def test_remove_leftovers_finds_what_a_killed_writer_left(tmp_path):
-    code = ("import atomic, os, signal, sys; os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL); "
-            "atomic.write_text(sys.argv[1], 'half')")
+    code = ("import os, signal, sys; from miq import atomic; "
+            "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL); atomic.write_text(sys.argv[1], 'half')")
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "r.json")],
-                         cwd=Path(atomic.__file__).parent)
+                         cwd=Path(atomic.__file__).parents[1])
     assert p.wait() == -9
     assert [x.name for x in tmp_path.iterdir()] == [f".r.json.{p.pid}.tmp"]
     atomic.remove_leftovers(tmp_path, p.pid)

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import opt_mi
-import preflight
-from synthetic import synthetic_text
+from miq.run import preflight
+from miq.synthetic import synthetic_text
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--nsamples", "4", "--seqlen", "32", "--eval", "short_eval.txt", "--mi-samples", "128"]
@@ -278,7 +278,9 @@ def test_the_matrix_is_large_enough():
 PAUSED = r"""
 import pathlib, sys, time
 sys.path.insert(0, sys.argv[1])
-import opt_mi, outputs, saving
+import opt_mi
+from miq.checkpoint import saving
+from miq.run import outputs
 marker, step, argv = sys.argv[2], sys.argv[3], sys.argv[4:]
 owner = {"load_model": opt_mi, "write": saving, "write_json": outputs}[step]
 real = getattr(owner, step)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-import bitstats
+from miq import bitstats
 
 
 def test_grouped_layer_counts_every_kind_of_bit():

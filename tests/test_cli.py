@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import opt_mi
+from miq.model import loading
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,9 +90,7 @@ def test_user_error_has_no_traceback_as_a_process(tmp_path):
 
 
 def test_hub_model_unreachable_is_one_line(capsys, tmp_path, monkeypatch):
-    import models
-
-    monkeypatch.setattr(models, "hub_probe", lambda: "no connection to huggingface.co (test)")
+    monkeypatch.setattr(loading, "hub_probe", lambda: "no connection to huggingface.co (test)")
     err = _fails(capsys, tmp_path, ["nonexistent-org/opt-nothing", "synthetic"], "MODEL", "nonexistent-org/opt-nothing",
                  "local model folder")
     assert "no connection" in err

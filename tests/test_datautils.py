@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import datautils
-import models
-import synthetic
 from datautils import DataError, get_calibration, get_eval_tokens, is_local_path, validate_name
-from synthetic import synthetic_text, synthetic_vocabulary
-from toy import build_tokenizer
+from miq import synthetic
+from miq.model import loading
+from miq.model.toy import build_tokenizer
+from miq.synthetic import synthetic_text, synthetic_vocabulary
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WORD = re.compile(r"[a-z]+")
@@ -353,7 +353,7 @@ def fake_hub(monkeypatch):
         return datasets.Dataset.from_dict(splits[path, kwargs["split"]])
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    monkeypatch.setattr(models, "hub_probe", lambda: None)
+    monkeypatch.setattr(loading, "hub_probe", lambda: None)
     return splits, calls
 
 
@@ -416,7 +416,7 @@ def test_hub_unreachable_is_one_fast_line(monkeypatch, tmp_path, tok):
     from huggingface_hub import constants
 
     # Whatever this machine's network: the probe fails and the caches are empty.
-    monkeypatch.setattr(models, "hub_probe", lambda: "no connection to huggingface.co (test)")
+    monkeypatch.setattr(loading, "hub_probe", lambda: "no connection to huggingface.co (test)")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     for name, hub_id in [("wikitext2", "Salesforce/wikitext"), ("ptb", "ptb-text-only/ptb_text_only"),
@@ -432,7 +432,7 @@ def test_hub_unreachable_is_one_fast_line(monkeypatch, tmp_path, tok):
 
 def test_real_hub_access_fails_fast_when_offline(tok):
     # No monkeypatching: what a user of this machine gets. Online machines skip.
-    if models.hub_probe() is None:
+    if loading.hub_probe() is None:
         pytest.skip("the hub is reachable from here")
     start = time.perf_counter()
     try:
@@ -454,7 +454,7 @@ def test_cached_hub_dataset_loads_offline(monkeypatch, tmp_path, tok):
     cache = tmp_path / "datasets"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(models, "hub_probe", lambda: "no connection to huggingface.co (test)")
+    monkeypatch.setattr(loading, "hub_probe", lambda: "no connection to huggingface.co (test)")
     texts = [words_of(30, seed=i) for i in range(20)]
     # Write the cache as a hub download of Salesforce/wikitext would (prepared under the dataset's name,
     # then moved to <org>___<name>/<config>/<version>/<hash>/).

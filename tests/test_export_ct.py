@@ -11,11 +11,10 @@ from conftest import compress_toy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import datautils
-import export_ct
-import layerwalk
 import opt_mi
-import saving
-from config import ConfigError
+from miq.checkpoint import export_ct, saving
+from miq.model import layerwalk
+from miq.run.config import ConfigError
 from quant import QuantizedLayer, rtn_grid
 from sparsegpt_mi import column_groups
 

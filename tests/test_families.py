@@ -15,11 +15,10 @@ import torch
 import transformers
 from conftest import obs_loop
 
-import compress
-import layerwalk
-import layouts
 import opt_mi
-from config import RunConfig
+from miq.model import layerwalk, layouts
+from miq.run import compress
+from miq.run.config import RunConfig
 
 FAMILIES = ("opt", "llama", "mistral", "qwen2", "qwen3")
 VOCAB, SEQLEN = 101, 32

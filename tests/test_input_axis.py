@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import opt_mi
-import packed
+from miq.checkpoint import packed
 
 pytestmark = pytest.mark.slow
 FAST = ["--nsamples", "16", "--seqlen", "64", "--analysis-dir", "", "--eval", "synthetic", "--sparsity", "0.5"]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-import methods
-from config import parse
+from miq.experiments import methods
+from miq.run.config import parse
 
 # (opt_mi.py flags, label, family): the names every report and sweep has used; a change here renames results
 LABELS = [

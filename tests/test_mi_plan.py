@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mi_plan import PlanOptions, plan_layer
+from miq.plan.mi_plan import PlanOptions, plan_layer
 
 
 def _rtn_row(w: np.ndarray, bits: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from scipy.stats import entropy as scipy_entropy
 from sklearn.metrics import mutual_info_score, normalized_mutual_info_score
 
 import mutual_info
+from miq.experiments.plots import plot_nmi_heatmap
 from mutual_info import (
     MIResult,
     compute_mutual_information,
@@ -22,7 +23,6 @@ from mutual_info import (
     joint_entropy,
     pairwise_mi,
 )
-from plots import plot_nmi_heatmap
 
 
 def structured_acts(n: int, c: int, seed: int = 0) -> torch.Tensor:
@@ -335,7 +335,7 @@ def test_plot_nmi_heatmap(tmp_path):
 def test_grouping_result_png(tmp_path):
     import matplotlib.image as mpimg
 
-    from plots import plot_grouping_result
+    from miq.experiments.plots import plot_grouping_result
 
     p = plot_grouping_result([5, 3, 8], [4, 2, 3], [0.5, None, 0.2], [0.1, 0.1, 0.05], tmp_path / "g.png", title="t")
     img = mpimg.imread(p)

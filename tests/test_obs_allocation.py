@@ -10,10 +10,10 @@ import torch
 from conftest import obs_loop
 from torch import nn
 
-import mi_plan
+from miq.plan import mi_plan
+from miq.plan.trials import trial as run_trial
 from quant import Quantizer
 from sparsegpt_mi import SparseGPT, layer_error
-from trials import trial as run_trial
 
 CHOICES = [2, 3, 4, 5]
 

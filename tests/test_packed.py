@@ -10,12 +10,9 @@ import torch
 from conftest import compress_toy
 from safetensors.torch import save_file
 
-import bitstats
 import opt_mi
-import packbits
-import packed
-import packed_layer
-import saving
+from miq import bitstats
+from miq.checkpoint import packbits, packed, packed_layer, saving
 from quant import QuantizedLayer, rtn_grid
 from sparsegpt_mi import column_groups
 

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import datautils
-import layerwalk
 import opt_mi
-import packed
+from miq.checkpoint import packed
+from miq.model import layerwalk
 
 pytestmark = pytest.mark.slow
 FAST = ["--nsamples", "16", "--seqlen", "64", "--analysis-dir", "", "--eval", "synthetic"]

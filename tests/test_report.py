@@ -16,8 +16,7 @@ import matplotlib.image as mpimg
 import pytest
 from conftest import check_table_matches, md_table
 
-import plots
-import report
+from miq.experiments import plots, report
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "report"
@@ -200,10 +199,12 @@ def test_environment_differences_are_flagged(src):
 
 
 def test_cli(src, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "report.py"), str(src)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "miq.experiments.report", str(src)], capture_output=True, text=True,
+                       cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert (src / "performance_report.md").is_file()
-    r = subprocess.run([sys.executable, str(ROOT / "report.py"), str(tmp_path / "nope")], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "miq.experiments.report", str(tmp_path / "nope")], cwd=ROOT,
+                       capture_output=True,
                        text=True)
     assert r.returncode == 2 and "not a directory" in r.stderr
 

@@ -12,7 +12,7 @@ from conftest import obs_loop
 from scipy import stats
 from torch import nn
 
-from mi_plan import RowSampler
+from miq.plan.mi_plan import RowSampler
 from quant import Quantizer, quantize
 from sparsegpt_mi import LayerInputError, SparseGPT, magnitude_prune
 

@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-import atomic
-import outputs
+from miq import atomic
+from miq.run import outputs
 
 
 def tree(root) -> dict[str, str | None]:

@@ -24,10 +24,9 @@ from pathlib import Path
 import pytest
 from conftest import check_table_matches
 
-import atomic
-import config
-import methods
-import sweep
+from miq import atomic
+from miq.experiments import methods, sweep
+from miq.run import config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IDS = {"dense", "magnitude_s0.5", "sparsegpt_s0.5", "uniform_s0.5_w4", "g128_s0.5_w4",
@@ -40,7 +39,7 @@ CHILD = r"""
 import json, os, sys, time
 root, fake, staged, target = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 sys.path.insert(0, root)
-import atomic
+from miq import atomic
 rid = os.path.basename(target)[: -len(".json")]
 with open(os.path.join(fake["dir"], "invocations.txt"), "a") as f:
     f.write(rid + "\n")
@@ -132,7 +131,8 @@ def run(capsys):
 
 def start(out: Path, runner: FakeRunner, *args: str) -> subprocess.Popen:
     """The sweep in a process of its own (and its own process group), for signals."""
-    code = ("import json, sys; sys.path[:0] = sys.argv[1:3]; import sweep, test_sweep; "
+    code = ("import json, sys; sys.path[:0] = sys.argv[1:3]; import test_sweep; "
+            "from miq.experiments import sweep; "
             "sys.exit(sweep.main(sys.argv[4:], runner=test_sweep.FakeRunner(**json.loads(sys.argv[3]))))")
     return subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(ROOT / "tests"),
                              json.dumps(dataclasses.asdict(runner)), "--out", str(out), *args], cwd=ROOT,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import toy
 from datautils import get_eval_tokens
-from synthetic import synthetic_text
+from miq.model import toy
+from miq.synthetic import synthetic_text
 
 # Measured here (torch 2.13 CPU): the held-out perplexity on synthetic_text("test") is 73.3 (toy) and 69.4
 # (toy-llama). The bound leaves ~20% for other CPUs / torch builds and is still far below the vocabulary

@@ -10,11 +10,17 @@ import math
 
 import pytest
 
-import config
-import methods
-import verdict
-from results import BASELINE_FAMILIES, CONTROL_FAMILIES, MI_FAMILIES, Run, control_families, counted_control
-from verdict import decide, judge
+from miq.experiments import methods, verdict
+from miq.experiments.results import (
+    BASELINE_FAMILIES,
+    CONTROL_FAMILIES,
+    MI_FAMILIES,
+    Run,
+    control_families,
+    counted_control,
+)
+from miq.experiments.verdict import decide, judge
+from miq.run import config
 
 
 def run(rid: str, method: str, ppl: dict, bpw: float, *, k: int = 8, sparsity: str = "0.5", wbits: str = "4",

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-import allocation
 import channel_grouping
 import mutual_info
+from miq.plan import allocation
 from quant import Quantizer
 
 if TYPE_CHECKING:
-    from trials import TrialResult
+    from miq.plan.trials import TrialResult
 
 # (row groups for strategy A, column groups g_idx for the input axis) -> every width's pass
 Trial = Callable[[torch.Tensor | None, torch.Tensor | None], "TrialResult"]

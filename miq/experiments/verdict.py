@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from results import BASELINE_FAMILIES, MI_FAMILIES, Run, Unit, control_families, counted_control, units
+from miq.experiments.results import BASELINE_FAMILIES, MI_FAMILIES, Run, Unit, control_families, counted_control, units
 
 # A baseline counts as "equal bits" when it spends at least the MI run's bpw minus this: bpw is printed
 # with 4 decimals and two methods at the same budget can differ in the last digits of metadata.

@@ -41,14 +41,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import atomic
-import methods
-import outputs
-import report
-from config import DEFAULT_EVAL, TOY_EVAL, ConfigError
-from toy import TOY_NAMES
+from miq import atomic
+from miq.experiments import methods, report
+from miq.model.toy import TOY_NAMES
+from miq.run import outputs
+from miq.run.config import DEFAULT_EVAL, TOY_EVAL, ConfigError
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: opt_mi.py and the miq package
 Runner = Callable[[list[str]], list[str]]
 POLL_S = 0.05  # how often running configurations are looked at (a cheap waitpid each)
 STOP_GRACE_S = 10  # a configuration still alive this long after SIGTERM is killed
@@ -86,7 +85,7 @@ def usage() -> str:
 
 def opt_mi_command(args: list[str]) -> list[str]:
     """The default runner: opt_mi.py beside this file, under the interpreter running the sweep."""
-    return [sys.executable, str(HERE / "opt_mi.py"), *args]
+    return [sys.executable, str(ROOT / "opt_mi.py"), *args]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,7 +289,7 @@ class Sweeper:
 
     def build_toy(self) -> int:
         """Build the toy model once here rather than in several jobs at the same time; its exit status."""
-        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import toy; "
+        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from miq.model import toy; "
                 f"toy.toy_model_path(name={self.s.model!r})")
         command = [sys.executable, "-c", code]
         self.running.append(Job("toy model", 0, command, spawn(command)))

@@ -34,8 +34,8 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-import packed
-from config import ConfigError, fmt_bits
+from miq.checkpoint import packed
+from miq.run.config import ConfigError, fmt_bits
 from quant import QuantizedLayer
 from sparsegpt_mi import column_groups
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-import packbits
-from bitstats import index_bits
+from miq.bitstats import index_bits
+from miq.checkpoint import packbits
 from quant import QuantizedLayer
 
 DTYPE_NAMES = {torch.uint8: "uint8", torch.int32: "int32", torch.float16: "float16", torch.bfloat16: "bfloat16",

@@ -17,10 +17,10 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-import atomic
+from miq import atomic
 
 if TYPE_CHECKING:
-    from results import Run
+    from miq.experiments.results import Run
 
 matplotlib.use("Agg")  # figures only ever go to files; no display needed
 

@@ -17,14 +17,14 @@ from typing import Literal
 
 import torch
 
-import allocation
 import channel_grouping
 import datautils
 import mutual_info
-import saving
-from mi_plan import MIOptions
+from miq.checkpoint import saving
+from miq.model.toy import TOY_NAMES
+from miq.plan import allocation
+from miq.plan.mi_plan import MIOptions
 from quant import STRATEGIES
-from toy import TOY_NAMES
 
 DEFAULT_EVAL = "wikitext2,ptb,c4"
 AXES = ("output", "input")

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import allocation
-from config import RunConfig, parse
+from miq.plan import allocation
+from miq.run.config import RunConfig, parse
 
 Role = Literal["reference", "baseline", "method", "control"]
 Stage = Literal["prune", "quant"]  # what part of a run's label the method names

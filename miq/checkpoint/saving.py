@@ -19,8 +19,8 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from compress import CompressionResult
-    from config import RunConfig
+    from miq.run.compress import CompressionResult
+    from miq.run.config import RunConfig
 
 FORMATS = ("packed", "compressed-tensors", "dense")
 
@@ -28,7 +28,7 @@ FORMATS = ("packed", "compressed-tensors", "dense")
 def flag_problem(cfg: RunConfig) -> str | None:
     """Why the flags alone already rule out the chosen format (one line), or None."""
     if cfg.save and cfg.save_format == "compressed-tensors":
-        import export_ct
+        from miq.checkpoint import export_ct
 
         return export_ct.flag_problem(cfg)
     return None
@@ -37,7 +37,7 @@ def flag_problem(cfg: RunConfig) -> str | None:
 def save(model, tokenizer, res: CompressionResult, cfg: RunConfig, out: str) -> dict | None:
     """Write the model to ``out`` in ``cfg.save_format``, staged beside it and renamed into place (no
     half-written model on failure). Returns the on-disk sizes ({"bytes_on_disk", "bpw_on_disk"}) or None."""
-    import outputs
+    from miq.run import outputs
 
     with outputs.Staging() as stage:
         return write(stage.folder(out), model, tokenizer, res, cfg)
@@ -46,12 +46,12 @@ def save(model, tokenizer, res: CompressionResult, cfg: RunConfig, out: str) -> 
 def write(folder: str, model, tokenizer, res: CompressionResult, cfg: RunConfig) -> dict | None:
     """Fill the existing, empty ``folder`` with the model in ``cfg.save_format``; see ``save``."""
     if cfg.save_format == "packed":
-        import packed
+        from miq.checkpoint import packed
 
         nm = (cfg.prunen, cfg.prunem) if cfg.prunen else None
         return packed.write_packed(folder, model, tokenizer, res.saved, nm=nm, run=cfg.as_dict())
     if cfg.save_format == "compressed-tensors":
-        import export_ct
+        from miq.checkpoint import export_ct
 
         return export_ct.write_ct(folder, model, tokenizer, res.saved, cfg.groupsize)
     write_dense(folder, model, tokenizer, res, cfg)

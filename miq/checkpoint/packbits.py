@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from bitstats import index_bits
+from miq.bitstats import index_bits
 
 MAX_NM_M = 16  # n:m index tables have 2^m entries; beyond this a bitmask is used
 

@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-import bitstats
-import layerwalk
-import layouts
-import trials
-from config import RunConfig
-from layouts import Layout
-from mi_plan import LayerPlan, PlanOptions, plan_layer
+from miq import bitstats
+from miq.model import layerwalk, layouts
+from miq.model.layouts import Layout
+from miq.plan import trials
+from miq.plan.mi_plan import LayerPlan, PlanOptions, plan_layer
+from miq.run.config import RunConfig
 from quant import QuantizedLayer, Quantizer, rtn_grid
 from sparsegpt_mi import PassResult, SparseGPT, column_groups, layer_error, magnitude_prune
 

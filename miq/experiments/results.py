@@ -16,8 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import methods
-from config import RunConfig, from_json
+from miq.experiments import methods
+from miq.run.config import RunConfig, from_json
 
 # The families the verdict sorts runs into, from the method vocabulary: a new baseline or control added to
 # methods.METHODS is compared without touching the report.

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-import layouts
+from miq.model import layouts
 
 Visit = Callable[[int, nn.Module, torch.Tensor], None]
 LayerKwargs = list[dict]  # the keyword arguments of each decoder layer, as the model passed them

@@ -18,12 +18,13 @@ import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-import atomic
-from compress import CompressionResult
-from config import ConfigError, RunConfig
+from miq import atomic
+from miq.run.compress import CompressionResult
+from miq.run.config import ConfigError, RunConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # staging: all or nothing
@@ -234,7 +235,7 @@ def draw_figures(res: CompressionResult, cfg: RunConfig, total_rows: int, stage:
     nothing to draw)."""
     if not cfg.analysis_dir or res.plot is None:
         return []
-    import plots
+    from miq.experiments import plots
 
     name, plan = res.plot
     paths = []
@@ -254,13 +255,13 @@ def draw_figures(res: CompressionResult, cfg: RunConfig, total_rows: int, stage:
 
 
 def code_version() -> str:
-    """Hash of the toolkit's own .py files: results from different code must not mix silently in a sweep."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    """Hash of the toolkit's own .py files (the root scripts and the miq package): results from different code
+    must not mix silently in a sweep."""
+    root = Path(__file__).resolve().parents[2]
+    files = sorted(root.glob("*.py")) + sorted((root / "miq").rglob("*.py"))
     h = hashlib.sha1()
-    for f in sorted(os.listdir(here)):
-        if f.endswith(".py"):
-            with open(os.path.join(here, f), "rb") as fh:
-                h.update(f.encode() + b"\0" + fh.read())
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:12]
 
 

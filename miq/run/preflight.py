@@ -16,11 +16,10 @@ import sys
 import torch
 from torch import nn
 
-import compress
-import layerwalk
-import layouts
 import mutual_info
-from config import ConfigError, RunConfig
+from miq.model import layerwalk, layouts
+from miq.run import compress
+from miq.run.config import ConfigError, RunConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # the machine

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import torch
 
-import layouts
+from miq.model import layouts
 
 HUB_PROBE_TIMEOUT = 3.0  # seconds; a reachable hub answers a TCP connect in well under a second
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -103,7 +103,7 @@ class ModelSource:
 
 def resolve(name: str) -> str:
     """A local folder or hub id for MODEL (a built-in toy, 'toy' or 'toy-llama', is built and cached on first use)."""
-    import toy
+    from miq.model import toy
 
     if name in toy.TOY_NAMES:
         return toy.toy_model_path(name=name)
@@ -142,7 +142,7 @@ def open_source(name: str, trust_remote_code: bool = False):
     except layouts.UnsupportedModel as e:
         raise ModelError(f"MODEL {name}: {e}") from None
     if _packed(path):
-        import packed
+        from miq.checkpoint import packed
 
         packed.read_manifest(path)  # a damaged saved folder fails here, before calibration
     src = ModelSource(name, path, config.max_position_embeddings, bool(reason), trust_remote_code, config)
@@ -241,7 +241,7 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device):
     else:
         torch_dtype = getattr(torch, dtype)
     if _packed(src.path):  # a folder saved by --save-format packed: its own loader, exact weights
-        import packed
+        from miq.checkpoint import packed
 
         model = packed.load_compressed(src.path, None if torch_dtype == "auto" else torch_dtype)
         model.config.use_cache = False
@@ -261,7 +261,7 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device):
 
 def _packed(path: str) -> bool:
     """A folder saved with --save-format packed (damaged or not): read by packed.py, not from_pretrained."""
-    import packed
+    from miq.checkpoint import packed
 
     return os.path.isdir(path) and packed.is_packed(path)
 

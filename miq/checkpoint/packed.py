@@ -57,8 +57,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-import packed_layer
-from models import ModelError
+from miq.checkpoint import packed_layer
+from miq.model.loading import ModelError
 from quant import QuantizedLayer
 
 FORMAT, VERSION = "miq-packed", 2

@@ -23,11 +23,10 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import atomic
-import methods
-import plots
-from results import BASELINE_FAMILIES, Run, counted_control, eval_sets, fmt_num, load_dir, units
-from verdict import BPW_TOL, SIGNIFICANCE, Cell, Comparison, Verdict, judge
+from miq import atomic
+from miq.experiments import methods, plots
+from miq.experiments.results import BASELINE_FAMILIES, Run, counted_control, eval_sets, fmt_num, load_dir, units
+from miq.experiments.verdict import BPW_TOL, SIGNIFICANCE, Cell, Comparison, Verdict, judge
 
 BIT_KEYS = ("avg_weight_bits", "metadata_bpw", "bpw", "mask_bpw")  # the table's bit columns, in order
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-import layerwalk
-from synthetic import synthetic_text, synthetic_vocabulary
+from miq.model import layerwalk
+from miq.synthetic import synthetic_text, synthetic_vocabulary
 
 TOY_SEED = 0
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # OPT's ids 0..3
