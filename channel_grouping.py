@@ -26,9 +26,8 @@ from scipy.sparse.csgraph import laplacian
 from scipy.spatial.distance import squareform
 from sklearn.cluster import SpectralClustering
 
-METHODS = ("spectral", "hierarchical", "random", "contiguous")  # group_channels', from an NMI matrix
-CLUSTERS = METHODS + ("range",)  # every --cluster; range groups come from range_groups
-NEEDS_MI = ("spectral", "hierarchical", "random")  # random keeps spectral's group sizes
+from miq.options import GROUPINGS
+
 ASSIGN_LABELS = ("cluster_qr", "kmeans", "discretize")
 
 # Constant channels have NMI 0 with everything and would be isolated nodes; a disconnected graph makes the
@@ -157,7 +156,7 @@ def group_channels(
         nmi: [C, C] normalized mutual information (torch or numpy, float), values in [0, 1]; it is
             symmetrised in float64, so a one-sided estimate is fine.
         k: requested number of groups, >= 1. k >= C puts every channel alone, k == 1 all together.
-        method: one of METHODS.
+        method: one of GROUPINGS.
         seed: random_state of the clusterer and the permutation of ``random``.
         assign_labels: SpectralClustering's label assignment ("cluster_qr", "kmeans", "discretize");
             cluster_qr is deterministic and gives balanced groups.
@@ -168,8 +167,8 @@ def group_channels(
     a = _as_nmi(nmi)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if method not in METHODS:
-        raise ValueError(f"unknown grouping method {method!r}; expected one of {METHODS}")
+    if method not in GROUPINGS:
+        raise ValueError(f"unknown grouping method {method!r}; expected one of {GROUPINGS}")
     if assign_labels not in ASSIGN_LABELS:
         raise ValueError(f"unknown assign_labels {assign_labels!r}; expected one of {ASSIGN_LABELS}")
     c = a.shape[0]

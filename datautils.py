@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import re
 import sys
@@ -31,11 +30,10 @@ from pathlib import Path
 
 import torch
 
+from miq.data_names import RECORD_SUFFIXES, is_local_path, validate_name
+from miq.errors import DataError
 from miq.model import loading
 from miq.synthetic import synthetic_text
-
-KNOWN = ("wikitext2", "ptb", "c4", "synthetic")
-RECORD_SUFFIXES = (".json", ".jsonl")  # files of {"text": ...} records; any other file is plain text
 
 # Hub ids. The reference loads "ptb_text_only" through a loading script, which datasets >= 4 refuses;
 # the dataset now lives under "ptb-text-only/ptb_text_only" and the hub's automatic parquet export of it
@@ -52,44 +50,6 @@ C4_MAX_DRAWS = 10_000  # documents drawn for one calibration window before givin
 # Control characters that text files do not hold (tab, newlines, vertical tab and form feed are text); a file
 # with them is binary or corrupt. Escaped ones inside JSON strings are content: real C4 records have a few.
 CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
-
-
-class DataError(Exception):
-    """A user-facing, one-line problem with a dataset (bad name, missing file, too short, hub unreachable).
-
-    ``str(e)`` is the one line the CLI prints.
-    """
-
-
-# --------------------------------------------------------------------------------------------- names
-
-
-def is_local_path(name: str) -> bool:
-    """True when ``name`` is not a KNOWN dataset and looks like a file path.
-
-    Looks like a path: has a suffix (``x.txt``), a path separator (``data/x``) or exists on disk.
-    """
-    if name in KNOWN:
-        return False
-    path = Path(name).expanduser()
-    return bool(path.suffix) or os.sep in name or "/" in name or path.exists()
-
-
-def validate_name(name: str) -> None:
-    """Raise :class:`DataError` unless ``name`` is a KNOWN dataset or an existing file.
-
-    Cheap (no loading), so a CLI can call it before spending time on the model.
-    """
-    if name in KNOWN:
-        return
-    if not is_local_path(name):
-        choices = ", ".join(KNOWN)
-        raise DataError(f"unknown dataset {name!r}: use {choices} or a path to a text, .json or .jsonl file")
-    path = Path(name).expanduser()
-    if path.is_dir():
-        raise DataError(f"unsupported dataset {name!r}: a folder; give a text, .json or .jsonl file")
-    if not path.is_file():
-        raise DataError(f"file not found: {name}")
 
 
 # ------------------------------------------------------------------------------------ tokenization

@@ -35,10 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-BINNINGS = ("uniform", "quantile")
-BIASES = ("none", "miller-madow")
-NORMALIZATIONS = ("arithmetic", "geometric", "min", "max")
-ESTIMATORS = ("histogram", "gaussian")
+from miq.options import BIASES, BINNINGS, ESTIMATORS, NORMALIZATIONS
+
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes
 
 _CHUNK_ELEMENTS = 1 << 24  # activations discretised per chunk of channels (128 MiB in float64)

@@ -6,11 +6,12 @@ optionally with MI channel grouping.
     python opt_mi.py toy synthetic --sparsity 0.5 --wbits 4 --groups 8        # offline, about a minute
     python opt_mi.py toy-llama synthetic --sparsity 0.5 --wbits 4 --groups 8  # the same on a tiny Llama
 
-Flow as IST-DASLab/sparsegpt's opt.py: parse the flags into a RunConfig (config.py), check everything that
-can be checked before any work (``prepare``: device, output paths, the model's config, tokenizer, weight
-headers and structure: preflight.py), load the data, then the model (loading.py), compress it layer by layer
-(compress.py), evaluate perplexity with the same layer walker (layerwalk.py), and publish the outputs together
-(outputs.py). A user error is one line and exit 2, an interrupt one line and exit 130; neither leaves a file.
+Flow as IST-DASLab/sparsegpt's opt.py: parse the flags into a RunConfig (miq/run/config.py), check everything
+that can be checked before any work (``prepare``: device, output paths, the model's config, tokenizer, weight
+headers and structure: miq/run/preflight.py), load the data (datautils.py), then the model
+(miq/model/loading.py), compress it layer by layer (miq/run/compress.py), evaluate perplexity with the same
+layer walker (miq/model/layerwalk.py), and publish the outputs together (miq/run/outputs.py). A user error is
+one line and exit 2, an interrupt one line and exit 130; neither leaves a file.
 ``python opt_mi.py -h`` lists the flags.
 """
 
@@ -43,17 +44,14 @@ import torch
 
 import datautils
 from miq import bitstats
-from miq.checkpoint import saving
+from miq.errors import USER_ERRORS, DataError
 from miq.experiments import methods
 from miq.model import layerwalk, loading
-from miq.model.loading import ModelError, ModelSource, load_model, open_source
-from miq.plan.mi_plan import PlanError
-from miq.run import outputs, preflight
+from miq.model.loading import ModelSource, load_model, open_source
+from miq.run import outputs, preflight, saving
 from miq.run.compress import compress, decoder_linear_weights, mask_sparsity, zero_fraction
-from miq.run.config import ConfigError, RunConfig, parse
-from sparsegpt_mi import LayerInputError
+from miq.run.config import RunConfig, parse
 
-USER_ERRORS = (ConfigError, ModelError, datautils.DataError, PlanError, LayerInputError)
 OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
 
 
@@ -76,8 +74,8 @@ def _naming(what: str) -> Iterator[None]:
     """A data error's line names the argument it came from (DATASET or --eval), as the flag checks do."""
     try:
         yield
-    except datautils.DataError as e:
-        raise datautils.DataError(f"{what}: {e}") from None
+    except DataError as e:
+        raise DataError(f"{what}: {e}") from None
 
 
 def run(cfg: RunConfig) -> dict:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-STRATEGIES = ("independent", "shared")
 FP16_TINY = 2.0**-24  # the smallest positive float16: a scale must stay nonzero once stored
 
 

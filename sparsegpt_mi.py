@@ -8,9 +8,8 @@ reference's ``fasterprune``. Additions:
 - GPTQ-style ``groupsize`` (quantization parameters recomputed every ``groupsize`` columns);
 - the grid actually used (scale, zero, maxq per row and column group) and the pruning mask, returned;
 - per-row and per-column OBS losses, and the layer error 1/2 (W0 - W) H (W0 - W)^T they add up to;
-- ``trial``: one pass over the layer stacked once per candidate bit-width, all candidates pruned with
-  the mask of one reference width, so that every row's loss at every width is known and rows of
-  different widths can be combined exactly (rows are independent once the mask is fixed);
+- ``run_pass(reps=S)``: the layer stacked S times, masks chosen on the first copy's rows (the trial passes of
+  ``miq.plan.trials``, one per candidate width);
 - a seeded uniform sample of the layer's output rows for the MI method, damping retries when Cholesky
   fails, and finite-input checks naming the layer.
 """
@@ -23,12 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from miq.plan.mi_plan import RowSampler
+from miq.errors import LayerInputError
+from miq.options import PassOptions
 from quant import GridRecorder, Quantizer, quantize, static_grid
-
-
-class LayerInputError(ValueError):
-    """Calibration inputs of a layer are not finite: a user-facing error naming the layer."""
 
 
 @dataclass
@@ -137,8 +133,13 @@ def obs_pass(
                 tmp = W1[:ref, i : i + prunem] ** 2 / (torch.diag(Hinv1)[i : i + prunem].reshape((1, -1))) ** 2
                 mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1].repeat(reps, 1), True)
             if q is not None and cols is not None and starts[i1 + i]:
-                _group_params(q, cols, int(gid[i1 + i]), gid, W, W1, Err1, Hinv, i1, i2, i)
-                grid.record(int(gid[i1 + i]), q)
+                g = int(gid[i1 + i])
+                if cols.static is not None:  # GPTQ's static groups: parameters fixed before the pass
+                    q.scale, q.zero, q.maxq = (t[:, g : g + 1] for t in cols.static)
+                else:  # found on the group's run of columns from here, as they stand now
+                    run = int((gid[i1 + i :] == g).int().cumprod(0).sum())
+                    _fit_group(q, cols, g, _current_columns(W, W1, Err1, Hinv, i1, i2, i, run))
+                grid.record(g, q)
 
             qw = w.clone()
             qw[mask1[:, i]] = 0
@@ -167,16 +168,11 @@ def obs_pass(
     return res
 
 
-def _group_params(q: Quantizer, cols: ColumnGrid, g: int, gid, W, W1, Err1, Hinv, i1, i2, i) -> None:
-    """Set q's parameters for column group g at its first column (static, or found on the current weights)."""
-    if cols.static is not None:
-        scale, zero, maxq = cols.static
-        q.scale, q.zero, q.maxq = scale[:, g : g + 1], zero[:, g : g + 1], maxq[:, g : g + 1]
-        return
+def _fit_group(q: Quantizer, cols: ColumnGrid, g: int, W: torch.Tensor) -> None:
+    """q's parameters for column group g, found on its columns W [R, size] (at the group's width, if given)."""
     if cols.maxq is not None:
         q.maxq = torch.full((W.shape[0], 1), float(cols.maxq[g]), device=W.device)
-    size = int((gid[i1 + i :] == g).int().cumprod(0).sum())  # the group's run of columns from here
-    q.find_params(_current_columns(W, W1, Err1, Hinv, i1, i2, i, size), weight=True)
+    q.find_params(W, weight=True)
 
 
 def _current_columns(W, W1, Err1, Hinv, i1, i2, i, size) -> torch.Tensor:
@@ -204,6 +200,34 @@ def processing_order(H: torch.Tensor, g_idx: torch.Tensor | None, act_order: boo
     if g_idx is not None and bool((g_idx[1:] < g_idx[:-1]).any()):
         return torch.sort(g_idx.to(H.device), stable=True)[1]
     return None
+
+
+class RowSampler:
+    """Uniform sample without replacement of ``k`` out of ``total`` rows that arrive in order, in chunks.
+
+    The kept indices are drawn up front from a seeded generator, so the sample is exact, reproducible and
+    bounded by ``k`` rows whatever the chunk sizes.
+    """
+
+    def __init__(self, total: int, k: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        k = min(k, total)
+        self.keep = torch.sort(torch.randperm(total, generator=g)[:k]).values
+        self.seen = 0
+        self.rows: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        """x [rows, C]: rows numbered seen .. seen + rows - 1."""
+        lo, hi = self.seen, self.seen + x.shape[0]
+        a, b = torch.searchsorted(self.keep, torch.tensor([lo, hi])).tolist()
+        if b > a:
+            idx = (self.keep[a:b] - lo).to(x.device)
+            self.rows.append(x[idx].detach().float().cpu())
+        self.seen = hi
+
+    def samples(self) -> torch.Tensor:
+        """[k, C] float32 on CPU."""
+        return torch.cat(self.rows) if self.rows else torch.empty(0)
 
 
 class SparseGPT:
@@ -292,53 +316,46 @@ class SparseGPT:
             self._factors[key] = U
         return self._factors[key]
 
-    def fasterprune(
-        self,
-        sparsity: float,
-        prunen: int = 0,
-        prunem: int = 0,
-        blocksize: int = 128,
-        percdamp: float = 0.01,
-        groupsize: int = -1,
-        *,
-        g_idx: torch.Tensor | None = None,
-        group_bits: torch.Tensor | None = None,
-        act_order: bool = False,
-        mask: torch.Tensor | None = None,
-    ) -> float:
-        """Prune ``sparsity`` of the weights (or n:m) and quantize with ``self.quantizer`` if set.
+    def fasterprune(self, sparsity: float, prunen: int = 0, prunem: int = 0, blocksize: int = 128,
+                    percdamp: float = 0.01, groupsize: int = -1, act_order: bool = False) -> float:
+        """The reference's entry point: prune ``sparsity`` of the weights (or n:m) and quantize with
+        ``self.quantizer`` if set; returns the summed OBS error sum (w - q)^2 / [U]_ii^2 / 2."""
+        opts = PassOptions(sparsity, prunen, prunem, blocksize, percdamp, groupsize, act_order)
+        return self.prune(opts, self.quantizer)
 
-        Column groups: ``groupsize`` (GPTQ) or any ``g_idx`` [C] (input-axis groups), with ``group_bits`` [G]
-        widths; ``act_order`` processes columns by descending diag H, with static group parameters. ``mask``:
-        a fixed prune mask. Writes the result into ``layer.weight`` (and ``self.result``); returns the
-        summed OBS error sum (w - q)^2 / [U]_ii^2 / 2.
+    def prune(self, opts: PassOptions, q: Quantizer | None, *, g_idx: torch.Tensor | None = None,
+              group_bits: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> float:
+        """One pass with quantizer ``q`` (None: prune only), written into ``layer.weight`` (and ``self.result``).
+
+        Column groups: ``opts.groupsize`` (GPTQ) or any ``g_idx`` [C] (input-axis groups) with ``group_bits`` [G]
+        widths; ``opts.act_order`` processes columns by descending diag H, with static group parameters.
+        ``mask``: a fixed prune mask. Returns the summed OBS error.
         """
-        res = self.run_pass(self.quantizer, sparsity, prunen, prunem, blocksize, percdamp, g_idx, group_bits,
-                            act_order, mask, groupsize=groupsize)
-        self.finish(res)
+        self.finish(self.run_pass(q, opts, g_idx=g_idx, group_bits=group_bits, mask=mask))
         return self.error
 
-    def run_pass(self, q, sparsity, prunen, prunem, blocksize, percdamp, g_idx, group_bits, act_order, mask,
-                 reps: int = 1, groupsize: int = -1) -> PassResult:
+    def run_pass(self, q: Quantizer | None, opts: PassOptions, *, g_idx: torch.Tensor | None = None,
+                 group_bits: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                 reps: int = 1) -> PassResult:
         """One obs_pass over the layer (stacked ``reps`` times), columns in their processing order and back.
-        ``groupsize`` > 0 without ``g_idx``: GPTQ's consecutive column groups."""
-        if g_idx is None and groupsize > 0:
-            g_idx = column_groups(self.columns, groupsize)
+        ``opts.groupsize`` > 0 without ``g_idx``: GPTQ's consecutive column groups."""
+        if g_idx is None and opts.groupsize > 0:
+            g_idx = column_groups(self.columns, opts.groupsize)
         if q is not None and g_idx is None and not q.ready():
             # as the reference: per-row parameters from the weights as loaded, before dead columns are zeroed
             q.find_params(self.layer.weight.data.float().repeat(reps, 1), weight=True)
-        W0, Hd = self.prepare(percdamp)
-        perm = processing_order(Hd, g_idx, act_order)
+        W0, Hd = self.prepare(opts.percdamp)
+        perm = processing_order(Hd, g_idx, opts.act_order)
         cols = None
         if g_idx is not None:
             g_idx = g_idx.to(self.dev)
-            static = static_grid(q, W0.repeat(reps, 1), g_idx, group_bits) if act_order and q else None
+            static = static_grid(q, W0.repeat(reps, 1), g_idx, group_bits) if opts.act_order and q else None
             maxq = None if group_bits is None else 2.0 ** group_bits.to(self.dev).double() - 1
             cols = ColumnGrid(g_idx if perm is None else g_idx[perm], maxq, static)
         W = W0.repeat(reps, 1)
         if perm is not None:
             W, mask = W[:, perm], (None if mask is None else mask[:, perm])
-        res = obs_pass(W, self.factor(perm), q, sparsity, prunen, prunem, blocksize, cols,
+        res = obs_pass(W, self.factor(perm), q, opts.sparsity, opts.prunen, opts.prunem, opts.blocksize, cols,
                        mask_rows=self.rows if reps > 1 else None, mask=mask)
         self.perm = perm
         if perm is not None:  # back to the layer's column order

@@ -9,7 +9,7 @@ For each shape [rows, cols] (768 x 768: attention, 3072 x 768: fc1, 768 x 3072: 
 --repeat:
 - one SparseGPT pass at 50% + 3 bits (``fasterprune``): the reference's cost;
 - the obs allocation: ``trial`` over the 6 default widths (one stacked pass) + the knapsack;
-- the rtn costs of earlier versions (``allocation.group_costs``) + the knapsack;
+- the rtn proxy costs (``allocation.group_costs``) + the knapsack;
 - the MI stage: ``pairwise_mi`` over 8192 sampled output rows of the layer.
 Ratios are to the SparseGPT pass. The Hessian is accumulated once; each timed pass starts from a copy.
 """
@@ -33,14 +33,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import allocation  # noqa: E402
-import trials  # noqa: E402
-
+from miq import options  # noqa: E402
+from miq.plan import allocation, trials  # noqa: E402
 from mutual_info import pairwise_mi  # noqa: E402
 from quant import Quantizer  # noqa: E402
 from sparsegpt_mi import SparseGPT  # noqa: E402
 
-CHOICES = list(allocation.DEFAULT_BITS_CHOICES)
+CHOICES = list(options.DEFAULT_BITS_CHOICES)
 SHAPES = [(768, 768), (3072, 768), (768, 3072)]
 
 
@@ -87,7 +86,7 @@ def bench_shape(rows: int, cols: int, dev: torch.device, repeat: int) -> dict:
         g.fasterprune(0.5)
 
     def obs():
-        t = trials.trial(fresh(), CHOICES, 3, sparsity=0.5)
+        t = trials.trial(fresh(), CHOICES, 3, options.PassOptions(sparsity=0.5))
         costs = allocation.obs_group_costs(t.row_loss, torch.arange(rows, device=dev))
         allocation.allocate_bits(costs, torch.ones(rows, dtype=torch.long), CHOICES, 3.5)
 

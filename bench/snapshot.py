@@ -18,6 +18,9 @@ import subprocess
 import sys
 import tempfile
 
+import torch
+from safetensors import safe_open
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--nsamples", "8", "--seqlen", "64", "--eval-batch", "4", "--analysis-dir", ""]
 CONFIGS = {
@@ -74,13 +77,27 @@ def _files(folder: str) -> dict:
     for f in sorted(os.listdir(folder)):
         with open(os.path.join(folder, f), "rb") as fh:
             data = fh.read()
-        if f.endswith(".json"):  # run metadata inside a manifest names paths and code versions
+        if f.endswith(".safetensors"):  # safetensors' header keeps its metadata in no fixed order: hash the content
+            data = _safetensors_content(os.path.join(folder, f))
+        elif f.endswith(".json"):  # run metadata inside a manifest names paths and code versions
             try:
                 data = json.dumps(_clean(json.loads(data)), sort_keys=True).encode()
             except ValueError:
                 pass
         out[f] = hashlib.sha256(data).hexdigest()[:16]
     return out
+
+
+def _safetensors_content(path: str) -> bytes:
+    """The tensors' names, dtypes, shapes and bytes, and the metadata with sorted keys."""
+    h = hashlib.sha256()
+    with safe_open(path, "pt") as f:
+        h.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
+        for k in sorted(f.keys()):
+            t = f.get_tensor(k)
+            raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            h.update(f"{k}|{t.dtype}|{list(t.shape)}|".encode() + raw)
+    return h.digest()
 
 
 def _run(argv: list[str], tmp: str, name: str) -> dict:

@@ -35,30 +35,38 @@ def index_bits(n: int) -> int:
     return math.ceil(math.log2(max(n, 2)))
 
 
-def layer_bits(
-    rows: int,
-    cols: int,
-    row_bits: list[int] | None,
-    n_param_sets: int,
-    n_groups: int | None,
-    n_choices: int,
-    mask: str | tuple[int, int] | None,
-    *,
-    sym: bool = False,
-    indexed: int | None = None,
-    extra_bits: float = 0.0,
-) -> LayerBits:
-    """Bits of one [rows, cols] layer.
+@dataclass(frozen=True)
+class Stored:
+    """What one compressed [rows, cols] layer stores, as the bits account charges it.
 
-    row_bits: each row's width (None = unquantized, 16 bits; a float mean is fine). n_groups: K groups with
-    a width table (None = no grouping). indexed: how many channels store a group index (default: every row,
-    unless each row is its own group; 0 when the groups are consecutive runs, whose K sizes suffice).
+    row_bits: each row's width (None = unquantized, 16 bits; a float mean is fine). n_param_sets: (scale, zero)
+    sets, 16 bits each with sym (no zero-point) else 32. n_groups: K groups with a width table (None = no
+    grouping), each naming one of n_choices widths. indexed: how many channels store a group index (default:
+    every row, unless each row is its own group; 0 when the groups are consecutive runs, whose K sizes
+    suffice). mask: None, "unstructured" (one bit per weight) or (n, m). extra_bits: anything else stored
+    (act-order's permutation).
     """
+
+    rows: int
+    cols: int
+    row_bits: list[int] | list[float] | None
+    n_param_sets: int = 0
+    n_groups: int | None = None
+    n_choices: int = 1
+    mask: str | tuple[int, int] | None = None
+    sym: bool = False
+    indexed: int | None = None
+    extra_bits: float = 0.0
+
+
+def layer_bits(st: Stored) -> LayerBits:
+    """Bits of one layer: its weights' codes, its metadata and its mask, apart."""
+    rows, cols, row_bits, n_groups, indexed, mask = st.rows, st.cols, st.row_bits, st.n_groups, st.indexed, st.mask
     weights = rows * cols
     wb = 16.0 * weights if row_bits is None else float(sum(row_bits)) * cols
-    meta = (16.0 if sym else 32.0) * n_param_sets + extra_bits
+    meta = (16.0 if st.sym else 32.0) * st.n_param_sets + st.extra_bits
     if n_groups is not None:
-        meta += n_groups * index_bits(n_choices)
+        meta += n_groups * index_bits(st.n_choices)
         if indexed is None:
             indexed = rows if n_groups < rows else 0
         meta += indexed * index_bits(n_groups)

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import quant
+from miq import options
 from miq.plan import allocation as al
 
-CHOICES = list(al.DEFAULT_BITS_CHOICES)
+CHOICES = list(options.DEFAULT_BITS_CHOICES)
 
 
 def _brute_force(costs: np.ndarray, sizes: np.ndarray, choices: list[int], budget: float):
@@ -124,7 +125,7 @@ def _layer(rows=9, cols=8, seed=0):
     return W, H
 
 
-@pytest.mark.parametrize("strategy", quant.STRATEGIES)
+@pytest.mark.parametrize("strategy", options.STRATEGIES)
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("groupsize", [-1, 4])
 def test_group_costs_matches_loop(strategy, sym, groupsize):
@@ -193,38 +194,45 @@ def _layer_with_nmi(rows=24, cols=16, k=5, seed=1):
     return W, H, labels, nmi
 
 
+def _rtn(W, H, labels):
+    """The RTN group costs plan_layer hands to allocate for --alloc-cost rtn."""
+    return al.group_costs(W, H, labels, CHOICES) / 2
+
+
 def test_hessian_mi_alpha_zero_equals_hessian():
     W, H, labels, nmi = _layer_with_nmi()
+    costs = _rtn(W, H, labels)
     for budget in (2.0, 3.5, 4.25, 8.0):
-        h = al.allocate("hessian", W, H, labels, None, CHOICES, budget)
-        assert torch.equal(al.allocate("hessian-mi", W, H, labels, nmi, CHOICES, budget, alpha=0.0), h)
+        h = al.allocate("hessian", labels, costs, CHOICES, budget)
+        assert torch.equal(al.allocate("hessian-mi", labels, costs, CHOICES, budget, nmi=nmi, alpha=0.0), h)
 
 
 def test_hessian_mi_scales_costs():
     W, H, labels, nmi = _layer_with_nmi()
-    costs = al.group_costs(W, H, labels, CHOICES)
+    costs = _rtn(W, H, labels)
     sizes = torch.bincount(labels)
     for alpha in (0.5, 3.0):
         factor = al.redundancy_factor(nmi, labels, alpha)
         ref = al.allocate_bits(costs * factor[:, None], sizes, CHOICES, 3.5)
-        assert torch.equal(al.allocate("hessian-mi", W, H, labels, nmi, CHOICES, 3.5, alpha=alpha), ref)
-    default = al.allocate("hessian-mi", W, H, labels, nmi, CHOICES, 3.5, alpha=None)
-    explicit = al.allocate("hessian-mi", W, H, labels, nmi, CHOICES, 3.5, alpha=al.DEFAULT_MI_ALPHA)
+        assert torch.equal(al.allocate("hessian-mi", labels, costs, CHOICES, 3.5, nmi=nmi, alpha=alpha), ref)
+    default = al.allocate("hessian-mi", labels, costs, CHOICES, 3.5, nmi=nmi, alpha=None)
+    explicit = al.allocate("hessian-mi", labels, costs, CHOICES, 3.5, nmi=nmi, alpha=options.DEFAULT_MI_ALPHA)
     assert torch.equal(default, explicit)
     with pytest.raises(ValueError, match="NMI"):
-        al.allocate("hessian-mi", W, H, labels, None, CHOICES, 3.5, alpha=1.0)
+        al.allocate("hessian-mi", labels, costs, CHOICES, 3.5, alpha=1.0)
     # every row alone: all factors are one, so no NMI is needed and the result is plain hessian
     alone = torch.arange(W.shape[0])
+    alone_costs = _rtn(W, H, alone)
     assert torch.equal(
-        al.allocate("hessian-mi", W, H, alone, None, CHOICES, 3.5, alpha=1.0),
-        al.allocate("hessian", W, H, alone, None, CHOICES, 3.5),
+        al.allocate("hessian-mi", alone, alone_costs, CHOICES, 3.5, alpha=1.0),
+        al.allocate("hessian", alone, alone_costs, CHOICES, 3.5),
     )
 
 
 def test_allocate_hessian_respects_budget_and_prefers_sensitive_groups():
     W, H, labels, _ = _layer_with_nmi()
     W[labels == 2] *= 20  # a group with much larger weights has much larger error at equal bits
-    bits = al.allocate("hessian", W, H, labels, None, CHOICES, 3.5)
+    bits = al.allocate("hessian", labels, _rtn(W, H, labels), CHOICES, 3.5)
     assert bits.shape == (5,) and bits.dtype == torch.int64
     assert bits[labels].double().mean() <= 3.5
     assert bits[2] == bits.max()
@@ -233,18 +241,23 @@ def test_allocate_hessian_respects_budget_and_prefers_sensitive_groups():
 def test_uniform():
     W, H, labels, _ = _layer_with_nmi()
     for budget, expect in [(3.5, 3), (2.0, 2), (7.9, 6), (8.0, 8)]:
-        bits = al.allocate("uniform", W, H, labels, None, CHOICES, budget)
+        bits = al.allocate("uniform", labels, None, CHOICES, budget)
         assert bits.tolist() == [expect] * 5
     with pytest.raises(ValueError, match="bit budget"):
-        al.allocate("uniform", W, H, labels, None, CHOICES, 1.5)
+        al.allocate("uniform", labels, None, CHOICES, 1.5)
 
 
 def test_allocate_invalid():
     W, H, labels, nmi = _layer_with_nmi()
+    costs = _rtn(W, H, labels)
     with pytest.raises(ValueError, match="bit allocation"):
-        al.allocate("greedy", W, H, labels, nmi, CHOICES, 3.5)
+        al.allocate("greedy", labels, costs, CHOICES, 3.5, nmi=nmi)
     with pytest.raises(ValueError, match="empty"):
-        al.allocate("hessian", W, H, labels * 2, nmi, CHOICES, 3.5)
+        al.allocate("hessian", labels * 2, costs, CHOICES, 3.5, nmi=nmi)
+    with pytest.raises(ValueError, match="needs costs of shape"):
+        al.allocate("hessian", labels, None, CHOICES, 3.5)
+    with pytest.raises(ValueError, match="needs costs of shape"):
+        al.allocate("hessian", labels, costs[:, :3], CHOICES, 3.5)
 
 
 def test_table_size_guard(monkeypatch):

@@ -279,7 +279,7 @@ PAUSED = r"""
 import pathlib, sys, time
 sys.path.insert(0, sys.argv[1])
 import opt_mi
-from miq.checkpoint import saving
+from miq.run import saving
 from miq.run import outputs
 marker, step, argv = sys.argv[2], sys.argv[3], sys.argv[4:]
 owner = {"load_model": opt_mi, "write": saving, "write_json": outputs}[step]

@@ -9,6 +9,7 @@ from scipy.spatial.distance import squareform
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 import channel_grouping as cg
+from miq import options
 
 N_SOURCES, PER_SOURCE, N_SAMPLES, N_BINS = 4, 6, 4000, 16
 
@@ -67,7 +68,7 @@ def _assert_valid(labels: torch.Tensor, c: int, k: int) -> None:
     assert (np.diff(first) > 0).all()
 
 
-@pytest.mark.parametrize("method", cg.METHODS)
+@pytest.mark.parametrize("method", options.GROUPINGS)
 def test_exactly_min_k_c_groups(method):
     for c in (1, 2, 5, 12, 30):
         dead = _random_nmi(c, c)
@@ -80,7 +81,7 @@ def test_exactly_min_k_c_groups(method):
 
 def test_k_extremes():
     nmi = _random_nmi(7, 0)
-    for method in cg.METHODS:
+    for method in options.GROUPINGS:
         assert cg.group_channels(nmi, 1, method).tolist() == [0] * 7
         assert cg.group_channels(nmi, 7, method).tolist() == list(range(7))
         assert cg.group_channels(nmi, 50, method).tolist() == list(range(7))
@@ -107,7 +108,7 @@ def test_random_keeps_spectral_sizes(latent):
     assert not np.array_equal(other, cg.group_channels(nmi, 4, "random", seed=1).numpy())
 
 
-@pytest.mark.parametrize("method", cg.METHODS)
+@pytest.mark.parametrize("method", options.GROUPINGS)
 def test_same_seed_same_labels(method, latent):
     nmi, _ = latent
     a = cg.group_channels(nmi, 5, method, seed=3)

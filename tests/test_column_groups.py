@@ -6,6 +6,7 @@ import torch
 from conftest import obs_loop
 from torch import nn
 
+from miq.options import PassOptions
 from quant import Quantizer
 from sparsegpt_mi import SparseGPT, layer_error
 
@@ -29,10 +30,16 @@ def _gpt(rows=24, cols=96, seed=0, outliers=3) -> SparseGPT:
 def _quantize(gpt: SparseGPT, bits: int = 3, **kw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W0 as loaded, H, W after fasterprune with a bits-wide per-row quantizer and kw)."""
     W0, H = gpt.layer.weight.data.clone(), gpt.H.clone()
-    gpt.quantizer = Quantizer()
-    gpt.quantizer.configure(bits, perchannel=True, sym=False)
-    gpt.fasterprune(**{"sparsity": 0.0, "blocksize": 32, **kw})
+    q = Quantizer()
+    q.configure(bits, perchannel=True, sym=False)
+    _prune(gpt, q, **kw)
     return W0, H, gpt.layer.weight.data
+
+
+def _prune(gpt: SparseGPT, q: Quantizer | None, **kw) -> None:
+    """SparseGPT.prune with PassOptions from kw (blocksize 32 unless given) and the column-group keywords."""
+    groups = {k: kw.pop(k) for k in ("g_idx", "group_bits", "mask") if k in kw}
+    gpt.prune(PassOptions(**{"blocksize": 32, **kw}), q, **groups)
 
 
 CASES = [
@@ -91,7 +98,7 @@ def test_groupsize_equals_the_same_groups_given_as_g_idx():
 def test_permutation_round_trip_leaves_an_unquantized_unpruned_layer_unchanged():
     gpt = _gpt()
     W0 = gpt.layer.weight.data.clone()
-    gpt.fasterprune(0.0, blocksize=32, g_idx=torch.randint(0, 4, (96,)), act_order=True)
+    _prune(gpt, None, g_idx=torch.randint(0, 4, (96,)), act_order=True)
     assert gpt.perm is not None
     assert torch.allclose(gpt.layer.weight.data, W0, atol=1e-6) and not gpt.result.mask.any()
 

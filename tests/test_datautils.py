@@ -15,8 +15,10 @@ import pytest
 import torch
 
 import datautils
-from datautils import DataError, get_calibration, get_eval_tokens, is_local_path, validate_name
+from datautils import get_calibration, get_eval_tokens
 from miq import synthetic
+from miq.data_names import KNOWN, is_local_path, validate_name
+from miq.errors import DataError
 from miq.model import loading
 from miq.model.toy import build_tokenizer
 from miq.synthetic import synthetic_text, synthetic_vocabulary
@@ -229,7 +231,7 @@ def test_is_local_path(tmp_path):
 
 
 def test_validate_name_messages(tmp_path):
-    for name in datautils.KNOWN:
+    for name in KNOWN:
         validate_name(name)
     with pytest.raises(DataError) as e:
         validate_name("foo")

@@ -12,9 +12,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import datautils
 import opt_mi
-from miq.checkpoint import export_ct, saving
+from miq.checkpoint import export_ct
+from miq.errors import ConfigError
 from miq.model import layerwalk
-from miq.run.config import ConfigError
+from miq.run import saving
 from quant import QuantizedLayer, rtn_grid
 from sparsegpt_mi import column_groups
 

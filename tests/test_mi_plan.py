@@ -30,7 +30,7 @@ def _layer(rows=6, cols=12, seed=0):
 def test_every_row_alone_matches_brute_force_allocation():
     W, H, acts = _layer()
     choices, budget = (2, 3, 4), 3.0
-    plan = plan_layer("l", W, H, None, PlanOptions(groups="all", wbits=budget, choices=choices, cost="rtn"))
+    plan = plan_layer("l", W, H, None, PlanOptions(groups="all", wbits=budget, bits_choices=choices, alloc_cost="rtn"))
     Wn, Hn = W.double().numpy(), H.double().numpy()
     cost = {(r, b): float((Wn[r] - _rtn_row(Wn[r], b)) @ Hn @ (Wn[r] - _rtn_row(Wn[r], b)))
             for r in range(len(Wn)) for b in choices}
@@ -41,13 +41,13 @@ def test_every_row_alone_matches_brute_force_allocation():
     assert plan.row_bits.tolist() == list(best)
     assert plan.nmi is None and plan.timing["mi_s"] == 0.0
     with pytest.raises(ValueError, match="trial"):  # obs costs need SparseGPT's trial passes
-        plan_layer("l", W, H, None, PlanOptions(groups="all", wbits=budget, choices=choices))
+        plan_layer("l", W, H, None, PlanOptions(groups="all", wbits=budget, bits_choices=choices))
 
 
 @pytest.mark.parametrize("cluster", ["spectral", "hierarchical", "random", "contiguous"])
 def test_k_groups_within_budget(cluster):
     W, H, acts = _layer(rows=16, cols=8, seed=1)
-    opts = PlanOptions(groups=4, cluster=cluster, wbits=3.5, choices=(2, 3, 4, 5), cost="rtn")
+    opts = PlanOptions(groups=4, cluster=cluster, wbits=3.5, bits_choices=(2, 3, 4, 5), alloc_cost="rtn")
     plan = plan_layer("l", W, H, acts if cluster != "contiguous" else None, opts)
     sizes = torch.bincount(plan.labels, minlength=4)
     assert plan.labels.shape == (16,) and int(plan.labels.max()) == 3 and bool((sizes > 0).all())
@@ -60,9 +60,9 @@ def test_k_groups_within_budget(cluster):
 
 def test_k_above_rows_is_clipped_and_shared_strategy_ties_rows():
     W, H, acts = _layer(rows=5, cols=8, seed=2)
-    plan = plan_layer("l", W, H, acts, PlanOptions(groups=50, wbits=4, choices=(2, 3, 4, 5), cost="rtn"))
+    plan = plan_layer("l", W, H, acts, PlanOptions(groups=50, wbits=4, bits_choices=(2, 3, 4, 5), alloc_cost="rtn"))
     assert sorted(plan.labels.tolist()) == list(range(5))
-    opts = PlanOptions(groups=2, strategy="shared", wbits=4, choices=(3, 4, 5), cost="rtn")
+    opts = PlanOptions(groups=2, strategy="shared", wbits=4, bits_choices=(3, 4, 5), alloc_cost="rtn")
     shared = plan_layer("l", W, H, acts, opts)
     q = shared.quantizer()
     assert torch.equal(q.row_groups, shared.labels)

@@ -1,4 +1,4 @@
-"""Tests for mutual_info.py (and plots.plot_nmi_heatmap).
+"""Tests for mutual_info.py (and miq.run.figures).
 
 References are independent of the code under test: sklearn's `mutual_info_score` /
 `normalized_mutual_info_score` on the same bin codes, scipy entropies of np.unique counts, numpy formulas.
@@ -14,7 +14,7 @@ from scipy.stats import entropy as scipy_entropy
 from sklearn.metrics import mutual_info_score, normalized_mutual_info_score
 
 import mutual_info
-from miq.experiments.plots import plot_nmi_heatmap
+from miq.run.figures import plot_grouping_result, plot_nmi_heatmap
 from mutual_info import (
     MIResult,
     compute_mutual_information,
@@ -334,8 +334,6 @@ def test_plot_nmi_heatmap(tmp_path):
 
 def test_grouping_result_png(tmp_path):
     import matplotlib.image as mpimg
-
-    from miq.experiments.plots import plot_grouping_result
 
     p = plot_grouping_result([5, 3, 8], [4, 2, 3], [0.5, None, 0.2], [0.1, 0.1, 0.05], tmp_path / "g.png", title="t")
     img = mpimg.imread(p)

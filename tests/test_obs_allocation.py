@@ -10,6 +10,7 @@ import torch
 from conftest import obs_loop
 from torch import nn
 
+from miq.options import PassOptions
 from miq.plan import mi_plan
 from miq.plan.trials import trial as run_trial
 from quant import Quantizer
@@ -38,7 +39,7 @@ def _gpt(rows=24, cols=96, seed=0) -> SparseGPT:
 def test_batched_trial_equals_separate_single_width_passes(prune):
     gpt = _gpt()
     W0, H = gpt.layer.weight.data.clone(), gpt.H.clone()
-    trial = run_trial(gpt, CHOICES, 3, blocksize=32, **prune)
+    trial = run_trial(gpt, CHOICES, 3, PassOptions(blocksize=32, **prune))
     # the reference width: exactly the plain SparseGPT pass at that width (mask chosen by itself)
     ref_W, ref_loss, ref_mask = obs_loop(W0, H, bits=3, blocksize=32, full=True, **prune)
     i3 = CHOICES.index(3)
@@ -58,11 +59,12 @@ def test_final_rows_are_the_trial_rows_and_predicted_equals_incurred(strategy):
     gpt = _gpt(seed=1)
     W0, H = gpt.layer.weight.data.clone(), gpt.H.clone()
     acts = torch.randn(400, 24, generator=torch.Generator().manual_seed(5))
-    opts = mi_plan.PlanOptions(groups=6, cluster="contiguous", strategy=strategy, wbits=3.5, choices=tuple(CHOICES))
-    trial_kw = dict(sparsity=0.5, blocksize=32)
+    opts = mi_plan.PlanOptions(groups=6, cluster="contiguous", strategy=strategy, wbits=3.5,
+                               bits_choices=tuple(CHOICES))
 
     def trial(row_groups, g_idx):
-        return run_trial(gpt, CHOICES, opts.uniform_bits, row_groups=row_groups, **trial_kw)
+        return run_trial(gpt, CHOICES, opts.uniform_bits, PassOptions(sparsity=0.5, blocksize=32),
+                         row_groups=row_groups)
 
     plan = mi_plan.plan_layer("test.layer", W0.clone(), gpt.H, acts, opts, trial=trial)
     final = plan.trial.select(plan.row_bits)
@@ -86,9 +88,9 @@ def test_obs_costs_never_lose_to_rtn_costs_on_the_true_loss():
         for cost in ("obs", "rtn"):
             gpt = _gpt(seed=seed)
             W0 = gpt.layer.weight.data.clone()
-            opts = mi_plan.PlanOptions(groups="all", wbits=3.25, choices=tuple(CHOICES), cost=cost)
+            opts = mi_plan.PlanOptions(groups="all", wbits=3.25, bits_choices=tuple(CHOICES), alloc_cost=cost)
             def trial(rg, gi, gpt=gpt, o=opts):
-                return run_trial(gpt, CHOICES, o.uniform_bits, row_groups=rg, sparsity=0.5, blocksize=32)
+                return run_trial(gpt, CHOICES, o.uniform_bits, PassOptions(sparsity=0.5, blocksize=32), row_groups=rg)
 
             plan = mi_plan.plan_layer("l", W0.clone(), gpt.H, None, opts, trial=trial)
             W0d, Hd = gpt.prepare(0.01)

@@ -12,11 +12,16 @@ from safetensors.torch import save_file
 
 import opt_mi
 from miq import bitstats
-from miq.checkpoint import packbits, packed, packed_layer, saving
+from miq.checkpoint import packbits, packed, packed_layer
+from miq.run import saving
 from quant import QuantizedLayer, rtn_grid
 from sparsegpt_mi import column_groups
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--analysis-dir", ""]
+
+
+def _bits(*args, **kw) -> bitstats.LayerBits:
+    return bitstats.layer_bits(bitstats.Stored(*args, **kw))
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -218,7 +223,7 @@ def test_bytes_on_disk_match_bits_accounting(tmp_path, case):
     _, tensors = packed_layer.encode(q, torch.float32, None)
     save_file(tensors, tmp_path / "packed.safetensors")
     on_disk = sum(packed.tensor_bytes(str(tmp_path / "packed.safetensors")).values())
-    acc = bitstats.layer_bits(768, 3072, row_bits, sets, k, choices, "unstructured")
+    acc = _bits(768, 3072, row_bits, sets, k, choices, "unstructured")
     accounted = (acc.weight_bits + acc.metadata_bits + acc.mask_bits) / 8
     assert abs(on_disk - accounted) / accounted < 0.01, (on_disk, accounted)
 
@@ -237,12 +242,12 @@ def test_bytes_on_disk_match_bits_accounting_for_column_orders(tmp_path):
     inv = torch.argsort(perm)
     p = grid_layer(W[:, perm], 4, groupsize=192, mask=mask[:, perm])  # 16 groups, scattered in layer order
     q = QuantizedLayer("layer", p.weight[:, inv], mask, p.scale, p.zero, p.maxq, p.g_idx[inv])
-    acc = bitstats.layer_bits(R, C, [4] * R, R * 16, 16, 1, "unstructured", indexed=C)
+    acc = _bits(R, C, [4] * R, R * 16, 16, 1, "unstructured", indexed=C)
     accounted = (acc.weight_bits + acc.metadata_bits + acc.mask_bits) / 8
     assert abs(_on_disk(q, tmp_path) - accounted) / accounted < 0.001
     p = grid_layer(W, 4, mask=mask)
     q = QuantizedLayer("layer", p.weight, mask, p.scale, p.zero, p.maxq, p.g_idx, perm=perm)
-    acc = bitstats.layer_bits(R, C, [4] * R, R, None, 1, "unstructured", extra_bits=C * bitstats.index_bits(C))
+    acc = _bits(R, C, [4] * R, R, None, 1, "unstructured", extra_bits=C * bitstats.index_bits(C))
     accounted = (acc.weight_bits + acc.metadata_bits + acc.mask_bits) / 8
     assert abs(_on_disk(q, tmp_path) - accounted) / accounted < 0.001
 

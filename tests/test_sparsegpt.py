@@ -12,9 +12,9 @@ from conftest import obs_loop
 from scipy import stats
 from torch import nn
 
-from miq.plan.mi_plan import RowSampler
+from miq.errors import LayerInputError
 from quant import Quantizer, quantize
-from sparsegpt_mi import LayerInputError, SparseGPT, magnitude_prune
+from sparsegpt_mi import RowSampler, SparseGPT, magnitude_prune
 
 
 def _layer_and_inputs(rows=48, cols=256, n=12, seqlen=64, seed=0):

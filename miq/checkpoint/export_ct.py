@@ -35,34 +35,12 @@ import torch
 from safetensors.torch import save_file
 
 from miq.checkpoint import packed
-from miq.run.config import ConfigError, fmt_bits
+from miq.checkpoint.formats import USE_PACKED
+from miq.errors import ConfigError
 from quant import QuantizedLayer
 from sparsegpt_mi import column_groups
 
 FORMAT = "pack-quantized"
-USE_PACKED = "use --save-format packed"
-
-
-def flag_problem(cfg) -> str | None:
-    """What the flags alone rule out (checked before the run starts), as one line, or None."""
-    flag = "--save-format compressed-tensors"
-    if not cfg.quantizing:
-        return (f"{flag}: this run does not quantize, and compressed-tensors 0.20 has no sparse format to store "
-                f"a pruned-only model; {USE_PACKED} (or dense)")
-    if cfg.grouped and cfg.strategy == "shared":
-        return (f"{flag}: --strategy shared gives rows of a group one shared grid, which compressed-tensors "
-                f"cannot express (a grid per row or per column group only); {USE_PACKED}")
-    if cfg.grouped and cfg.wbits != int(cfg.wbits):
-        return (f"{flag}: --wbits {fmt_bits(cfg.wbits)} with --groups mixes widths within a layer, and "
-                f"compressed-tensors stores one width per layer; {USE_PACKED}")
-    if cfg.grouped and cfg.mi_axis == "input":
-        return (f"{flag}: --mi-axis input groups columns out of order (a g_idx), which compressed-tensors 0.20 "
-                f"cannot store; {USE_PACKED}")
-    if cfg.grouped and cfg.bit_alloc != "uniform":
-        return (f"{flag}: --groups with --bit-alloc {cfg.bit_alloc} may give rows different widths even at a "
-                f"whole-bit budget, and compressed-tensors stores one width per layer; use --bit-alloc uniform "
-                f"or --save-format packed")
-    return None
 
 
 def _layer_problem(q: QuantizedLayer, groupsize: int) -> str | None:

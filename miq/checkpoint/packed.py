@@ -58,7 +58,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from miq.checkpoint import packed_layer
-from miq.model.loading import ModelError
+from miq.errors import ModelError
 from quant import QuantizedLayer
 
 FORMAT, VERSION = "miq-packed", 2

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from miq.plan import allocation
+from miq.options import DEFAULT_MI_ALPHA
 from miq.run.config import RunConfig, parse
 
 Role = Literal["reference", "baseline", "method", "control"]
@@ -47,9 +47,11 @@ def _prune(id: str, role: Role, flags: str, about: str, seeded: bool = True, in_
     return Method(id, id, id, role, "prune", (id,), flags, seeded=seeded, in_matrix=in_matrix, about=about)
 
 
-def _grouped(id: str, label: str, family: str, role: Role, axis: str, cluster: str, strategy: str, about: str,
+def _grouped(id: str, label: str, family: str, role: Role, how: tuple[str, str, str], about: str,
              in_matrix: bool = True) -> Method:
-    """A method that groups channels into K groups per layer: rows (output axis) or input columns."""
+    """A method that groups channels into K groups per layer: ``how`` = (axis, cluster, strategy), rows (output
+    axis) or input columns."""
+    axis, cluster, strategy = how
     flags = "--groups {k}" + (" --mi-axis input" if axis == "input" else f" --strategy {strategy}")
     flags += "" if cluster == "spectral" else f" --cluster {cluster}"
     return Method(id, label, family, role, "quant", ("groups", axis, cluster, strategy), flags, per_k=True,
@@ -74,37 +76,38 @@ METHODS: tuple[Method, ...] = (
            about="act-order with GPTQ groups of 128 columns, parameters fixed before the pass (static groups)"),
     Method("perchannel", "per-channel", "per-channel", "baseline", "quant", ("per-channel",), "--groups all",
            about="every channel its own group: per-channel importance (Hessian) bit allocation"),
-    _grouped("miA", "mi-A", "mi", "method", "output", "spectral", "shared", "MI row groups, one scale/zero per group"),
-    _grouped("miB", "mi-B", "mi", "method", "output", "spectral", "independent",
+    _grouped("miA", "mi-A", "mi", "method", ("output", "spectral", "shared"),
+             "MI row groups, one scale/zero per group"),
+    _grouped("miB", "mi-B", "mi", "method", ("output", "spectral", "independent"),
              "MI row groups share bits, rows keep own scale/zero"),
-    _grouped("miA-hier", "mi-A-hier", "mi", "method", "output", "hierarchical", "shared",
+    _grouped("miA-hier", "mi-A-hier", "mi", "method", ("output", "hierarchical", "shared"),
              "mi-A with hierarchical (complete-linkage) clustering", in_matrix=False),
-    _grouped("miB-hier", "mi-B-hier", "mi", "method", "output", "hierarchical", "independent",
+    _grouped("miB-hier", "mi-B-hier", "mi", "method", ("output", "hierarchical", "independent"),
              "mi-B with hierarchical (complete-linkage) clustering", in_matrix=False),
-    _grouped("random", "random-B", "random", "control", "output", "random", "independent",
+    _grouped("random", "random-B", "random", "control", ("output", "random", "independent"),
              "spectral's group sizes, random membership: does MI matter?"),
-    _grouped("randomA", "random-A", "random", "control", "output", "random", "shared",
+    _grouped("randomA", "random-A", "random", "control", ("output", "random", "shared"),
              "the random control of mi-A", in_matrix=False),
-    _grouped("contiguous", "contiguous-B", "contiguous", "control", "output", "contiguous", "independent",
+    _grouped("contiguous", "contiguous-B", "contiguous", "control", ("output", "contiguous", "independent"),
              "consecutive rows (the reference quantizer's grouprows)"),
-    _grouped("contiguousA", "contiguous-A", "contiguous", "control", "output", "contiguous", "shared",
+    _grouped("contiguousA", "contiguous-A", "contiguous", "control", ("output", "contiguous", "shared"),
              "consecutive rows sharing one scale/zero", in_matrix=False),
-    _grouped("range-A", "range-A", "range", "control", "output", "range", "shared",
+    _grouped("range-A", "range-A", "range", "control", ("output", "range", "shared"),
              "rows by range (k-means on min/max, RPTQ's criterion) sharing one grid: the control of mi-A",
              in_matrix=False),
-    _grouped("range-B", "range-B", "range", "control", "output", "range", "independent",
+    _grouped("range-B", "range-B", "range", "control", ("output", "range", "independent"),
              "rows by range sharing bits, rows keep own scale/zero", in_matrix=False),
-    _grouped("mi-in", "mi-in", "mi-in", "method", "input", "spectral", "independent",
+    _grouped("mi-in", "mi-in", "mi-in", "method", ("input", "spectral", "independent"),
              "MI groups of input columns, each a quantization group (a grid per row and group, g_idx)",
              in_matrix=False),
-    _grouped("mi-in-hier", "mi-in-hier", "mi-in", "method", "input", "hierarchical", "independent",
+    _grouped("mi-in-hier", "mi-in-hier", "mi-in", "method", ("input", "hierarchical", "independent"),
              "mi-in with hierarchical clustering", in_matrix=False),
-    _grouped("contiguous-in", "contiguous-in", "contiguous-in", "control", "input", "contiguous", "independent",
+    _grouped("contiguous-in", "contiguous-in", "contiguous-in", "control", ("input", "contiguous", "independent"),
              "K runs of consecutive columns: GPTQ's groups with the same K (the like-for-like baseline)",
              in_matrix=False),
-    _grouped("random-in", "random-in", "random-in", "control", "input", "random", "independent",
+    _grouped("random-in", "random-in", "random-in", "control", ("input", "random", "independent"),
              "mi-in's group sizes, random columns", in_matrix=False),
-    _grouped("range-in", "range-in", "range-in", "control", "input", "range", "independent",
+    _grouped("range-in", "range-in", "range-in", "control", ("input", "range", "independent"),
              "columns by k-means on their scale (log max |w|, log diag H)", in_matrix=False),
 )
 BY_ID = {m.id: m for m in METHODS}
@@ -179,7 +182,7 @@ def allocation_details(cfg: RunConfig) -> list[str]:
     out = ["act-order"] if cfg.act_order else []
     if cfg.bit_alloc != "hessian":
         out.append(cfg.bit_alloc)
-    if cfg.bit_alloc == "hessian-mi" and cfg.mi_alpha != allocation.DEFAULT_MI_ALPHA:
+    if cfg.bit_alloc == "hessian-mi" and cfg.mi_alpha != DEFAULT_MI_ALPHA:
         out.append(f"alpha={cfg.mi_alpha:g}")
     if cfg.bit_alloc != "uniform" and cfg.alloc_cost != "obs":
         out.append(f"cost={cfg.alloc_cost}")

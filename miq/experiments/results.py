@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from miq.experiments import methods
+from miq.options import fmt_num
 from miq.run.config import RunConfig, from_json
 
 # The families the verdict sorts runs into, from the method vocabulary: a new baseline or control added to
@@ -34,11 +35,6 @@ def control_families(mi_family: str) -> tuple[str, ...]:
 def counted_control(mi_family: str) -> str:
     """The control the verdict's headline counts for an MI family: its random-membership control."""
     return next(f for f in control_families(mi_family) if f.startswith("random"))
-
-
-def fmt_num(x: float) -> str:
-    """A budget or sparsity as configured: "4" rather than "4.0", "0.5" as is."""
-    return str(int(x)) if float(x) == int(x) else f"{x:g}"
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Run the method matrix of ``methods.py`` with ``opt_mi.py``, one process per configuration, then the report.
 
-    python sweep.py                                  # toy model, offline, a few minutes on a laptop
-    python sweep.py --model facebook/opt-125m --calib c4 --eval wikitext2,c4 \\
+    python -m miq.experiments.sweep                  # toy model, offline, a few minutes on a laptop
+    python -m miq.experiments.sweep --model facebook/opt-125m --calib c4 --eval wikitext2,c4 \\
         --sparsities "0.5" --groups "16 50" --wbits "3 4" --out results/opt125m --jobs 2
 
 ``compare_methods.sh`` runs this with the same flags. Contract:
@@ -18,7 +18,7 @@
 - no configuration outlives the sweep (a rerun must never run one twice at once): each runs in a process group
   of its own, which the sweep terminates and waits for when it stops, and (Linux) is SIGTERMed by the kernel
   if the sweep dies of anything else, SIGKILL included;
-- otherwise the sweep ends with ``python report.py OUT`` and exits 1 when any configuration has failed;
+- otherwise the sweep ends with the report (``python -m miq.experiments.report OUT``) and exits 1 when any configuration has failed;
 - bad arguments (an --out that cannot be written included): exit 2 with one line on stderr, nothing run.
 
 ``main(argv, runner)``: ``runner`` turns opt_mi.py's arguments into the command that runs a configuration
@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from miq import atomic
+from miq.errors import ConfigError
 from miq.experiments import methods, report
-from miq.model.toy import TOY_NAMES
+from miq.options import DEFAULT_EVAL, TOY_EVAL, TOY_NAMES
 from miq.run import outputs
-from miq.run.config import DEFAULT_EVAL, TOY_EVAL, ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: opt_mi.py and the miq package
 Runner = Callable[[list[str]], list[str]]

@@ -10,7 +10,7 @@ For each target sparsity, MI bit budget and eval set (a *cell*), the best MI run
 Runs that differ only in their seed (a sweep's ``--seeds``) are judged together, as ``results.Unit``s: their
 PPL is the mean over seeds, and two of them are compared on the PPL differences paired by seed. One beats
 the other only when the mean paired difference exceeds twice its standard error; otherwise the decision is
-"no significant difference". A configuration with one seed is compared on its single PPL, as before.
+"no significant difference". A configuration with one seed is compared on its single PPL.
 
 Everything here is a pure function of the runs and returns frozen dataclasses, so tests check the decisions
 directly; ``report.py`` turns them into the verdict's text.

@@ -22,16 +22,15 @@ from urllib.parse import urlparse
 
 import torch
 
-from miq.model import layouts
+from miq.checkpoint import packed
+from miq.errors import ModelError
+from miq.model import layouts, toy
+from miq.options import TOY_NAMES
 
 HUB_PROBE_TIMEOUT = 3.0  # seconds; a reachable hub answers a TCP connect in well under a second
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")  # what from_pretrained reads from a folder
 MAX_HEADER = 100 << 20  # bytes; a safetensors header beyond this is not one
-
-
-class ModelError(Exception):
-    """A user-facing, one-line problem with MODEL (not found, unreachable, unsupported)."""
 
 
 @functools.cache
@@ -103,9 +102,7 @@ class ModelSource:
 
 def resolve(name: str) -> str:
     """A local folder or hub id for MODEL (a built-in toy, 'toy' or 'toy-llama', is built and cached on first use)."""
-    from miq.model import toy
-
-    if name in toy.TOY_NAMES:
+    if name in TOY_NAMES:
         return toy.toy_model_path(name=name)
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
@@ -142,8 +139,6 @@ def open_source(name: str, trust_remote_code: bool = False):
     except layouts.UnsupportedModel as e:
         raise ModelError(f"MODEL {name}: {e}") from None
     if _packed(path):
-        from miq.checkpoint import packed
-
         packed.read_manifest(path)  # a damaged saved folder fails here, before calibration
     src = ModelSource(name, path, config.max_position_embeddings, bool(reason), trust_remote_code, config)
     try:
@@ -241,8 +236,6 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device):
     else:
         torch_dtype = getattr(torch, dtype)
     if _packed(src.path):  # a folder saved by --save-format packed: its own loader, exact weights
-        from miq.checkpoint import packed
-
         model = packed.load_compressed(src.path, None if torch_dtype == "auto" else torch_dtype)
         model.config.use_cache = False
         return model
@@ -261,8 +254,6 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device):
 
 def _packed(path: str) -> bool:
     """A folder saved with --save-format packed (damaged or not): read by packed.py, not from_pretrained."""
-    from miq.checkpoint import packed
-
     return os.path.isdir(path) and packed.is_packed(path)
 
 

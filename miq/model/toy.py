@@ -80,7 +80,6 @@ OPT_TOY = ToySpec("toy", "toy-opt-v1", "opt", layers=2, hidden=64, heads=4, ffn=
 # 192 (3 matrices of 64 x 192 hold about as many weights as OPT's 2 of 64 x 256).
 LLAMA_TOY = ToySpec("toy-llama", "toy-llama-v1", "llama", layers=2, hidden=64, heads=4, ffn=192, kv_heads=2)
 TOYS: dict[str, ToySpec] = {t.name: t for t in (OPT_TOY, LLAMA_TOY)}
-TOY_NAMES = tuple(TOYS)
 
 
 def toy_model_path(cache_dir: str | None = None, name: str = OPT_TOY.name) -> str:

@@ -3,10 +3,10 @@
 A group of rows gets one bit-width out of ``choices``. Its cost at b bits comes from one of two sources
 (``--alloc-cost``):
   obs  SparseGPT's own losses: the sum over the group's rows of the OBS losses sum (w - q)^2 / [H^-1]_ii / 2
-       that a pass with every row at b bits incurs (``SparseGPT.trial``, masks fixed, error feedback
+       that a pass with every row at b bits incurs (``miq.plan.trials.trial``, masks fixed, error feedback
        included). Once the mask is fixed, rows are independent, so these costs are exactly the loss of the
        layer with the chosen widths: the knapsack below minimises the true objective.
-  rtn  the proxy of earlier versions: the Hessian-weighted round-to-nearest error of the group's dense
+  rtn  a proxy: the Hessian-weighted round-to-nearest error of the group's dense
        rows, sum_r (w_r - q_b(w_r)) H (w_r - q_b(w_r))ᵀ / 2, blind to the mask and to error feedback.
 Either is optionally scaled by an MI redundancy factor. Every row has the same number of weights, so the
 mean bits over the layer's weights is sum(sizes * bits) / sum(sizes), and picking one width per group to
@@ -29,12 +29,8 @@ import torch
 
 import quant
 from channel_grouping import group_stats
+from miq.options import BIT_ALLOC, DEFAULT_MI_ALPHA, STRATEGIES
 
-BIT_ALLOC = ("uniform", "hessian", "hessian-mi")
-COSTS = ("obs", "rtn")
-DEFAULT_BITS_CHOICES = (2, 3, 4, 5, 6, 8)
-# what the CLI uses for hessian-mi when the user gives no --mi-alpha (allocate() itself defaults to 0)
-DEFAULT_MI_ALPHA = 1.0
 # the knapsack's backtracking table is K * (capacity + 1) bytes; refuse rather than swap
 MAX_TABLE_BYTES = 4 << 30
 
@@ -105,8 +101,8 @@ def group_costs(
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise ValueError(f"H must be [cols, cols] = [{cols}, {cols}], got shape {tuple(H.shape)}")
-    if strategy not in quant.STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected one of {quant.STRATEGIES}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     labels = _check_labels(labels, rows).to(W.device)
     k = int(labels.max()) + 1 if rows else 0
 
@@ -267,29 +263,18 @@ def allocate_bits(costs, sizes, choices, budget: float) -> torch.Tensor:
     return torch.as_tensor(np.asarray(choices, dtype=np.int64)[picks])
 
 
-def allocate(
-    method: str,
-    W: torch.Tensor,
-    H: torch.Tensor,
-    labels: torch.Tensor,
-    nmi,
-    choices,
-    budget: float,
-    strategy: str = "independent",
-    alpha: float | None = 0.0,
-    sym: bool = False,
-    groupsize: int = -1,
-    costs: torch.Tensor | None = None,
-) -> torch.Tensor:
+def allocate(method: str, labels: torch.Tensor, costs: torch.Tensor | None, choices, budget: float,
+             nmi=None, alpha: float | None = 0.0) -> torch.Tensor:
     """Bits per group [K] (LongTensor on labels' device) for one layer; per-row bits are bits[labels].
 
     Args:
         method: one of BIT_ALLOC.
-        W [rows, cols], H [cols, cols], labels [rows] in [0, K): as group_costs (unused by "uniform").
-        costs: [K, len(choices)] group costs already known (e.g. ``obs_group_costs``); None = RTN costs.
-        nmi: [C = rows, C] NMI matrix, needed only by "hessian-mi" with alpha != 0 and some group of
-            two or more rows (singletons have factor 1).
+        labels: [C] the group in [0, K) of every channel (row, or input column on the input axis).
+        costs: [K, len(choices)] each group's cost at each width (``group_costs`` / 2, ``obs_group_costs``);
+            unused (may be None) for "uniform".
         choices, budget: as allocate_bits.
+        nmi: [C, C] NMI matrix, needed only by "hessian-mi" with alpha != 0 and some group of two or more
+            channels (singletons have factor 1).
         alpha: exponent of the redundancy factor for "hessian-mi"; None means DEFAULT_MI_ALPHA. 0 makes
             hessian-mi identical to hessian.
     """
@@ -297,7 +282,7 @@ def allocate(
         raise ValueError(f"unknown bit allocation {method!r}; expected one of {BIT_ALLOC}")
     choices = _check_choices(choices)
     budget = _check_budget(budget, choices)
-    labels = _check_labels(labels, W.shape[0])
+    labels = _check_labels(labels, len(labels))
     sizes = torch.bincount(labels.cpu())
     if (sizes == 0).any():
         raise ValueError(f"labels leave {int((sizes == 0).sum())} of {len(sizes)} groups empty")
@@ -306,8 +291,9 @@ def allocate(
         bits = max(b for b in choices if b <= budget)
         return torch.full((len(sizes),), bits, dtype=torch.long, device=labels.device)
 
-    if costs is None:
-        costs = group_costs(W, H, labels, choices, strategy=strategy, sym=sym, groupsize=groupsize) / 2
+    if costs is None or tuple(costs.shape) != (len(sizes), len(choices)):
+        got = None if costs is None else tuple(costs.shape)
+        raise ValueError(f"{method} allocation needs costs of shape ({len(sizes)}, {len(choices)}), got {got}")
     costs = costs.cpu().double()
     if method == "hessian-mi":
         alpha = DEFAULT_MI_ALPHA if alpha is None else alpha

@@ -5,8 +5,8 @@ activations) and returns a ``LayerPlan``: channel groups, a bit-width per group,
 must be configured. The same function serves the method and its controls (random / contiguous groups,
 ``--groups all`` per-channel allocation), so every comparison runs through one code path.
 
-With ``cost="obs"`` the caller passes ``trial``: a function of the row groups that runs SparseGPT at every
-candidate width (``SparseGPT.trial``); its per-row losses are the allocation's costs, and the plan keeps the
+With ``alloc_cost="obs"`` the caller passes ``trial``: a function of the row groups that runs SparseGPT at
+every candidate width (``miq.plan.trials.trial``); its per-row losses are the allocation's costs, and the plan keeps the
 trial so that the compressed rows are taken from it (what the knapsack minimised is what is incurred).
 """
 
@@ -16,31 +16,19 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 import channel_grouping
 import mutual_info
+from miq.errors import PlanError
+from miq.options import DEFAULT_BITS_CHOICES, NEEDS_MI, MIOptions
 from miq.plan import allocation
+from miq.plan.trials import TrialResult
 from quant import Quantizer
 
-if TYPE_CHECKING:
-    from miq.plan.trials import TrialResult
-
 # (row groups for strategy A, column groups g_idx for the input axis) -> every width's pass
-Trial = Callable[[torch.Tensor | None, torch.Tensor | None], "TrialResult"]
-
-
-@dataclass(frozen=True)
-class MIOptions:
-    """How pairwise MI is estimated (``mutual_info.pairwise_mi``'s arguments); the CLI's defaults."""
-
-    bins: int = 16
-    binning: str = "quantile"
-    bias: str = "miller-madow"
-    normalize: str = "arithmetic"
-    estimator: str = "histogram"
+Trial = Callable[[torch.Tensor | None, torch.Tensor | None], TrialResult]
 
 
 @dataclass(frozen=True)
@@ -48,10 +36,10 @@ class PlanOptions:
     """What a layer's plan is asked for: K groups (or "all"), how to find them, how to give them bits.
 
     groups: K >= 1 or "all" (every row alone); a K above a layer's rows is clipped to its rows.
-    wbits: the mean-bits budget; choices: candidate widths; alpha: the hessian-mi exponent.
+    wbits: the mean-bits budget; bits_choices: candidate widths; mi_alpha: the hessian-mi exponent.
     seed: seeds the clustering; sym, groupsize: the quantizer's, so the costs are those of its grid.
-    cost: "obs" (SparseGPT's own losses from trial passes) or "rtn" (the dense round-to-nearest proxy).
-    axis: "output" groups rows (channels of the layer's outputs), "input" groups columns (its inputs): a
+    alloc_cost: "obs" (SparseGPT's own losses from trial passes) or "rtn" (the dense round-to-nearest proxy).
+    mi_axis: "output" groups rows (channels of the layer's outputs), "input" groups columns (its inputs): a
     column group is a quantization group (a grid per row and group), as GPTQ's groups.
     """
 
@@ -60,19 +48,19 @@ class PlanOptions:
     strategy: str = "independent"
     bit_alloc: str = "hessian"
     wbits: float = 4
-    choices: tuple[int, ...] = allocation.DEFAULT_BITS_CHOICES
+    bits_choices: tuple[int, ...] = DEFAULT_BITS_CHOICES
     mi: MIOptions = MIOptions()
-    alpha: float = 0.0
+    mi_alpha: float = 0.0
     seed: int = 0
     sym: bool = False
     groupsize: int = -1
-    cost: str = "obs"
-    axis: str = "output"
+    alloc_cost: str = "obs"
+    mi_axis: str = "output"
 
     @property
     def uniform_bits(self) -> int:
         """The width uniform allocation gives every group: the largest choice within the budget."""
-        return max(b for b in self.choices if b <= self.wbits)
+        return max(b for b in self.bits_choices if b <= self.wbits)
 
     def needs_trial(self) -> bool:
         """Trial passes at every width: whenever widths are allocated (the obs costs need them, and with
@@ -83,7 +71,7 @@ class PlanOptions:
         """MI is computed for clustering by dependence (random keeps spectral's sizes) or for hessian-mi."""
         if self.groups == "all":
             return False
-        return self.cluster in channel_grouping.NEEDS_MI or self.bit_alloc == "hessian-mi"
+        return self.cluster in NEEDS_MI or self.bit_alloc == "hessian-mi"
 
 
 @dataclass
@@ -122,38 +110,6 @@ class LayerPlan:
         return q
 
 
-class RowSampler:
-    """Uniform sample without replacement of ``k`` out of ``total`` rows that arrive in order, in chunks.
-
-    The kept indices are drawn up front from a seeded generator, so the sample is exact, reproducible and
-    bounded by ``k`` rows whatever the chunk sizes.
-    """
-
-    def __init__(self, total: int, k: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        k = min(k, total)
-        self.keep = torch.sort(torch.randperm(total, generator=g)[:k]).values
-        self.seen = 0
-        self.rows: list[torch.Tensor] = []
-
-    def add(self, x: torch.Tensor) -> None:
-        """x [rows, C]: rows numbered seen .. seen + rows - 1."""
-        lo, hi = self.seen, self.seen + x.shape[0]
-        a, b = torch.searchsorted(self.keep, torch.tensor([lo, hi])).tolist()
-        if b > a:
-            idx = (self.keep[a:b] - lo).to(x.device)
-            self.rows.append(x[idx].detach().float().cpu())
-        self.seen = hi
-
-    def samples(self) -> torch.Tensor:
-        """[k, C] float32 on CPU."""
-        return torch.cat(self.rows) if self.rows else torch.empty(0)
-
-
-class PlanError(ValueError):
-    """A user-facing problem with one layer's plan (names the layer)."""
-
-
 def _finite_list(t: torch.Tensor) -> list:
     return [None if math.isnan(v) else round(v, 6) for v in t.tolist()]
 
@@ -162,7 +118,7 @@ def plan_layer(name: str, W: torch.Tensor, H: torch.Tensor, acts: torch.Tensor |
                opts: PlanOptions, trial: Trial | None = None) -> LayerPlan:
     """Plan one layer. W [C, in] weights, H [in, in] Hessian, acts [N, C] sampled outputs (None if unused);
     ``trial`` is needed when ``opts.needs_trial()``."""
-    output = opts.axis == "output"
+    output = opts.mi_axis == "output"
     C = W.shape[0] if output else W.shape[1]
     groups = opts.groups if opts.groups == "all" else min(int(opts.groups), C)
     timing = {"mi_s": 0.0, "cluster_s": 0.0, "alloc_s": 0.0}
@@ -191,32 +147,31 @@ def plan_layer(name: str, W: torch.Tensor, H: torch.Tensor, acts: torch.Tensor |
 
     t = time.time()
     costs = None
-    if opts.bit_alloc != "uniform" and opts.cost == "rtn":  # before the trial, which consumes H
-        costs = (allocation.group_costs(W, H, labels, opts.choices, strategy=opts.strategy, sym=opts.sym,
+    if opts.bit_alloc != "uniform" and opts.alloc_cost == "rtn":  # before the trial, which consumes H
+        costs = (allocation.group_costs(W, H, labels, opts.bits_choices, strategy=opts.strategy, sym=opts.sym,
                                         groupsize=opts.groupsize) if output
-                 else allocation.column_group_costs(W, H, labels, opts.choices, sym=opts.sym)).cpu() / 2
+                 else allocation.column_group_costs(W, H, labels, opts.bits_choices, sym=opts.sym)).cpu() / 2
     done = None
     if opts.needs_trial() and trial:
         done = trial(labels if output and opts.strategy == "shared" else None, None if output else labels)
-    if done is None and opts.cost == "obs" and opts.bit_alloc != "uniform":
+    if done is None and opts.alloc_cost == "obs" and opts.bit_alloc != "uniform":
         raise ValueError("obs costs come from trial passes: plan_layer needs trial=")
-    if done is not None and opts.cost == "obs":
+    if done is not None and opts.alloc_cost == "obs":
         losses = done.row_loss if output else done.col_loss
         costs = allocation.obs_group_costs(losses, labels.to(losses.device)).cpu()
     # the input axis reuses the row allocation with columns in the rows' part (every column holds R weights)
-    group_bits = allocation.allocate(opts.bit_alloc, W if output else W.T, H, labels, nmi, opts.choices, opts.wbits,
-                                     strategy=opts.strategy, alpha=opts.alpha, sym=opts.sym, groupsize=opts.groupsize,
-                                     costs=costs)
+    group_bits = allocation.allocate(opts.bit_alloc, labels, costs, opts.bits_choices, opts.wbits, nmi=nmi,
+                                     alpha=opts.mi_alpha)
     timing["alloc_s"] = time.time() - t
 
     intra, inter = ([], [])
     if nmi is not None:
         a, b = channel_grouping.group_stats(nmi, labels)
         intra, inter = _finite_list(a), _finite_list(b)
-    plan = LayerPlan(labels=labels.long(), group_bits=group_bits.long(), strategy=opts.strategy, axis=opts.axis,
+    plan = LayerPlan(labels=labels.long(), group_bits=group_bits.long(), strategy=opts.strategy, axis=opts.mi_axis,
                      nmi=nmi, nmi_intra=intra, nmi_inter=inter, timing=timing, trial=done, h_mass=h_mass)
     if costs is not None:  # what the allocation counted on (before any MI factor), to set beside what happened
-        pick = torch.tensor([opts.choices.index(int(b)) for b in plan.group_bits.tolist()])
+        pick = torch.tensor([opts.bits_choices.index(int(b)) for b in plan.group_bits.tolist()])
         plan.predicted_loss = float(costs[torch.arange(len(pick)), pick].sum())
     return plan
 
@@ -224,11 +179,11 @@ def plan_layer(name: str, W: torch.Tensor, H: torch.Tensor, acts: torch.Tensor |
 def _group(W: torch.Tensor, H: torch.Tensor, nmi: torch.Tensor | None, groups: int | str,
            opts: PlanOptions) -> torch.Tensor:
     """Labels [C] of the rows (or input columns) in K groups by the method opts.cluster names."""
-    C = W.shape[0] if opts.axis == "output" else W.shape[1]
+    C = W.shape[0] if opts.mi_axis == "output" else W.shape[1]
     if groups == "all":
         return torch.arange(C)
     if opts.cluster == "range":
-        feats = (channel_grouping.row_range_features(W) if opts.axis == "output"
+        feats = (channel_grouping.row_range_features(W) if opts.mi_axis == "output"
                  else channel_grouping.column_range_features(W, H))
         return channel_grouping.range_groups(feats, groups, seed=opts.seed)
     if nmi is None:  # contiguous groups need no MI

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from miq.options import PassOptions
 from quant import Quantizer
 from sparsegpt_mi import PassResult, SparseGPT
 
@@ -39,14 +40,12 @@ class TrialResult:
         rows = torch.arange(self.W.shape[1], device=self.W.device)
         grid = [None if t is None else t[pick, rows] for t in (self.scale, self.zero, self.maxq)]
         return PassResult(self.W[pick, rows], self.mask, self.row_loss[pick, rows],
-                          torch.full((1, self.W.shape[2]), float("nan")), *grid)
+                          torch.full((1, self.W.shape[2]), float("nan")), *grid,
+                          n_param_sets=self.param_sets_per_row_group)
 
 
-
-def trial(gpt: SparseGPT, bits: list[int], ref_bits: int, *, sym: bool = False, row_groups: torch.Tensor | None = None,
-          sparsity: float = 0.0, prunen: int = 0, prunem: int = 0, blocksize: int = 128,
-          percdamp: float = 0.01, groupsize: int = -1, g_idx: torch.Tensor | None = None,
-          act_order: bool = False) -> TrialResult:
+def trial(gpt: SparseGPT, bits: list[int], ref_bits: int, opts: PassOptions, *, sym: bool = False,
+          row_groups: torch.Tensor | None = None, g_idx: torch.Tensor | None = None) -> TrialResult:
     """Every row at every width of ``bits`` in one pass over the layer stacked len(bits) times.
 
     The masks are those of the ``ref_bits`` candidate (chosen on its rows, applied to all), so rows
@@ -63,8 +62,7 @@ def trial(gpt: SparseGPT, bits: list[int], ref_bits: int, *, sym: bool = False, 
         stacked_groups = torch.cat([row_groups.to(gpt.dev) + j * k for j in range(S)])
     q.configure(torch.cat([torch.full((R,), b, device=gpt.dev) for b in order]), perchannel=True, sym=sym,
                 row_groups=stacked_groups)
-    res = gpt.run_pass(q, sparsity, prunen, prunem, blocksize, percdamp, g_idx, None, act_order, None, reps=S,
-                       groupsize=groupsize)
+    res = gpt.run_pass(q, opts, g_idx=g_idx, reps=S)
     back = [order.index(b) for b in bits]  # candidates in the order of ``bits``
 
     def per_candidate(t):

@@ -23,6 +23,7 @@ from torch import nn
 from miq import bitstats
 from miq.model import layerwalk, layouts
 from miq.model.layouts import Layout
+from miq.options import PassOptions, pick
 from miq.plan import trials
 from miq.plan.mi_plan import LayerPlan, PlanOptions, plan_layer
 from miq.run.config import RunConfig
@@ -69,12 +70,6 @@ def linear_groups(cfg: RunConfig, layout: Layout, index: int, layer: nn.Module) 
         raise RuntimeError(f"--true-sequential: {sorted(unknown)} are in no sub-group of the {layout.family} layout")
     groups = [{prefix + n: chosen[prefix + n] for n in names if prefix + n in chosen} for names in layout.sequential]
     return [g for g in groups if g]
-
-
-def plan_options(cfg: RunConfig) -> PlanOptions:
-    return PlanOptions(groups=cfg.groups, cluster=cfg.cluster, strategy=cfg.strategy, bit_alloc=cfg.bit_alloc,
-                       wbits=cfg.wbits, choices=cfg.bits_choices, mi=cfg.mi, alpha=cfg.mi_alpha, seed=cfg.seed,
-                       sym=cfg.sym, groupsize=cfg.groupsize, cost=cfg.alloc_cost, axis=cfg.mi_axis)
 
 
 def _warn_if_k_exceeds_channels(model, cfg: RunConfig) -> None:
@@ -132,7 +127,7 @@ def compress_linear(name: str, g: SparseGPT, cfg: RunConfig, res: CompressionRes
     t = time.time()
     if cfg.grouped:
         acts = g.sampler.samples() if g.sampler is not None else None
-        opts = plan_options(cfg)
+        opts = pick(PlanOptions, cfg)
         plan = plan_layer(name, g.layer.weight.data.float(), g.H, acts, opts, trial=_trial_fn(g, cfg, opts))
         for key in ("mi_s", "cluster_s", "alloc_s"):
             res.timing[key] += plan.timing[key]
@@ -145,7 +140,7 @@ def compress_linear(name: str, g: SparseGPT, cfg: RunConfig, res: CompressionRes
     if plan is not None and plan.predicted_loss is not None:
         loss["predicted"] = plan.predicted_loss
     n_sets = g.n_param_sets if cfg.quantizing else 0  # counted by the quantizer as SparseGPT used it
-    _record(res, cfg, name, g.rows, g.columns, n_sets, plan, prune_s, int(g.result.mask.sum()), loss)
+    _record(res, cfg, LayerStats(name, g.rows, g.columns, n_sets, int(g.result.mask.sum()), prune_s, loss), plan)
     if g.percdamp_used is not None and g.percdamp_used != cfg.percdamp:
         res.layers[-1]["percdamp_used"] = g.percdamp_used
     res.layers[-1]["timing"]["total_s"] = time.time() - t
@@ -160,20 +155,18 @@ def _final_pass(g: SparseGPT, cfg: RunConfig, plan: LayerPlan | None) -> None:
     independent), or one pass (no plan; uniform widths; input-axis column groups, under the trial's mask)."""
     if plan is not None and plan.axis == "output" and plan.trial is not None:
         g.finish(plan.trial.select(plan.row_bits.to(g.dev)))
-        g.n_param_sets = plan.trial.param_sets_per_row_group
         return
-    kw = {}
+    q, kw = None, {}
     if plan is not None and plan.axis == "output":
-        g.quantizer = plan.quantizer(sym=cfg.sym)
+        q = plan.quantizer(sym=cfg.sym)
     elif cfg.quantizing:  # uniform, or the input axis (its group widths replace this width group by group)
-        g.quantizer = Quantizer()
-        g.quantizer.configure(int(cfg.wbits) if plan is None else plan_options(cfg).uniform_bits, perchannel=True,
-                              sym=cfg.sym)
+        q = Quantizer()
+        q.configure(int(cfg.wbits) if plan is None else pick(PlanOptions, cfg).uniform_bits, perchannel=True,
+                    sym=cfg.sym)
         if plan is not None:
             kw = {"g_idx": plan.labels.to(g.dev), "group_bits": plan.group_bits,
                   "mask": None if plan.trial is None else plan.trial.mask}
-    g.fasterprune(cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem, blocksize=cfg.blocksize,
-                  percdamp=cfg.percdamp, groupsize=cfg.groupsize, act_order=cfg.act_order, **kw)
+    g.prune(pick(PassOptions, cfg), q, **kw)
 
 
 def _g_idx(g: SparseGPT, cfg: RunConfig, plan: LayerPlan | None) -> torch.Tensor:
@@ -200,27 +193,40 @@ def _trial_fn(g: SparseGPT, cfg: RunConfig, opts: PlanOptions):
     """The plan's trial: every candidate width at once, masks of the uniform width (see trials.trial)."""
 
     def trial(row_groups: torch.Tensor | None, g_idx: torch.Tensor | None):
-        return trials.trial(g, list(cfg.bits_choices), opts.uniform_bits, sym=cfg.sym, row_groups=row_groups,
-                            sparsity=cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem, blocksize=cfg.blocksize,
-                            percdamp=cfg.percdamp, groupsize=cfg.groupsize,
-                            g_idx=None if g_idx is None else g_idx.to(g.dev), act_order=cfg.act_order)
+        return trials.trial(g, list(cfg.bits_choices), opts.uniform_bits, pick(PassOptions, cfg), sym=cfg.sym,
+                            row_groups=row_groups, g_idx=None if g_idx is None else g_idx.to(g.dev))
 
     return trial
 
 
-def _record(res: CompressionResult, cfg: RunConfig, name: str, rows: int, cols: int, n_sets: int,
-            plan: LayerPlan | None, prune_s: float, pruned: int, loss: dict | None = None) -> None:
-    """Append one layer's bits account and JSON record (schema in the README)."""
-    bits = bitstats.layer_bits(rows, cols, _row_bits(cfg, rows, plan), n_sets,
-                               None if plan is None else int(plan.group_bits.numel()), len(cfg.bits_choices),
-                               cfg.mask, sym=cfg.sym, indexed=_indexed(cfg, rows, cols, plan),
-                               extra_bits=_permutation_bits(cfg, cols, plan))
+@dataclass(frozen=True)
+class LayerStats:
+    """What one compressed layer's record counts: its shape, the parameter sets its quantizer stored, the
+    weights its mask pruned, the pass's seconds and its losses."""
+
+    name: str
+    rows: int
+    cols: int
+    n_sets: int
+    pruned: int
+    prune_s: float
+    loss: dict | None = None
+
+
+def _record(res: CompressionResult, cfg: RunConfig, st: LayerStats, plan: LayerPlan | None) -> None:
+    """Append one layer's bits account and JSON record (schema in docs/formats.md)."""
+    rows, cols = st.rows, st.cols
+    stored = bitstats.Stored(rows, cols, _row_bits(cfg, rows, plan), st.n_sets,
+                             None if plan is None else int(plan.group_bits.numel()), len(cfg.bits_choices), cfg.mask,
+                             sym=cfg.sym, indexed=_indexed(cfg, rows, cols, plan),
+                             extra_bits=_permutation_bits(cfg, cols, plan))
+    bits = bitstats.layer_bits(stored)
     res.bits.append(bits)
-    rec = {"name": name, "channels": rows, "in_features": cols, "groups": None if plan is None else
-           int(plan.group_bits.numel()), "pruned": pruned,
-           "timing": {"mi_s": 0.0, "cluster_s": 0.0, "alloc_s": 0.0, "prune_s": prune_s}}
-    if loss is not None:
-        rec["loss"] = loss
+    rec = {"name": st.name, "channels": rows, "in_features": cols, "groups": None if plan is None else
+           int(plan.group_bits.numel()), "pruned": st.pruned,
+           "timing": {"mi_s": 0.0, "cluster_s": 0.0, "alloc_s": 0.0, "prune_s": st.prune_s}}
+    if st.loss is not None:
+        rec["loss"] = st.loss
     if plan is not None:
         sizes = torch.bincount(plan.labels, minlength=rec["groups"]).tolist()
         rec.update({"axis": plan.axis, "labels": plan.labels.tolist(), "group_sizes": sizes,
@@ -279,7 +285,7 @@ def compress_magnitude(model, cfg: RunConfig) -> CompressionResult:
             if cfg.save:
                 res.saved.append(_stored(n, PassResult(W.float(), mask, torch.zeros(0), torch.zeros(0), *grid),
                                          cfg, None))
-            _record(res, cfg, n, rows, cols, n_sets, None, dt, int(mask.sum()))
+            _record(res, cfg, LayerStats(n, rows, cols, n_sets, int(mask.sum()), dt), None)
     return res
 
 

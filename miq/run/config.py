@@ -1,10 +1,11 @@
 """The command line of ``opt_mi.py``: flags, and their validation into one frozen ``RunConfig``.
 
-Every choice list and default comes from the module that owns it (``channel_grouping``, ``allocation``,
-``mutual_info`` via ``mi_plan.MIOptions``, ``quant``), so the CLI cannot drift from what the code accepts.
-``parse(argv)`` returns a ``RunConfig`` whose fields keep one type each (``groups`` is an int or the string
-"all", ``bits_choices`` a tuple of ints, ``mi_alpha`` a float); a bad value raises ``ConfigError``, whose
-text is the one line the CLI prints before exiting with code 2.
+Every choice list and default comes from ``miq.options`` (which the algorithms check their arguments against)
+and the save formats from ``miq.checkpoint.formats``, so the CLI cannot drift from what the code accepts; the
+module imports no torch, so reports read a run's config without it. ``parse(argv)`` returns a ``RunConfig``
+whose fields keep one type each (``groups`` is an int or the string "all", ``bits_choices`` a tuple of ints,
+``mi_alpha`` a float); a bad value raises ``ConfigError``, whose text is the one line the CLI prints before
+exiting with code 2.
 """
 
 from __future__ import annotations
@@ -12,32 +13,37 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
+from miq.checkpoint import formats
+from miq.data_names import validate_name
+from miq.errors import ConfigError, DataError
+from miq.options import (
+    AXES,
+    BIASES,
+    BINNINGS,
+    BIT_ALLOC,
+    CLUSTERS,
+    COSTS,
+    DEFAULT_BITS_CHOICES,
+    DEFAULT_EVAL,
+    DEFAULT_MI_ALPHA,
+    ESTIMATORS,
+    NORMALIZATIONS,
+    STRATEGIES,
+    TOY_EVAL,
+    TOY_NAMES,
+    MIOptions,
+    fmt_num,
+)
 
-import channel_grouping
-import datautils
-import mutual_info
-from miq.checkpoint import saving
-from miq.model.toy import TOY_NAMES
-from miq.plan import allocation
-from miq.plan.mi_plan import MIOptions
-from quant import STRATEGIES
-
-DEFAULT_EVAL = "wikitext2,ptb,c4"
-AXES = ("output", "input")
-TOY_EVAL = "synthetic"
 _MI = MIOptions()  # the estimator defaults
 SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's random_state take 0 .. 2**32 - 1
 PERCDAMP_MAX = 100.0  # damping of 100x the mean diagonal already makes H^-1 a scaled identity (RTN)
-DEVICE_TYPES = ("cpu", "cuda")
+DEVICE = re.compile(r"(cpu|cuda)(:(0|[1-9][0-9]*))?")  # --device syntax; preflight checks the machine has it
 COUNT_MAX = 2**31 - 1  # the largest window count, length, block, bin or sample count a flag may give
-
-
-class ConfigError(ValueError):
-    """A bad flag value or combination: ``str(e)`` is one line naming the flag, the value and what is allowed."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,7 +90,7 @@ def _reference_flags(a) -> None:
     a.add_argument("--true-sequential", action="store_true",
                    help="compress a layer's linears in sub-groups (attention q/k/v, output projection, MLP in, MLP "
                         "out), each from the outputs of the sub-groups compressed before it (IST-DASLab/gptq)")
-    a.add_argument("--save-format", choices=saving.FORMATS, default="packed",
+    a.add_argument("--save-format", choices=formats.FORMATS, default="packed",
                    help="packed: codes at their widths, reloads exactly; compressed-tensors: loads with "
                         "transformers' from_pretrained; dense: save_pretrained of the fake-quantized weights")
 
@@ -117,25 +123,25 @@ def _grouping_flags(m) -> None:
                         "the layer inputs' MI, each column group a quantization group (a grid per row and group)")
     m.add_argument("--strategy", choices=STRATEGIES, default="independent",
                    help="independent: a group shares bits, rows keep own scale/zero (B); shared: one scale/zero (A)")
-    m.add_argument("--cluster", choices=channel_grouping.CLUSTERS, default="spectral",
+    m.add_argument("--cluster", choices=CLUSTERS, default="spectral",
                    help="how channels are grouped: by MI (spectral, hierarchical), controls (random, contiguous), "
                         "or by range (k-means on row min/max, or on column scale and diag H)")
-    m.add_argument("--bit-alloc", choices=allocation.BIT_ALLOC, default="hessian", help="how bits are given to groups")
-    m.add_argument("--alloc-cost", choices=allocation.COSTS, default="obs",
+    m.add_argument("--bit-alloc", choices=BIT_ALLOC, default="hessian", help="how bits are given to groups")
+    m.add_argument("--alloc-cost", choices=COSTS, default="obs",
                    help="group costs: obs = SparseGPT's own losses at every width (trial passes); "
                         "rtn = Hessian-weighted round-to-nearest error of the dense weights (a proxy)")
-    m.add_argument("--bits-choices", type=str, default=",".join(map(str, allocation.DEFAULT_BITS_CHOICES)),
+    m.add_argument("--bits-choices", type=str, default=",".join(map(str, DEFAULT_BITS_CHOICES)),
                    help="candidate bit-widths")
     m.add_argument("--mi-samples", type=int, default=8192,
                    help="rows (tokens) of each layer's outputs (or inputs, --mi-axis input) sampled for MI")
     m.add_argument("--mi-bins", type=int, default=_MI.bins)
-    m.add_argument("--mi-binning", choices=mutual_info.BINNINGS, default=_MI.binning)
-    m.add_argument("--mi-bias", choices=mutual_info.BIASES, default=_MI.bias)
-    m.add_argument("--mi-normalize", choices=mutual_info.NORMALIZATIONS, default=_MI.normalize)
-    m.add_argument("--mi-estimator", choices=mutual_info.ESTIMATORS, default=_MI.estimator)
+    m.add_argument("--mi-binning", choices=BINNINGS, default=_MI.binning)
+    m.add_argument("--mi-bias", choices=BIASES, default=_MI.bias)
+    m.add_argument("--mi-normalize", choices=NORMALIZATIONS, default=_MI.normalize)
+    m.add_argument("--mi-estimator", choices=ESTIMATORS, default=_MI.estimator)
     m.add_argument("--mi-alpha", type=float, default=None,
                    help="exponent of the MI redundancy factor (1 - intra NMI)^alpha; "
-                        f"default {allocation.DEFAULT_MI_ALPHA:g} for hessian-mi, else 0")
+                        f"default {DEFAULT_MI_ALPHA:g} for hessian-mi, else 0")
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,7 @@ class RunConfig:
     cluster: str = "spectral"
     bit_alloc: str = "hessian"
     alloc_cost: str = "obs"
-    bits_choices: tuple[int, ...] = allocation.DEFAULT_BITS_CHOICES
+    bits_choices: tuple[int, ...] = DEFAULT_BITS_CHOICES
     mi_samples: int = 8192
     mi_bins: int = _MI.bins
     mi_binning: str = _MI.binning
@@ -233,11 +239,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def fmt_bits(x: float) -> str:
-    """4.0 -> "4", 3.5 -> "3.5"; nan and inf as themselves (int() of them raises)."""
-    return str(int(x)) if math.isfinite(x) and x == int(x) else str(x)
-
-
 def _bad(flag: str, value, allowed: str) -> ConfigError:
     return ConfigError(f"{flag} {value}: {allowed}")
 
@@ -286,7 +287,7 @@ def _check_ranges(a: argparse.Namespace) -> None:
     if a.prunen and a.sparsity:
         raise _bad("--sparsity", a.sparsity, "use either --sparsity or --prunen/--prunem, not both")
     if not (2 <= a.wbits <= 8 or a.wbits == 16):
-        raise _bad("--wbits", fmt_bits(a.wbits), "must be in 2..8, or 16 for no quantization")
+        raise _bad("--wbits", fmt_num(a.wbits), "must be in 2..8, or 16 for no quantization")
     if a.groupsize <= 0 and a.groupsize != -1:
         raise _bad("--groupsize", a.groupsize, "must be a positive number of columns, or -1 for none")
     _check_counts(a)
@@ -313,13 +314,7 @@ def _check_counts(a: argparse.Namespace) -> None:
 
 def _check_device(text: str | None) -> None:
     """The syntax of --device (is it a device at all); whether this machine has it is checked in preflight."""
-    if text is None:
-        return
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in DEVICE_TYPES:
+    if text is not None and not DEVICE.fullmatch(text):
         raise _bad("--device", repr(text), "must be cpu, cuda or cuda:N")
 
 
@@ -335,7 +330,7 @@ def _check_grouping(a: argparse.Namespace, groups, choices: tuple[int, ...]) -> 
         if not quantizing:
             raise _bad("--groups", groups, "needs quantization: set --wbits below 16")
         if not choices[0] <= a.wbits <= choices[-1]:
-            raise _bad("--wbits", fmt_bits(a.wbits),
+            raise _bad("--wbits", fmt_num(a.wbits),
                        f"the budget must lie within --bits-choices [{choices[0]}, {choices[-1]}]")
         if a.gmp:
             raise _bad("--groups", groups, "MI grouping runs inside SparseGPT; it is not available with --gmp")
@@ -349,7 +344,7 @@ def _check_grouping(a: argparse.Namespace, groups, choices: tuple[int, ...]) -> 
             raise _bad("--strategy", "shared", "shares a grid between rows; on --mi-axis input every (row, "
                        "column group) has its own scale/zero")
     elif quantizing and a.wbits != int(a.wbits):
-        raise _bad("--wbits", fmt_bits(a.wbits),
+        raise _bad("--wbits", fmt_num(a.wbits),
                    "fractional budgets need --groups (uniform quantization uses whole bits)")
 
 
@@ -361,7 +356,7 @@ def from_namespace(a: argparse.Namespace) -> RunConfig:
     _check_grouping(a, groups, choices)
     alpha = a.mi_alpha
     if alpha is None:
-        alpha = allocation.DEFAULT_MI_ALPHA if a.bit_alloc == "hessian-mi" else 0.0
+        alpha = DEFAULT_MI_ALPHA if a.bit_alloc == "hessian-mi" else 0.0
     if alpha < 0:
         raise _bad("--mi-alpha", alpha, "must be >= 0")
     if a.gmp and a.act_order:
@@ -373,10 +368,10 @@ def from_namespace(a: argparse.Namespace) -> RunConfig:
     _check_eval(cfg)
     for name in [cfg.dataset] + cfg.eval_names():
         try:
-            datautils.validate_name(name)
-        except datautils.DataError as e:
+            validate_name(name)
+        except DataError as e:
             raise ConfigError(f"{'DATASET' if name == cfg.dataset else '--eval'}: {e}") from None
-    problem = saving.flag_problem(cfg)
+    problem = formats.flag_problem(cfg)
     if problem:
         raise ConfigError(problem)
     return cfg

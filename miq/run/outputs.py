@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from miq import atomic
+from miq.errors import ConfigError
 from miq.run.compress import CompressionResult
-from miq.run.config import ConfigError, RunConfig
+from miq.run.config import RunConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # staging: all or nothing
@@ -235,7 +236,7 @@ def draw_figures(res: CompressionResult, cfg: RunConfig, total_rows: int, stage:
     nothing to draw)."""
     if not cfg.analysis_dir or res.plot is None:
         return []
-    from miq.experiments import plots
+    from miq.run import figures  # matplotlib takes a second to import: only runs that draw pay for it
 
     name, plan = res.plot
     paths = []
@@ -244,11 +245,11 @@ def draw_figures(res: CompressionResult, cfg: RunConfig, total_rows: int, stage:
         title = (f"{name}: NMI of {what}, K={int(plan.group_bits.numel())} {cfg.cluster} groups, "
                  f"{cfg.mi_estimator} estimator, {min(cfg.mi_samples, total_rows)} samples")
         paths.append(os.path.join(cfg.analysis_dir, "mi_matrix.png"))
-        plots.plot_nmi_heatmap(plan.nmi, plan.labels, stage.file(paths[-1]), title=title)
+        figures.plot_nmi_heatmap(plan.nmi, plan.labels, stage.file(paths[-1]), title=title)
     rec = next(r for r in res.layers if r["name"] == name)
     how = "column groups" if plan.axis == "input" else f"{cfg.strategy} strategy"
     paths.append(os.path.join(cfg.analysis_dir, "grouping_result.png"))
-    plots.plot_grouping_result(rec["group_sizes"], rec["group_bits"], rec["nmi_intra"], rec["nmi_inter"],
+    figures.plot_grouping_result(rec["group_sizes"], rec["group_bits"], rec["nmi_intra"], rec["nmi_inter"],
                                stage.file(paths[-1]), title=f"{name}: {how} of {what}, {cfg.bit_alloc} allocation",
                                h_mass=rec.get("h_mass"))
     return paths

@@ -1,10 +1,11 @@
 """``--save DIR``: the compressed model in one of three formats, written whole or not at all.
 
-- ``packed`` (default, ``packed.py``): the integer codes at their widths, fp16 scales and zero-points, masks
-  as bits, everything else in the evaluated dtype; reloads bit-exactly (``packed.load_compressed``, or
-  ``opt_mi.py DIR ...``), and its size is the run's ``bits.bytes_on_disk``.
-- ``compressed-tensors`` (``export_ct.py``): the ``pack-quantized`` format of the compressed-tensors library,
-  which ``transformers.AutoModelForCausalLM.from_pretrained`` loads; only what that format can express.
+- ``packed`` (default, ``miq/checkpoint/packed.py``): the integer codes at their widths, fp16 scales and
+  zero-points, masks as bits, everything else in the evaluated dtype; reloads bit-exactly
+  (``packed.load_compressed``, or ``opt_mi.py DIR ...``), and its size is the run's ``bits.bytes_on_disk``.
+- ``compressed-tensors`` (``miq/checkpoint/export_ct.py``): the ``pack-quantized`` format of the
+  compressed-tensors library, which ``transformers.AutoModelForCausalLM.from_pretrained`` loads; only what
+  that format can express.
 - ``dense``: ``save_pretrained`` of the fake-quantized weights + tokenizer + a ``quantization.json`` summary
   (groups and bits per layer, no grids): plain HF weights, no smaller than the original model.
 
@@ -16,29 +17,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from miq.run.compress import CompressionResult
-    from miq.run.config import RunConfig
-
-FORMATS = ("packed", "compressed-tensors", "dense")
-
-
-def flag_problem(cfg: RunConfig) -> str | None:
-    """Why the flags alone already rule out the chosen format (one line), or None."""
-    if cfg.save and cfg.save_format == "compressed-tensors":
-        from miq.checkpoint import export_ct
-
-        return export_ct.flag_problem(cfg)
-    return None
+from miq.checkpoint import export_ct, packed
+from miq.run import outputs
+from miq.run.compress import CompressionResult
+from miq.run.config import RunConfig
 
 
 def save(model, tokenizer, res: CompressionResult, cfg: RunConfig, out: str) -> dict | None:
     """Write the model to ``out`` in ``cfg.save_format``, staged beside it and renamed into place (no
     half-written model on failure). Returns the on-disk sizes ({"bytes_on_disk", "bpw_on_disk"}) or None."""
-    from miq.run import outputs
-
     with outputs.Staging() as stage:
         return write(stage.folder(out), model, tokenizer, res, cfg)
 
@@ -46,13 +34,9 @@ def save(model, tokenizer, res: CompressionResult, cfg: RunConfig, out: str) -> 
 def write(folder: str, model, tokenizer, res: CompressionResult, cfg: RunConfig) -> dict | None:
     """Fill the existing, empty ``folder`` with the model in ``cfg.save_format``; see ``save``."""
     if cfg.save_format == "packed":
-        from miq.checkpoint import packed
-
         nm = (cfg.prunen, cfg.prunem) if cfg.prunen else None
         return packed.write_packed(folder, model, tokenizer, res.saved, nm=nm, run=cfg.as_dict())
     if cfg.save_format == "compressed-tensors":
-        from miq.checkpoint import export_ct
-
         return export_ct.write_ct(folder, model, tokenizer, res.saved, cfg.groupsize)
     write_dense(folder, model, tokenizer, res, cfg)
     return None

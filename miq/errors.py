@@ -1,0 +1,29 @@
+"""The user-facing errors: each ``str(e)`` is the one line the CLI prints before exiting with code 2.
+
+One leaf module, so that every layer raises them without importing the layer that reports them.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A bad flag value or combination: names the flag, the value and what is allowed."""
+
+
+class DataError(Exception):
+    """A problem with a dataset: bad name, missing file, text too short, hub unreachable."""
+
+
+class ModelError(Exception):
+    """A problem with MODEL: not found, unreachable, unsupported, or a saved folder that does not read back."""
+
+
+class PlanError(ValueError):
+    """A problem with one layer's quantization plan (names the layer)."""
+
+
+class LayerInputError(ValueError):
+    """A layer's calibration inputs are not finite (names the layer)."""
+
+
+USER_ERRORS = (ConfigError, DataError, ModelError, PlanError, LayerInputError)

@@ -1,0 +1,71 @@
+"""The toolkit's choices and the settings that travel together, torch-free.
+
+Every flag's allowed values and defaults live here, so that the command line (``miq.run.config``), the
+algorithms that check their arguments and the reports that read a run's config agree without importing each
+other (the reports import no torch). The frozen records are what one step of a run is given whole:
+``MIOptions`` (how MI is estimated) and ``PassOptions`` (one SparseGPT pass). ``pick`` builds any of them from a
+``RunConfig``, whose fields carry the same names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+STRATEGIES = ("independent", "shared")  # B: a group shares bits; A: it shares one scale/zero too
+GROUPINGS = ("spectral", "hierarchical", "random", "contiguous")  # channel_grouping.group_channels' methods
+CLUSTERS = GROUPINGS + ("range",)  # every --cluster; range groups come from channel_grouping.range_groups
+NEEDS_MI = ("spectral", "hierarchical", "random")  # random keeps spectral's group sizes
+BIT_ALLOC = ("uniform", "hessian", "hessian-mi")
+COSTS = ("obs", "rtn")
+DEFAULT_BITS_CHOICES = (2, 3, 4, 5, 6, 8)
+DEFAULT_MI_ALPHA = 1.0  # the CLI's exponent for hessian-mi when --mi-alpha is not given (allocate's is 0)
+BINNINGS = ("uniform", "quantile")
+BIASES = ("none", "miller-madow")
+NORMALIZATIONS = ("arithmetic", "geometric", "min", "max")
+ESTIMATORS = ("histogram", "gaussian")
+AXES = ("output", "input")
+TOY_NAMES = ("toy", "toy-llama")  # the built-in offline models (miq.model.toy builds them)
+DEFAULT_EVAL = "wikitext2,ptb,c4"
+TOY_EVAL = "synthetic"
+
+
+@dataclass(frozen=True)
+class MIOptions:
+    """How pairwise MI is estimated (``mutual_info.pairwise_mi``'s arguments); the CLI's defaults."""
+
+    bins: int = 16
+    binning: str = "quantile"
+    bias: str = "miller-madow"
+    normalize: str = "arithmetic"
+    estimator: str = "histogram"
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    """The settings of one SparseGPT pass over a layer (IST-DASLab/sparsegpt's ``fasterprune`` arguments, plus
+    GPTQ's column groups and act-order).
+
+    sparsity: the unstructured target in [0, 1); prunen:prunem: N:M instead (0:0 = off); blocksize: columns per
+    adaptive-mask block; percdamp: Hessian damping as a fraction of its mean diagonal; groupsize: new
+    quantization parameters every G columns (-1 = one set per row); act_order: columns by descending diag H.
+    """
+
+    sparsity: float = 0.0
+    prunen: int = 0
+    prunem: int = 0
+    blocksize: int = 128
+    percdamp: float = 0.01
+    groupsize: int = -1
+    act_order: bool = False
+
+
+def pick(cls, source):
+    """An options record ``cls`` filled from ``source`` (a RunConfig) by field name."""
+    return cls(**{f.name: getattr(source, f.name) for f in dataclasses.fields(cls)})
+
+
+def fmt_num(x: float) -> str:
+    """A bit width, budget or sparsity as given: 4.0 -> "4", 3.5 -> "3.5"; nan and inf as themselves."""
+    return str(int(x)) if math.isfinite(x) and x == int(x) else str(x)

@@ -1,0 +1,103 @@
+"""The house rules, drawn from the source: layered imports without circles, few floors, no project import
+hidden inside a function, small files and functions, and reports that read JSON without torch."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = {"opt_mi", "sparsegpt_mi", "quant", "mutual_info", "channel_grouping", "datautils"}
+# imports a function may make: heavy third-party-backed modules only some runs need (the comment says why)
+LAZY = {("miq.run.outputs", "miq.run.figures")}
+MAX_FLOORS = 8
+MAX_LINES = 420
+MAX_PARAMS = 8
+LONG_SIGNATURES = {("sparsegpt_mi", "obs_pass")}  # the reference's column loop, kept line for line
+
+
+def _modules() -> dict[str, Path]:
+    files = sorted(ROOT.glob("*.py")) + sorted((ROOT / "miq").rglob("*.py"))
+    out = {}
+    for f in files:
+        name = ".".join(f.relative_to(ROOT).with_suffix("").parts)
+        out[name.removesuffix(".__init__")] = f
+    return out
+
+
+MODULES = _modules()
+
+
+def _targets(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module:
+        return [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return []
+
+
+@functools.cache
+def _imports() -> dict[str, dict[str, list[tuple[int, bool]]]]:
+    """module -> imported project module -> [(line, inside a function or a TYPE_CHECKING block)]."""
+    out = {}
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        deps: dict[str, list[tuple[int, bool]]] = {}
+        for node in ast.walk(tree):
+            for t in _targets(node):
+                if t in MODULES and t != name and MODULES[t].name != "__init__.py":
+                    deps.setdefault(t, []).append((node.lineno, node.col_offset > 0))
+        out[name] = deps
+    return out
+
+
+def test_the_seed_files_stay_at_the_root_and_the_rest_is_in_the_package():
+    assert {n for n in MODULES if "." not in n and n != "miq"} == SEED
+
+
+def test_no_project_import_inside_a_function_or_for_types_only():
+    hidden = [(m, t, line) for m, deps in _imports().items() for t, uses in deps.items()
+              for line, inner in uses if inner and (m, t) not in LAZY]
+    assert hidden == []
+
+
+def test_no_import_circle_and_at_most_eight_floors():
+    deps = {m: set(d) for m, d in _imports().items()}
+
+    @functools.cache
+    def floor(m: str, path: tuple = ()) -> int:
+        assert m not in path, f"import circle: {' -> '.join(path + (m,))}"
+        return 1 + max((floor(d, path + (m,)) for d in deps[m]), default=0)
+
+    floors = {m: floor(m) for m in deps}
+    assert max(floors.values()) <= MAX_FLOORS, sorted(floors.items(), key=lambda x: -x[1])[:5]
+
+
+def test_files_are_small():
+    long = {n: len(p.read_text().splitlines()) for n, p in MODULES.items()}
+    assert {n: c for n, c in long.items() if c > MAX_LINES} == {}
+
+
+def test_functions_take_few_parameters():
+    wide = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                a = node.args
+                params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, [a.vararg, a.kwarg])]
+                n = len([p for p in params if p.arg not in ("self", "cls")])
+                if n > MAX_PARAMS and (name, node.name) not in LONG_SIGNATURES:
+                    wide.append((name, node.name, n))
+    assert wide == []
+
+
+@pytest.mark.parametrize("module", ["miq.experiments.report", "miq.experiments.results", "miq.run.config"])
+def test_reading_results_needs_no_torch(module):
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"
