@@ -18,7 +18,8 @@
 - no configuration outlives the sweep (a rerun must never run one twice at once): each runs in a process group
   of its own, which the sweep terminates and waits for when it stops, and (Linux) is SIGTERMed by the kernel
   if the sweep dies of anything else, SIGKILL included;
-- otherwise the sweep ends with the report (``python -m miq.experiments.report OUT``) and exits 1 when any configuration has failed;
+- otherwise the sweep ends with the report (``python -m miq.experiments.report OUT``) and exits 1 when any
+  configuration has failed;
 - bad arguments (an --out that cannot be written included): exit 2 with one line on stderr, nothing run.
 
 ``main(argv, runner)``: ``runner`` turns opt_mi.py's arguments into the command that runs a configuration
