@@ -69,9 +69,9 @@ def fmt_bytes(n: float) -> str:
 # the model's structure
 
 
-def selected_linears(cfg: RunConfig, model: nn.Module) -> dict[str, nn.Linear]:
-    """The decoder linears that --minlayer/--maxlayer/--prune_only/--invert select, by state-dict path, as
-    the compression walk will find them (the walk's own rule, ``compress.selected_linears``)."""
+def model_selection(cfg: RunConfig, model: nn.Module) -> dict[str, nn.Linear]:
+    """The whole model's decoder linears that --minlayer/--maxlayer/--prune_only/--invert select, by state-dict
+    path, as the compression walk will find them layer by layer (``compress.selected_linears``)."""
     layout = layouts.of(model)
     out: dict[str, nn.Linear] = {}
     for i, layer in enumerate(layout.decoder_layers(model)):
@@ -204,7 +204,7 @@ def check_mi_memory(cfg: RunConfig, chosen: dict[str, nn.Linear]) -> None:
 def check_model(cfg: RunConfig, model: nn.Module, dev: torch.device) -> RunConfig:
     """Every check against the model's structure (``models.skeleton``); returns cfg with the plotted layer
     resolved. Run right after the config is read: before calibration data and weights are."""
-    chosen = selected_linears(cfg, model)
+    chosen = model_selection(cfg, model)
     check_selection(cfg, model, chosen)
     check_nm(cfg, chosen)
     cfg = resolve_plot_layer(cfg, model, chosen)
