@@ -84,6 +84,7 @@ def run(cfg: RunConfig) -> dict:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     cfg, src, tokenizer, dev = prepare(cfg)
+    model_s = time.time() - t0  # checks, tokenizer and (first use) building the toy
     label, family = methods.label(cfg)
 
     t = time.time()
@@ -95,8 +96,10 @@ def run(cfg: RunConfig) -> dict:
     with _naming("--eval"):
         eval_tokens = {name: datautils.get_eval_tokens(name, cfg.seqlen, tokenizer) for name in cfg.eval_names()}
     eval_load_s = time.time() - t
+    t = time.time()
     model = load_model(src, cfg.dtype, dev)
     loading.check_finite(model, cfg.model)
+    model_s += time.time() - t
 
     t = time.time()
     res = compress(model, calib, cfg, dev)
@@ -115,7 +118,7 @@ def run(cfg: RunConfig) -> dict:
             "sparsity": mask_sparsity(res),
             "zero_fraction": zero_fraction(model, [r["name"] for r in res.layers]),
             "bits": {**bitstats.summarize(res.bits, decoder_linear_weights(model)), **(disk or {})},
-            "timing": {"calibration_s": calibration_s, "compress_s": compress_s, "eval_s": eval_s,
+            "timing": {"model_s": model_s, "calibration_s": calibration_s, "compress_s": compress_s, "eval_s": eval_s,
                        **res.timing, "total_s": time.time() - t0},
             "env": outputs.env_info(dev),
             "figures": outputs.draw_figures(res, cfg, calib.numel(), stage),
@@ -123,7 +126,7 @@ def run(cfg: RunConfig) -> dict:
         }
         if cfg.json:
             outputs.write_json(stage.file(cfg.json), out)
-    print(summary({**out, "ppl": ppl}))
+    print(summary({**out, "ppl": ppl}, str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")))
     return out
 
 
@@ -137,8 +140,8 @@ def evaluate(model, eval_tokens: dict[str, torch.Tensor], cfg: RunConfig, dev: t
     return ppl
 
 
-def summary(out: dict) -> str:
-    """The few lines printed at the end of a run."""
+def summary(out: dict, dense_dtype: str) -> str:
+    """The few lines printed at the end of a run; ``dense_dtype``: what the embeddings and head are kept in."""
     b, t = out["bits"], out["timing"]
     ppl = " | ".join(f"{k} {v:.3f}" for k, v in out["ppl"].items())
     return "\n".join([
@@ -148,9 +151,9 @@ def summary(out: dict) -> str:
         "quantization)",
         f"bits      {b['avg_weight_bits']:.3f} avg weight + {b['metadata_bpw']:.4f} metadata = {b['bpw']:.3f} bpw"
         f" over all decoder linears ({100 * b['compressed_fraction']:.0f}% compressed, at "
-        f"{b['bpw_compressed']:.3f} bpw; mask {b['mask_bpw']:.3f} bpw apart; embeddings, lm_head fp16)",
+        f"{b['bpw_compressed']:.3f} bpw; mask {b['mask_bpw']:.3f} bpw apart; embeddings, lm_head {dense_dtype})",
         *([disk_line(b, out["config"])] if b.get("bytes_on_disk") is not None else []),
-        f"time      calibration {t['calibration_s']:.1f}s, compress {t['compress_s']:.1f}s "
+        f"time      model {t['model_s']:.1f}s, calibration {t['calibration_s']:.1f}s, compress {t['compress_s']:.1f}s "
         f"(MI {t['mi_s']:.1f}s, cluster {t['cluster_s']:.1f}s, alloc {t['alloc_s']:.1f}s, "
         f"prune {t['prune_s']:.1f}s), eval {t['eval_s']:.1f}s, total {t['total_s']:.1f}s",
     ])
