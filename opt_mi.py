@@ -149,9 +149,10 @@ def summary(out: dict, dense_dtype: str) -> str:
         f"ppl       {ppl}",
         f"sparsity  {out['sparsity']:.4f} removed by the masks ({out['zero_fraction']:.4f} exact zeros after "
         "quantization)",
-        f"bits      {b['avg_weight_bits']:.3f} avg weight + {b['metadata_bpw']:.4f} metadata = {b['bpw']:.3f} bpw"
-        f" over all decoder linears ({100 * b['compressed_fraction']:.0f}% compressed, at "
-        f"{b['bpw_compressed']:.3f} bpw; mask {b['mask_bpw']:.3f} bpw apart; embeddings, lm_head {dense_dtype})",
+        f"bits      {b['code_bpw']:.3f} codes + {b['metadata_bpw']:.4f} metadata + {b['mask_bpw']:.3f} mask = "
+        f"{b['bpw']:.3f} bpw stored over all decoder linears ({100 * b['compressed_fraction']:.0f}% compressed, at "
+        f"{b['bpw_compressed']:.3f} bpw; {b['bits_per_kept_weight']:.3f} bits per kept weight; embeddings, "
+        f"lm_head {dense_dtype})",
         *([disk_line(b, out["config"])] if b.get("bytes_on_disk") is not None else []),
         f"time      model {t['model_s']:.1f}s, calibration {t['calibration_s']:.1f}s, compress {t['compress_s']:.1f}s "
         f"(MI {t['mi_s']:.1f}s, cluster {t['cluster_s']:.1f}s, alloc {t['alloc_s']:.1f}s, "
@@ -169,8 +170,7 @@ def disk_line(b: dict, config: dict) -> str:
     line += f" = {b['bpw_on_disk']:.3f} bpw"
     if config["save_format"] != "packed":
         return line
-    accounted = b["bpw_compressed"] + b["mask_bpw"] / max(b["compressed_fraction"], 1e-12)
-    return f"{line}; accounted {accounted:.3f} (bpw_compressed + mask)"
+    return f"{line}; accounted {b['bpw_compressed']:.3f} (bpw_compressed)"
 
 
 class Interrupted(KeyboardInterrupt):

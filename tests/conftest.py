@@ -193,8 +193,8 @@ def check_table_matches(md: str, src: Path) -> dict[str, dict[str, str]]:
         assert row["measured sparsity"] == f"{j['sparsity']:.4f}"
         assert float(row["wbits budget"]) == cfg["wbits"]
         assert row["K"] == ("-" if cfg["groups"] == 0 else str(cfg["groups"]))
-        for col, key in [("avg bits", "avg_weight_bits"), ("metadata bpw", "metadata_bpw"), ("bpw", "bpw"),
-                         ("mask bpw", "mask_bpw")]:
+        for col, key in [("code bpw", "code_bpw"), ("metadata bpw", "metadata_bpw"), ("mask bpw", "mask_bpw"),
+                         ("bpw", "bpw")]:
             assert row[col] == f"{bits[key]:.4f}", (rid, col)
         for s in sets:
             v = j["ppl"].get(s, "missing")

@@ -99,8 +99,8 @@ def test_hub_model_unreachable_is_one_line(capsys, tmp_path, monkeypatch):
 def test_summary_names_the_kept_dtype_and_the_model_time():
     out = {"method": "sparsegpt", "ppl": {"synthetic": 10.0}, "sparsity": 0.5, "zero_fraction": 0.5,
            "config": {"save_format": "packed", "save": ""},
-           "bits": {"avg_weight_bits": 16.0, "metadata_bpw": 0.0, "bpw": 16.0, "compressed_fraction": 1.0,
-                    "bpw_compressed": 16.0, "mask_bpw": 1.0},
+           "bits": {"code_bpw": 8.0, "metadata_bpw": 0.0, "mask_bpw": 1.0, "bpw": 9.0, "compressed_fraction": 1.0,
+                    "bpw_compressed": 9.0, "bits_per_kept_weight": 16.0},
            "timing": {"model_s": 133.0, "calibration_s": 1.0, "compress_s": 2.0, "mi_s": 0.0, "cluster_s": 0.0,
                       "alloc_s": 0.0, "prune_s": 2.0, "eval_s": 3.0, "total_s": 139.0}}
     text = opt_mi.summary(out, "float32")

@@ -224,7 +224,6 @@ def test_toy_llama_mi_path_seeded_saved_and_reloaded(toy_llama_path, tmp_path):
     b = _run(toy_llama_path, tmp_path, *flags, name="b")
     assert a["method"] == "sparsegpt+mi-B" and math.isfinite(a["ppl"]["synthetic"])
     assert a["ppl"] == b["ppl"] and [r["labels"] for r in a["layers"]] == [r["labels"] for r in b["layers"]]
-    assert a["bits"]["avg_weight_bits"] <= 3.5
     for layer in a["layers"]:
         assert len(layer["group_sizes"]) == 4
         assert sum(s * x for s, x in zip(layer["group_sizes"], layer["group_bits"], strict=True)) <= 3.5 * layer[

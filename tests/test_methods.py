@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from miq.experiments import methods
+from miq.experiments import methods, sweep_args
 from miq.run.config import parse
 
 # (opt_mi.py flags, label, family): the names every report and sweep has used; a change here renames results
@@ -107,3 +107,25 @@ def test_the_readme_names_every_method():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [m.id for m in methods.METHODS if f"`{m.id}`" not in readme]
     assert not missing, f"README.md does not name {missing}"
+
+
+def test_frontier_matrix_spans_sparsity_width_grid_and_order():
+    raw = {f: d for f, (_, d, _) in sweep_args.FLAGS.items()}
+    sweep = sweep_args.parse_args(["--matrix", "frontier", "--out", "/tmp/unused-frontier"])
+    assert raw["--sparsities"] != " ".join(sweep.matrix.sparsities)
+    cfgs = methods.matrix(sweep.matrix)
+    ids = {c.id for c in cfgs}
+    # sparsity 0, 0.5, 0.6, 0.7 and 2:4 x widths 2, 3, 4, 5, 8 x per-row/g128 x natural/act-order, plus the
+    # 16-bit column: dense, and pruning only with and without act-order
+    assert len(cfgs) == 5 * 5 * 4 + 4 * 2 + 1 and len(ids) == len(cfgs)
+    assert {"dense", "uniform_s0_w3", "g128_s0.7_w2", "act-order-g128_s2of4_w4", "sparsegpt_s2of4",
+            "sparsegpt-act-order_s0.6"} <= ids
+    two_four = next(c for c in cfgs if c.id == "uniform_s2of4_w4")
+    cfg = parse(["toy", "synthetic", *two_four.flags])
+    assert (cfg.prunen, cfg.prunem, cfg.wbits, cfg.sparsity) == (2, 4, 4, 0.0)
+    assert all(c.skip is None for c in cfgs)
+    # explicit flags still win over the preset
+    mine = sweep_args.parse_args(["--matrix", "frontier", "--wbits", "3", "--out", "/tmp/unused-frontier"])
+    assert mine.matrix.wbits == ("3",) and mine.matrix.sparsities == ("0", "0.5", "0.6", "0.7", "2:4")
+    with pytest.raises(sweep_args.UsageError, match="--matrix nope: one of mi, frontier"):
+        sweep_args.parse_args(["--matrix", "nope"])

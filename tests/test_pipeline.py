@@ -121,8 +121,13 @@ def test_mi_methods_end_to_end_with_budget_and_levels(toy_path, tmp_path, extra)
         assert set(layer["timing"]) >= {"mi_s", "cluster_s", "alloc_s", "prune_s"}
     rows, mean_bits = _levels_within_bits(save, r)
     assert rows == sum(layer["channels"] for layer in r["layers"])
-    assert mean_bits == pytest.approx(r["bits"]["avg_weight_bits"], abs=1e-9)
-    assert r["bits"]["avg_weight_bits"] <= 3.5
+    assert mean_bits <= 3.5  # the allocation's budget: the mean width over the layers' weights
+    # what the account charges for codes is what the folder stores: its code streams, kept weights only
+    manifest = json.loads((save / "quantization.json").read_text())
+    stored = sum(int(w) * n for e in manifest["layers"].values() for w, n in e["codes"].items())
+    kept = sum(layer["channels"] * layer["in_features"] - layer["pruned"] for layer in r["layers"])
+    assert sum(n for e in manifest["layers"].values() for n in e["codes"].values()) == kept
+    assert r["bits"]["bits_per_kept_weight"] == pytest.approx(stored / kept, rel=1e-12)
     # reload gives the same perplexity
     code = opt_mi.main([str(save), "synthetic", *FAST, "--json", str(tmp_path / "re.json")])
     assert code == 0

@@ -1,9 +1,9 @@
 """report.py against hand-written result JSONs (tests/fixtures/report): table = JSONs, best marks, verdicts.
 
 The fixtures are a small sweep at sparsity 0.5 and a 4-bit budget on two eval sets. On synthetic the best MI
-run (miB K=8, 4.0641 bpw, PPL 14.2) beats the best baseline at equal or higher bpw (per-channel, 4.0703 bpw,
+run (miB K=8, 3.0641 bpw, PPL 14.2) beats the best baseline at equal or higher bpw (per-channel, 3.0703 bpw,
 14.6) and the random control (14.8); on wikitext2 it loses to per-channel (26.9 vs 26.5). The uniform row
-(4.0625 bpw) counts as equal bits to miB only through the 0.005 bpw tolerance.
+(3.0625 bpw) counts as equal bits to miB only through the 0.005 bpw tolerance.
 """
 
 import json
@@ -76,8 +76,8 @@ def test_verdict_from_the_fixture_numbers(src):
     assert ("MI grouping beats the best baseline at equal bits in 1 of 2 cells; "
             "beats the random control in 2 of 2") in md
     syn = verdict_line(md, "synthetic")
-    assert ("MI grouping (sparsegpt+mi-B, K=8, 4.0641 bpw) reaches PPL 14.200 vs 14.600 for the best "
-            "baseline at equal or higher bpw (sparsegpt+per-channel, K=all, 4.0703 bpw): "
+    assert ("MI grouping (sparsegpt+mi-B, K=8, 3.0641 bpw) reaches PPL 14.200 vs 14.600 for the best "
+            "baseline at equal or higher bpw (sparsegpt+per-channel, K=all, 3.0703 bpw): "
             "better by 0.400 (2.74%)") in syn[0]
     assert "MI beats the random-group control (random_s0.5_w4_k8, PPL 14.800): better by 0.600" in syn[1]
     wiki = verdict_line(md, "wikitext2")
@@ -94,17 +94,17 @@ def test_verdict_flips_when_the_baseline_gets_better(src):
 
 
 def test_verdict_flips_when_mi_gets_worse(src):
-    # miB K=8 now loses; the best MI run becomes miB K=16 (4.068 bpw): uniform (4.0625) no longer counts as
-    # equal bits, per-channel (4.0703) and g128 still do
+    # miB K=8 now loses; the best MI run becomes miB K=16 (3.068 bpw): uniform (3.0625) no longer counts as
+    # equal bits, per-channel (3.0703) and g128 still do
     edit(src, "miB_s0.5_w4_k8", synthetic=15.5)
     md = build(src)
     syn = verdict_line(md, "synthetic")[0]
-    assert "MI grouping (sparsegpt+mi-B, K=16, 4.0680 bpw) reaches PPL 14.400 vs 14.600" in syn
+    assert "MI grouping (sparsegpt+mi-B, K=16, 3.0680 bpw) reaches PPL 14.400 vs 14.600" in syn
     assert "better by 0.200" in syn
     edit(src, "miB_s0.5_w4_k16", synthetic=15.5)
     edit(src, "miA_s0.5_w4_k8", synthetic=15.5)
     syn = verdict_line(build(src), "synthetic")[0]
-    assert "worse by 0.900" in syn and "(sparsegpt+per-channel, K=all, 4.0703 bpw)" in syn
+    assert "worse by 0.900" in syn and "(sparsegpt+per-channel, K=all, 3.0703 bpw)" in syn
 
 
 def test_random_control_verdict_flips(src):
@@ -131,7 +131,7 @@ def test_control_at_other_bits_is_flagged(src):
 def test_random_control_like_for_like_when_the_best_mi_run_has_none(src):
     edit(src, "miA_s0.5_w4_k8", synthetic=14.0)  # best MI is now strategy A; the random control is B
     syn = verdict_line(build(src), "synthetic")
-    assert "MI grouping (sparsegpt+mi-A, K=8, 4.0165 bpw) reaches PPL 14.000" in syn[0]
+    assert "MI grouping (sparsegpt+mi-A, K=8, 3.0165 bpw) reaches PPL 14.000" in syn[0]
     assert ("the best MI run has no random-group control with its settings; like for like, miB_s0.5_w4_k8 "
             "(PPL 14.200) beats the random-group control (random_s0.5_w4_k8, PPL 14.800)") in syn[1]
 
@@ -141,12 +141,12 @@ def test_no_baseline_at_equal_bits(src):
         (src / f"{rid}.json").unlink()
     p = src / "uniform_s0.5_w4.json"
     j = json.loads(p.read_text())
-    j["bits"].update(metadata_bpw=0.03, bpw=4.03)
+    j["bits"].update(metadata_bpw=0.03, bpw=3.03)
     p.write_text(json.dumps(j))
     md = build(src)
     syn = verdict_line(md, "synthetic")[0]
     assert "uses more bits than every baseline" in syn and "no equal-bits claim" in syn
-    assert "MI 4.0641 bpw vs 4.0300 bpw" in syn
+    assert "MI 3.0641 bpw vs 3.0300 bpw" in syn
     assert "beats the best baseline at equal bits in 0 of 0 cells" in md
     assert "2 of 2 cells have no baseline at equal or higher bpw" in md
 
@@ -164,7 +164,8 @@ def test_no_mi_run_and_no_random_run(src):
 def test_pngs_are_images_of_the_stated_size(src):
     md = build(src)
     pngs = sorted(p.name for p in src.glob("*.png"))
-    assert pngs == ["ppl_vs_bpw_synthetic.png", "ppl_vs_bpw_wikitext2.png", "ppl_vs_k.png"]
+    assert pngs == ["frontier.png", "frontier_1.png", "ppl_vs_bpw_synthetic.png", "ppl_vs_bpw_wikitext2.png",
+                    "ppl_vs_k.png"]
     for name in pngs:
         assert f"]({name})" in md
         h, w = mpimg.imread(src / name).shape[:2]
@@ -220,7 +221,7 @@ def test_figures_name_eval_sets_by_base_name(src, monkeypatch):
     monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi=None: texts.extend(
         t for ax in fig.axes for t in (ax.get_title(), ax.get_ylabel())))
     build(src)
-    assert len(texts) == 4  # PPL vs bpw and PPL vs K: a title and a y label each
+    assert len(texts) == 6  # PPL vs bpw, PPL vs K and the frontier: a title and a y label each
     assert all("c4_heldout.jsonl" in t and "/abs" not in t for t in texts), texts
 
 

@@ -39,3 +39,14 @@ def test_unknown_method_keeps_the_id_and_bad_configs_are_skipped(tmp_path, capsy
     runs, failed, skipped = load_dir(tmp_path)
     assert [r.id for r in runs] == ["dense"] and failed == skipped == []
     assert "skipping" in capsys.readouterr().err
+
+
+def test_results_of_the_bits_schema_before_kept_only_storage_are_skipped_by_name(tmp_path, capsys):
+    """Their bpw charged every pruned weight a code and left the mask out: not comparable with today's."""
+    shutil.copy(FIXTURES / "dense.json", tmp_path)
+    j = json.loads((FIXTURES / "miB_s0.5_w4_k8.json").read_text())
+    j["bits"] = {"avg_weight_bits": 4.0, "metadata_bpw": 0.0641, "bpw": 4.0641, "mask_bpw": 1.0}
+    (tmp_path / "old.json").write_text(json.dumps(j))
+    runs, _, _ = load_dir(tmp_path)
+    assert [r.id for r in runs] == ["dense"]
+    assert "old.json" in (err := capsys.readouterr().err) and "kept-only" in err

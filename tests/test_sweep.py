@@ -25,7 +25,7 @@ import pytest
 from conftest import check_table_matches
 
 from miq import atomic
-from miq.experiments import methods, sweep
+from miq.experiments import methods, sweep, sweep_args
 from miq.run import config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +61,8 @@ def fake_result(cfg: config.RunConfig) -> dict:
     ppl = {e: 10 + zlib.crc32((key + e).encode()) % 1000 / 100 for e in cfg.eval_names()}
     meta = 0.06 + zlib.crc32(key.encode()) % 100 / 10000 if cfg.quantizing else 0.0
     return {"config": cfg.as_dict(), "method": method, "family": family, "ppl": ppl, "sparsity": cfg.sparsity,
-            "bits": {"avg_weight_bits": cfg.wbits, "metadata_bpw": meta, "bpw": cfg.wbits + meta,
-                     "mask_bpw": 1.0 if cfg.pruning else 0.0},
+            "bits": {"code_bpw": cfg.wbits, "metadata_bpw": meta, "mask_bpw": 1.0 if cfg.pruning else 0.0,
+                     "bpw": cfg.wbits + meta + (1.0 if cfg.pruning else 0.0)},
             "timing": {"calibration_s": 0.1, "compress_s": 0.2, "eval_s": 0.1, "mi_s": 0.05, "cluster_s": 0.01,
                        "alloc_s": 0.01, "prune_s": 0.1, "total_s": 0.5},
             "env": {"torch": "fake", "transformers": "fake", "device": "cpu", "device_name": "fake",
@@ -372,7 +372,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, fake, run, args):
 def test_help(run, tmp_path):
     r = run(tmp_path / "sweep", None, "--help")
     assert r.returncode == 0 and r.stderr == "" and not (tmp_path / "sweep").exists()
-    assert all(flag in r.stdout for flag in [*sweep.FLAGS, "--retry-failed"])
+    assert all(flag in r.stdout for flag in [*sweep_args.FLAGS, "--retry-failed"])
 
 
 def test_compare_methods_sh_runs_sweep_py(tmp_path):

@@ -19,7 +19,8 @@ from miq.experiments.results import (
     control_families,
     counted_control,
 )
-from miq.experiments.verdict import decide, judge
+from miq.experiments.stats import decide
+from miq.experiments.verdict import judge
 from miq.run import config
 
 

@@ -97,17 +97,22 @@ def nm_index_bits(n: int, m: int) -> int:
     return index_bits(math.comb(m, n))
 
 
-def encode_nm(mask: torch.Tensor, n: int, m: int) -> torch.Tensor | None:
-    """mask [R, C] -> n:m index stream, or None when it is not an aligned n:m mask (then store a bitmask)."""
+def nm_indices(mask: torch.Tensor, n: int, m: int) -> torch.Tensor | None:
+    """mask [R, C] -> [R, C / m] indices into the n-subsets of range(m), or None when it is not an aligned n:m
+    mask (then it is stored as a bitmask)."""
     R, C = mask.shape
     if m > MAX_NM_M or C % m:
         return None
     lookup, _ = _nm_tables(n, m)
     groups = mask.reshape(R, C // m, m).to(torch.int64)
     idx = lookup[(groups << torch.arange(m)).sum(-1)]
-    if bool((idx < 0).any()):
-        return None
-    return pack_bits(idx, nm_index_bits(n, m))
+    return None if bool((idx < 0).any()) else idx
+
+
+def encode_nm(mask: torch.Tensor, n: int, m: int) -> torch.Tensor | None:
+    """mask [R, C] -> n:m index stream, or None when it is not an aligned n:m mask (then store a bitmask)."""
+    idx = nm_indices(mask, n, m)
+    return None if idx is None else pack_bits(idx, nm_index_bits(n, m))
 
 
 def decode_nm(stream: torch.Tensor, n: int, m: int, shape: tuple[int, int]) -> torch.Tensor:

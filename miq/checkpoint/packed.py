@@ -1,4 +1,4 @@
-"""The packed compressed-model format ("miq-packed", version 2): the bits the toolkit reports, on disk, and a
+"""The packed compressed-model format ("miq-packed", version 3): the bits the toolkit reports, on disk, and a
 loader that rebuilds the evaluated model bit for bit.
 
 A folder written by ``opt_mi.py ... --save DIR`` (``--save-format packed``, the default) holds:
@@ -30,18 +30,19 @@ streams (``packbits.py``: width w, ceil(N w / 8) bytes, value k at bits k*w.., l
 - ``scale`` float16 [P, G]; ``zero`` float16 [P, G] integer zero-points, for asymmetric grids only (a
   symmetric grid's zero-point is 2^(b-1) = (maxq + 1) / 2: not stored);
 - codes: with w(r, c) = b[s(r), g(c)], for each width w of the table ``codes.w<w>`` is the stream of the codes
-  q(r, c) in [0, 2^w - 1] of the positions whose width is w, in row-major order (r, then c); the manifest's
-  ``codes`` counts them. Codes are dense: a pruned weight keeps its code (the zero-point), as the bits
-  accounting charges every weight its width;
+  q(r, c) in [0, 2^w - 1] of the kept positions whose width is w, in row-major order (r, then c: the order
+  the mask enumerates kept weights); the manifest's ``codes`` counts them and ``codes_of`` is ``"kept"``. A
+  pruned weight stores no code: it decodes to 0. Version 2 stored every weight's code (a pruned one as the
+  zero-point; ``codes_of`` absent); its folders still load;
 - W[r, c] = scale[s(r), g(c)] * (q(r, c) - zero[s(r), g(c)]) in float32, cast to the model dtype;
 - the mask (True = pruned), when pruned: ``mask``, the R*C stream of 1 bit, or for an aligned n:m mask
   ``nm_index``, one index per group of m columns into the n-subsets of range(m) (``packbits``). The loader
   checks that pruned weights decode to 0;
 - a pruned-only (unquantized) layer stores ``values``: its kept weights in row-major order, model dtype.
 
-The manifest: ``{"format": "miq-packed", "version": 2, "dtype", "files", "tied", "bit_order", "run" (the
+The manifest: ``{"format": "miq-packed", "version": 3, "dtype", "files", "tied", "bit_order", "run" (the
 run's flags), "weights", "bytes_on_disk", "layers": {L: {"shape": [R, C], "quantized", "sym", "sets",
-"row_groups", "columns": {"groups", "groupsize" | "g_idx"}, "widths", "codes": {w: count}, "mask": null |
+"row_groups", "columns": {"groups", "groupsize" | "g_idx"}, "widths", "codes": {w: count}, "codes_of", "mask": null |
 {"kind": "bitmask"} | {"kind": "n:m", "n", "m", "index_bits"}, "perm", "tensors": {name: {"dtype",
 "shape"}}}}}``. Every tensor's dtype and shape is checked against it on load; any mismatch, a missing or
 truncated file or a tensor that does not decode is one ``PackedFormatError`` line naming file and tensor.
@@ -61,8 +62,8 @@ from miq.checkpoint import packed_layer
 from miq.errors import ModelError
 from quant import QuantizedLayer
 
-FORMAT, VERSION = "miq-packed", 2
-READS = (1, 2)  # version 1 differs only in int32 g_idx and perm
+FORMAT, VERSION = "miq-packed", 3
+READS = (1, 2, 3)  # version 2 stores a code for every weight, pruned ones too; version 1 also int32 g_idx, perm
 MANIFEST, PACKED, DENSE = "quantization.json", "packed.safetensors", "dense.safetensors"
 DTYPES = {v: k for k, v in packed_layer.DTYPE_NAMES.items()}
 SAFETENSORS_DTYPES = {"U8": "uint8", "I32": "int32", "I64": "int64", "F16": "float16", "BF16": "bfloat16",

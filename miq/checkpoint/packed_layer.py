@@ -22,19 +22,53 @@ DTYPE_NAMES = {torch.uint8: "uint8", torch.int32: "int32", torch.float16: "float
                torch.float32: "float32", torch.float64: "float64"}
 
 
+def _keeps_perm(q: QuantizedLayer) -> bool:
+    """The processing order is stored for quantized act-order layers without column groups (with groups,
+    g_idx or contiguous groups carry what decoding needs; it never needs perm)."""
+    return q.perm is not None and q.scale is not None and q.scale.shape[1] == 1
+
+
+def stored_bits(q: QuantizedLayer, nm: tuple[int, int] | None) -> tuple[float, float, float]:
+    """(codes, metadata, mask): the bits ``encode`` stores for layer q, each stream unpadded (on disk every
+    stream rounds up to a byte). What the bits account charges, decided by the format's own rules; a pruned-only
+    layer's kept values count 16 bits each (fp16)."""
+    R, C = q.weight.shape
+    kept = torch.ones_like(q.weight, dtype=torch.bool) if q.mask is None else ~q.mask
+    mask_bits = 0.0
+    if q.mask is not None:
+        idx = packbits.nm_indices(q.mask, *nm) if nm is not None else None
+        mask_bits = float(R * C) if idx is None else float(idx.numel() * packbits.nm_index_bits(*nm))
+    if q.scale is None:
+        return 16.0 * int(kept.sum()), 0.0, mask_bits
+    sets, first = _parameter_sets(q)
+    P, G = len(first), q.scale.shape[1]
+    bits = _bits_of(q.maxq.float()[first])
+    meta = (16.0 if q.sym else 32.0) * P * G
+    meta += 0 if sets is None else R * index_bits(P)
+    meta += 0 if _groupsize(q.g_idx.long(), G) is not None else C * index_bits(G)
+    table, _, stored = _width_layout(bits)
+    meta += 0 if stored is None else stored.numel() * index_bits(len(table))
+    meta += C * index_bits(C) if _keeps_perm(q) else 0
+    row_set = sets if sets is not None else torch.arange(R)
+    codes = float((bits[row_set][:, q.g_idx.long()] * kept).sum())
+    return codes, meta, mask_bits
+
+
+def _bits_of(maxq: torch.Tensor) -> torch.Tensor:
+    return torch.log2(maxq.double() + 1).round().long()
+
+
 def encode(q: QuantizedLayer, dtype: torch.dtype, nm: tuple[int, int] | None) -> tuple[dict, dict[str, torch.Tensor]]:
     """The manifest entry and the tensors ({"<layer>.<part>": tensor}) of one layer; ``dtype``: the model's."""
     R, C = q.weight.shape
-    # the processing order is kept where the bits account charges it: quantized act-order layers without
-    # column groups (with groups, g_idx or contiguous groups carry what decoding needs; it never needs perm)
-    keep_perm = q.perm is not None and q.scale is not None and q.scale.shape[1] == 1
+    keep_perm = _keeps_perm(q)
     entry: dict = {"shape": [R, C], "quantized": q.scale is not None, "mask": None, "perm": keep_perm}
     t: dict[str, torch.Tensor] = {}
     if q.mask is not None:
         if bool(q.weight[q.mask].any()):
             raise ValueError(f"layer {q.name}: pruned weights are not 0")
         entry["mask"] = _encode_mask(q.mask, nm, t)
-    if keep_perm:  # at the ceil(log2 C) bits per column the account charges
+    if keep_perm:  # at ceil(log2 C) bits per column
         t["perm"] = packbits.pack_bits(q.perm, index_bits(C))
     if q.scale is None:  # pruned only: the kept weights as evaluated
         w = q.weight.to(dtype)
@@ -75,7 +109,7 @@ def _encode_grid(q: QuantizedLayer, dtype: torch.dtype, t: dict) -> dict:
     for label, x, per_set in (("scale", q.scale, scale), ("zero", q.zero, zero), ("maxq", q.maxq, maxq)):
         if not torch.equal(x.float(), per_set[row_set]):
             raise ValueError(f"layer {q.name}: rows of a shared group have different {label}s")
-    bits = torch.log2(maxq.double() + 1).round().long()
+    bits = _bits_of(maxq)
     if not torch.equal((2**bits - 1).float(), maxq) or not bool(((bits >= 1) & (bits <= 8)).all()):
         raise ValueError(f"layer {q.name}: maxq must be 2^b - 1 with b in 1..8")
     if not torch.equal(scale.half().float(), scale):
@@ -94,49 +128,62 @@ def _encode_grid(q: QuantizedLayer, dtype: torch.dtype, t: dict) -> dict:
         if not torch.equal(zero, zero.round()) or bool(((zero < 0) | (zero > maxq)).any()):
             raise ValueError(f"layer {q.name}: zero-points must be integers in [0, maxq]")
         t["zero"] = zero.half()
-    info["codes"] = _encode_codes(q, scale, zero, bits, row_set, g_idx, dtype, t)
+    info["codes"] = _encode_codes(q, (scale, zero, bits), row_set, g_idx, dtype, t)
+    info["codes_of"] = "kept"  # version 3: a pruned weight stores no code (version 1 and 2 stored every weight's)
     return info
 
 
-def _encode_columns(g_idx: torch.Tensor, G: int, t: dict) -> dict:
-    """Contiguous groups are named by their size alone; any other assignment is stored as g_idx."""
+def _groupsize(g_idx: torch.Tensor, G: int) -> int | None:
+    """The size of contiguous column groups (named by their size alone), or None when g_idx must be stored."""
     C = g_idx.numel()
     if C == 0 or int(g_idx.min()) < 0 or int(g_idx.max()) != G - 1:
         raise ValueError(f"g_idx must name the {G} column groups of the grid")
     size = int((g_idx == 0).sum())
-    if torch.equal(g_idx, torch.arange(C) // size) and G == -(-C // size):
+    return size if torch.equal(g_idx, torch.arange(C) // size) and G == -(-C // size) else None
+
+
+def _encode_columns(g_idx: torch.Tensor, G: int, t: dict) -> dict:
+    size = _groupsize(g_idx, G)
+    if size is not None:
         return {"groups": G, "groupsize": size}
-    t["g_idx"] = packbits.pack_bits(g_idx, index_bits(G))  # ceil(log2 G) bits per column, as accounted
+    t["g_idx"] = packbits.pack_bits(g_idx, index_bits(G))  # ceil(log2 G) bits per column
     return {"groups": G, "g_idx": True}
+
+
+def _width_layout(bits: torch.Tensor) -> tuple[list[int], str, torch.Tensor | None]:
+    """bits [P, G] as (the table of distinct widths, the layout, the indices into the table it stores)."""
+    table = sorted(set(bits.flatten().tolist()))
+    if len(table) == 1:
+        return table, "uniform", None
+    idx = torch.searchsorted(torch.tensor(table), bits)
+    if bool((bits == bits[:, :1]).all()):  # row (set) widths: output-axis groups
+        return table, "per_set", idx[:, 0]
+    if bool((bits == bits[:1]).all()):  # column-group widths shared by every row: input-axis groups
+        return table, "per_group", idx[0]
+    return table, "per_set_group", idx
 
 
 def _encode_widths(bits: torch.Tensor, t: dict) -> dict:
     """bits [P, G] as a table of distinct widths plus, where they vary, a stream of indices into it."""
-    table = sorted(set(bits.flatten().tolist()))
-    spec = {"table": table, "index_bits": index_bits(len(table))}
-    if len(table) == 1:
-        return {**spec, "layout": "uniform"}
-    idx = torch.searchsorted(torch.tensor(table), bits)
-    if bool((bits == bits[:, :1]).all()):  # row (set) widths: output-axis groups
-        layout, stored = "per_set", idx[:, 0]
-    elif bool((bits == bits[:1]).all()):  # column-group widths shared by every row: input-axis groups
-        layout, stored = "per_group", idx[0]
-    else:
-        layout, stored = "per_set_group", idx
-    t["widths"] = packbits.pack_bits(stored, spec["index_bits"])
-    return {**spec, "layout": layout}
+    table, layout, stored = _width_layout(bits)
+    spec = {"table": table, "index_bits": index_bits(len(table)), "layout": layout}
+    if stored is not None:
+        t["widths"] = packbits.pack_bits(stored, spec["index_bits"])
+    return spec
 
 
-def _encode_codes(q: QuantizedLayer, scale, zero, bits, row_set, g_idx, dtype, t: dict) -> dict[str, int]:
-    """One stream per width of the codes round(w / scale) + zero, checked to decode to the weights exactly."""
-    s, z, b = (x[row_set][:, g_idx] for x in (scale, zero, bits))
+def _encode_codes(q: QuantizedLayer, grid, row_set, g_idx, dtype, t: dict) -> dict[str, int]:
+    """One stream per width of the kept weights' codes round(w / scale) + zero (row-major, as the mask
+    enumerates kept weights), checked to decode to the weights exactly; grid: (scale, zero, bits) [P, G]."""
+    s, z, b = (x[row_set][:, g_idx] for x in grid)
+    kept = torch.ones_like(q.weight, dtype=torch.bool) if q.mask is None else ~q.mask
     codes = torch.round(q.weight.float() / s) + z
     in_range = bool(((codes >= 0) & (codes <= 2.0**b - 1)).all())
     if not in_range or not torch.equal((s * (codes - z)).to(dtype), q.weight.to(dtype)):
         raise ValueError(f"layer {q.name}: weights are not exactly on their stored grid; cannot pack them losslessly")
     counts = {}
-    for w in sorted(set(bits.flatten().tolist())):
-        sel = b == w
+    for w in sorted(set(grid[2].flatten().tolist())):
+        sel = (b == w) & kept
         t[f"codes.w{w}"] = packbits.pack_bits(codes[sel].long(), w)
         counts[str(w)] = int(sel.sum())
     return counts
@@ -167,15 +214,19 @@ def decode(name: str, entry: dict, get: Callable[[str], torch.Tensor], dtype: to
     scale = _grid_tensor(get("scale"), "scale", P, G)
     zero = 2.0 ** (bits - 1).float() if entry["sym"] else _grid_tensor(get("zero"), "zero", P, G)
     b = bits[row_set][:, g_idx]
-    codes = torch.empty(R, C, dtype=torch.float32)
+    z = zero[row_set][:, g_idx]
+    kept_only = entry.get("codes_of", "all") == "kept" and mask is not None  # version 3 stores kept codes only
+    coded = ~mask if kept_only else torch.ones(R, C, dtype=torch.bool)
+    codes = z.clone()  # a pruned weight without a code decodes as its zero-point: 0
     for w, count in entry["codes"].items():
-        sel = b == int(w)
+        sel = (b == int(w)) & coded
         if int(sel.sum()) != int(count):
-            raise ValueError(f"{int(sel.sum())} weights have width {w}, the manifest counts {count}")
+            raise ValueError(f"{int(sel.sum())} stored weights have width {w}, the manifest counts {count}")
         codes[sel] = packbits.unpack_bits(get(f"codes.w{w}"), int(w), int(count)).float()
-    if sum(int(c) for c in entry["codes"].values()) != R * C:
-        raise ValueError(f"code streams cover {sum(int(c) for c in entry['codes'].values())} of {R * C} weights")
-    w = (scale[row_set][:, g_idx] * (codes - zero[row_set][:, g_idx])).to(dtype)
+    if sum(int(c) for c in entry["codes"].values()) != int(coded.sum()):
+        raise ValueError(f"code streams cover {sum(int(c) for c in entry['codes'].values())} of "
+                         f"{int(coded.sum())} stored weights")
+    w = (scale[row_set][:, g_idx] * (codes - z)).to(dtype)
     if mask is not None and bool(w[mask].any()):
         raise ValueError("the mask marks weights pruned whose codes are not the zero-point")
     return w

@@ -229,14 +229,31 @@ class SweepConfig:
     skip: str | None = None
 
 
+def sparsity_flags(sparsity: str) -> list[str]:
+    """``--sparsity S``, or ``--prunen N --prunem M`` for an "N:M" sparsity."""
+    if ":" in sparsity:
+        n, m = sparsity.split(":")
+        return ["--prunen", n, "--prunem", m]
+    return ["--sparsity", sparsity]
+
+
+def _pruned(sparsity: str) -> bool:
+    return ":" in sparsity or float(sparsity) > 0
+
+
+def _sid(sparsity: str) -> str:
+    """The sparsity as result ids spell it ("2:4" -> "2of4": no colon in file names)."""
+    return sparsity.replace(":", "of")
+
+
 def run_flags(m: Method, sparsity: str, wbits: str, k: int | None) -> list[str]:
     """opt_mi.py flags of method m at one point of the matrix (sparsity and wbits as strings)."""
     if m.role == "reference":
         base = ["--sparsity", "0", "--wbits", "16"]
     elif m.quantized:
-        base = ["--sparsity", sparsity, "--wbits", wbits]
+        base = [*sparsity_flags(sparsity), "--wbits", wbits]
     else:
-        base = ["--sparsity", sparsity]
+        base = sparsity_flags(sparsity)
     return base + m.flags.format(k=k).split()
 
 
@@ -263,16 +280,16 @@ def _matrix_one_seed(options: SweepOptions) -> list[SweepConfig]:
     chosen = [m for m in METHODS if m.id in options.methods]
     out = [SweepConfig(m.id, tuple(run_flags(m, "0", "16", None))) for m in chosen if m.role == "reference"]
     for s in options.sparsities:
-        if float(s) > 0:
-            out += [SweepConfig(f"{m.id}_s{s}", tuple(run_flags(m, s, "", None)))
+        if _pruned(s):
+            out += [SweepConfig(f"{m.id}_s{_sid(s)}", tuple(run_flags(m, s, "", None)))
                     for m in chosen if m.stage == "prune" and m.role != "reference"]
         for w in options.wbits:
             for m in (m for m in chosen if m.quantized and not m.per_k):
                 skip = None
                 if m.whole_bits and not _whole(w):
                     skip = f"uniform quantization needs whole bits; a {w}-bit budget needs --groups"
-                out.append(SweepConfig(f"{m.id}_s{s}_w{w}", tuple(run_flags(m, s, w, None)), skip))
+                out.append(SweepConfig(f"{m.id}_s{_sid(s)}_w{w}", tuple(run_flags(m, s, w, None)), skip))
             for k in options.ks:
-                out += [SweepConfig(f"{m.id}_s{s}_w{w}_k{k}", tuple(run_flags(m, s, w, k)))
+                out += [SweepConfig(f"{m.id}_s{_sid(s)}_w{w}_k{k}", tuple(run_flags(m, s, w, k)))
                         for m in chosen if m.per_k]
     return out

@@ -105,7 +105,7 @@ def plot_ppl_vs_bpw(runs: list[Run], evalset: str, path: Path | str) -> None:
     else:
         ax.text(0.5, 0.5, "no finite perplexity on this eval set", ha="center", transform=ax.transAxes)
     name = _set_name(evalset)
-    ax.set_xlabel("bits per weight (weights + quantization metadata; mask not counted)")
+    ax.set_xlabel("bits per weight stored (kept codes + metadata + mask), all decoder linears")
     ax.set_ylabel(f"perplexity on {name} (lower is better)")
     ax.set_title(f"PPL vs bpw on {name}")
     ax.grid(True, alpha=0.3)
@@ -169,3 +169,33 @@ def plot_ppl_vs_k(runs: list[Run], evalset: str, path: Path | str) -> bool:
     fig.tight_layout()
     save_png(fig, path, dpi=REPORT_FIG_DPI)
     return True
+
+
+def plot_frontier(units: list, evalset: str, envelope: list, path: Path | str) -> None:
+    """PPL (log scale) over total stored bpw, a line per sparsity through its configurations, the lower
+    envelope dashed on top; 1000 x 650 PNG to ``path``, atomically."""
+    fig, ax = _report_figure()
+    finite = sorted((u for u in units if math.isfinite(u.ppl_of(evalset))), key=lambda u: u.bpw)
+    by_sparsity: dict[str, list] = {}
+    for u in finite:
+        by_sparsity.setdefault(u.sparsity_label, []).append(u)
+    for i, (label, us) in enumerate(sorted(by_sparsity.items(), key=lambda kv: kv[1][0].sparsity_key)):
+        color = LINE_COLORS[i % len(LINE_COLORS)]
+        ax.plot([u.bpw for u in us], [u.ppl_of(evalset) for u in us], color=color, marker="o", ms=4, lw=1,
+                label=f"sparsity {label}")
+    if envelope:
+        ax.plot([u.bpw for u in envelope], [u.ppl_of(evalset) for u in envelope], color="black", ls="--", lw=1.5,
+                marker="s", mfc="none", ms=9, label="lower envelope")
+        _spread_labels(ax, [(u.bpw, u.ppl_of(evalset), u.method) for u in envelope])
+    if finite:
+        ax.set_yscale("log")
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no finite perplexity on this eval set", ha="center", transform=ax.transAxes)
+    name = _set_name(evalset)
+    ax.set_xlabel("bits per weight stored (kept codes + metadata + mask), all decoder linears")
+    ax.set_ylabel(f"perplexity on {name} (log scale, lower is better)")
+    ax.set_title(f"Sparsity x width frontier on {name}")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    save_png(fig, path, dpi=REPORT_FIG_DPI)

@@ -24,12 +24,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from miq import atomic
-from miq.experiments import methods, plots
+from miq.experiments import frontier, methods, plots
 from miq.experiments.results import BASELINE_FAMILIES, Run, counted_control, eval_sets, load_dir, units
-from miq.experiments.verdict import BPW_TOL, SIGNIFICANCE, Cell, Comparison, Verdict, judge
+from miq.experiments.stats import SIGNIFICANCE
+from miq.experiments.verdict import BPW_TOL, Cell, Comparison, Verdict, judge
 from miq.options import fmt_num
 
-BIT_KEYS = ("avg_weight_bits", "metadata_bpw", "bpw", "mask_bpw")  # the table's bit columns, in order
+BIT_KEYS = ("code_bpw", "metadata_bpw", "mask_bpw", "bpw")  # the table's bit columns, in order
 
 # ----------------------------------------------------------------------------------------------------------
 # formatting: fixed decimals so a reader (or a test) can parse the table back and compare to the JSONs
@@ -129,7 +130,7 @@ def results_table(runs: list[Run], sets: list[str]) -> list[str]:
             key = (r.sparsity_label, r.wbits, s)
             best[key] = min(best.get(key, math.inf), round(r.ppl_of(s), 3))
     header = ["run", "method", "target sparsity", "measured sparsity", "wbits budget", "K", "strategy",
-              "avg bits", "metadata bpw", "bpw", "mask bpw"] + [f"PPL {s}" for s in sets]
+              "code bpw", "metadata bpw", "mask bpw", "bpw"] + [f"PPL {s}" for s in sets]
     rows = [[r.id, r.method, r.sparsity_label, fmt_bpw(r.data.get("sparsity")), r.wbits_label, fmt_k(r.groups),
              r.strategy] + [fmt_bpw(r.bits.get(k)) for k in BIT_KEYS] + _ppl_cells(r, sets, best) for r in runs]
     return [
@@ -205,6 +206,16 @@ def figures(runs: list[Run], sets: list[str], src: Path, out_dir: Path) -> list[
         lines += ["Per-run analysis figures:", ""]
         lines += [f"- {rid}: [{Path(p).name}]({p})" for rid, p in per_run] + [""]
     return lines
+
+
+def frontier_section(us: list, sets: list[str], out_dir: Path) -> list[str]:
+    """PPL against total stored bpw and the best configuration per storage target (``frontier.py``)."""
+    if not frontier.wanted(us):
+        return []
+    names = frontier.figure_names(sets)
+    for s, name in names.items():
+        plots.plot_frontier(us, s, frontier.envelope(us, s), out_dir / name)
+    return frontier.section(us, sets, names)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,7 +379,8 @@ def build(src: Path, out: Path) -> str:
         md += ["No result JSONs (with \"ppl\" and \"bits\") were found.", ""]
     else:
         md += environment(runs) + results_table(runs, sets) + seeds_table(runs, sets) + overhead_table(runs)
-        md += figures(runs, sets, src, out_dir) + verdict_section(runs, sets)
+        md += figures(runs, sets, src, out_dir) + frontier_section(units(runs), sets, out_dir)
+        md += verdict_section(runs, sets)
     if skipped:
         md += skipped_section(skipped)
     if failed:

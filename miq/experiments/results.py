@@ -211,6 +211,9 @@ def _as_run(p: Path, obj: dict) -> Run | None:
     if not isinstance(obj["bits"].get("bpw"), (int, float)):
         _warn(p, "no bits.bpw")
         return None
+    if "code_bpw" not in obj["bits"]:  # its bpw charged a code to every pruned weight and left the mask out
+        _warn(p, "bits of the schema before kept-only storage (no bits.code_bpw): not comparable, rerun it")
+        return None
     try:
         return Run(p.stem, obj)
     except (TypeError, ValueError) as e:  # a config block RunConfig cannot hold

@@ -31,22 +31,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shlex
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from miq import atomic
-from miq.errors import ConfigError
 from miq.experiments import methods, report
-from miq.options import DEFAULT_EVAL, TOY_EVAL, TOY_NAMES
-from miq.run import outputs
+from miq.experiments.sweep_args import Sweep, UsageError, parse_args
+from miq.options import TOY_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: opt_mi.py and the miq package
 Runner = Callable[[list[str]], list[str]]
@@ -56,118 +53,9 @@ ERROR_LINES = 20  # log lines kept in a failure note
 NOT_RUN = {"exists": "exists, skipped", "failed": "failed before, skipped (--retry-failed to run it again)",
            "skip": "skipped: {reason}"}  # progress lines of configurations that do not run
 
-# flag -> (metavar, default, help); "" defaults depend on --model
-FLAGS: dict[str, tuple[str, str, str]] = {
-    "--model": ("M", "toy", "hub id, local folder, or a built-in toy: 'toy' (OPT) or 'toy-llama' (default toy)"),
-    "--calib": ("D", "synthetic", "calibration data (default synthetic)"),
-    "--eval": ("LIST", "", f"comma-separated eval sets (default {TOY_EVAL} for toy, else {DEFAULT_EVAL})"),
-    "--sparsities": ("LIST", "0.5", 'target sparsities (default "0.5"); 0 runs the quantize-only rows'),
-    "--groups": ("LIST", "8", 'K values for the MI and control rows (default "8")'),
-    "--wbits": ("LIST", "4", 'bit budgets (default "4"); fractional budgets skip the uniform and g128 rows'),
-    "--out": ("DIR", "results/sweep", "results folder (default results/sweep)"),
-    "--jobs": ("N", "1", "configurations run at a time (default 1)"),
-    "--nsamples": ("N", "", "calibration windows (default 32 for toy, else 128)"),
-    "--seeds": ("LIST", "0", 'seeds (calibration, MI sampling, clustering); several, e.g. "0 1 2", run every '
-                "seeded configuration once per seed (ids end in _seed<n>) and give the report mean +- std and "
-                "a seed-aware verdict"),
-    "--extra": ('"..."', "", 'flags appended to every opt_mi.py call, e.g. "--seqlen 64"'),
-    "--methods": ("LIST", " ".join(methods.MATRIX_IDS), "methods to run (default the matrix: "
-                  f"{' '.join(methods.MATRIX_IDS)}; also "
-                  f"{' '.join(m.id for m in methods.METHODS if not m.in_matrix)})"),
-}
-
-
-def usage() -> str:
-    lines = ["usage: sweep.py [--FLAG VALUE ...] [--retry-failed]  (compare_methods.sh takes the same)", ""]
-    lines += [f"  {flag + ' ' + meta:<19}{textwrap.fill(text, 100, subsequent_indent=' ' * 21)}"
-              for flag, (meta, _, text) in FLAGS.items()]
-    return "\n".join(lines + [f"  {'--retry-failed':<19}run configurations that have an <id>.failed.json again"])
-
-
 def opt_mi_command(args: list[str]) -> list[str]:
     """The default runner: opt_mi.py beside this file, under the interpreter running the sweep."""
     return [sys.executable, str(ROOT / "opt_mi.py"), *args]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the command line
-
-
-class UsageError(Exception):
-    """A bad argument: ``str(e)`` is the one line printed before exiting with code 2."""
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """A validated command line."""
-
-    model: str
-    calib: str
-    eval: str
-    nsamples: int
-    out: Path
-    jobs: int
-    extra: tuple[str, ...]
-    retry_failed: bool
-    matrix: methods.SweepOptions
-
-
-def parse_args(argv: Sequence[str]) -> Sweep | None:
-    """The validated command line, or None after printing --help."""
-    raw = {flag: default for flag, (_, default, _) in FLAGS.items()}
-    retry, args = False, list(argv)
-    while args:  # by hand, not argparse: a value may start with "-" (--extra "--sym")
-        flag = args.pop(0)
-        if flag in ("-h", "--help"):
-            print(usage())
-            return None
-        if flag == "--retry-failed":
-            retry = True
-        elif flag not in FLAGS:
-            raise UsageError(f"unknown option {flag} (see --help)")
-        elif not args:
-            raise UsageError(f"{flag} needs a value (see --help)")
-        else:
-            raw[flag] = args.pop(0)
-    return validate(raw, retry)
-
-
-def _check(values: list[str], pattern: str, message: str) -> None:
-    for v in values:
-        if not re.fullmatch(pattern, v):
-            raise UsageError(message.format(v))
-
-
-def validate(raw: dict[str, str], retry: bool) -> Sweep:
-    sparsities, wbits, ks, chosen, seeds = (raw[f].split() for f in
-                                            ("--sparsities", "--wbits", "--groups", "--methods", "--seeds"))
-    _check([raw["--jobs"]], "[1-9][0-9]*", "--jobs {}: must be a positive integer")
-    _check([raw["--nsamples"]], "|[1-9][0-9]*", "--nsamples {}: must be a positive integer")
-    _check(sparsities, r"0\.?|0?\.[0-9]+", "--sparsities: {} is not in [0, 1)")
-    _check(wbits, r"[0-9]+(\.[0-9]+)?", "--wbits: {} is not a number")
-    _check(ks, "[1-9][0-9]*", "--groups: {} is not a positive integer K")
-    _check(seeds, "[0-9]{1,9}", "--seeds: {} is not a seed (an integer 0 .. 999999999)")
-    if len(set(seeds)) != len(seeds) or not seeds:
-        raise UsageError(f"--seeds {raw['--seeds']!r}: give distinct seeds, e.g. \"0 1 2\"")
-    for m in chosen:
-        if m not in methods.BY_ID:
-            raise UsageError(f"--methods: unknown {m} (known: {' '.join(methods.BY_ID)})")
-    if not (sparsities and wbits and chosen):
-        raise UsageError("--sparsities, --wbits and --methods must not be empty")
-    try:
-        extra = shlex.split(raw["--extra"])
-    except ValueError as e:
-        raise UsageError(f"--extra: {e}") from None
-    try:  # before anything runs: a folder the results cannot go to is found now, not after the first run
-        outputs.check_target("--out", raw["--out"], "folder")
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
-    toy = raw["--model"] in TOY_NAMES
-    return Sweep(model=raw["--model"], calib=raw["--calib"], eval=raw["--eval"] or (TOY_EVAL if toy else DEFAULT_EVAL),
-                 nsamples=int(raw["--nsamples"] or (32 if toy else 128)), out=Path(raw["--out"]),
-                 jobs=int(raw["--jobs"]), extra=tuple(extra), retry_failed=retry,
-                 matrix=methods.SweepOptions(tuple(sparsities), tuple(wbits), tuple(map(int, ks)), tuple(chosen),
-                                             tuple(int(n) for n in seeds)))
 
 
 # ----------------------------------------------------------------------------------------------------------

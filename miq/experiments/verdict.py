@@ -20,74 +20,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
-from miq.experiments.results import BASELINE_FAMILIES, MI_FAMILIES, Run, Unit, control_families, counted_control, units
+from miq.experiments.results import BASELINE_FAMILIES, MI_FAMILIES, Run, control_families, counted_control, units
+from miq.experiments.stats import Decision, Paired, decide_runs
 
 # A baseline counts as "equal bits" when it spends at least the MI run's bpw minus this: bpw is printed
 # with 4 decimals and two methods at the same budget can differ in the last digits of metadata.
 BPW_TOL = 0.005
 # beside sparsity, wbits and K, what a control shares with the MI run it controls
 CONTROL_KEYS = ("strategy", "bit_alloc", "groupsize", "alloc_cost", "mi_alpha")
-SIGNIFICANCE = 2.0  # standard errors the mean paired difference must exceed
 for _fam in MI_FAMILIES:  # fail on import, not with a wrong count in a report
     counted_control(_fam)
-
-Decision = Literal[
-    "better",  # the MI run's PPL is lower (or the reference's is n/a)
-    "worse",  # higher (or the MI run's is n/a)
-    "equal",  # the same PPL: no gain
-    "no comparison",  # both PPLs n/a
-    "no equal-bits baseline",  # every baseline at this sparsity spends fewer bits than the MI run
-    "no baseline",  # no quantized non-MI run at this sparsity at all
-    "no control",  # no control run set up like any MI run of the cell
-    "no significant difference",  # over seeds: the mean paired difference is within 2 standard errors
-]
-
-
-@dataclass(frozen=True)
-class Paired:
-    """Reference PPL minus MI PPL, paired by seed: ``n`` seeds, their ``mean`` and its standard error ``se``."""
-
-    n: int
-    mean: float
-    se: float
-
-
-def paired(mi: Run | Unit, ref: Run | Unit, s: str) -> Paired | None:
-    """The paired differences over the seeds both have (finite PPLs only); None with fewer than two."""
-    a, b = mi.seed_ppl(s), ref.seed_ppl(s)
-    d = [b[k] - a[k] for k in sorted(set(a) & set(b)) if math.isfinite(a[k]) and math.isfinite(b[k])]
-    if len(d) < 2:
-        return None
-    mean = sum(d) / len(d)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
-    return Paired(len(d), mean, sd / math.sqrt(len(d)))
-
-
-def decide_runs(mi: Run | Unit, ref: Run | Unit, s: str) -> tuple[Decision, Paired | None]:
-    """The decision between two configurations: over seeds when both have two or more in common, else on
-    their (single) PPLs."""
-    p = paired(mi, ref, s)
-    if p is None:
-        return decide(mi.ppl_of(s), ref.ppl_of(s)), None
-    if p.mean == 0 and p.se == 0:
-        return "equal", p
-    if abs(p.mean) > SIGNIFICANCE * p.se:
-        return ("better" if p.mean > 0 else "worse"), p
-    return "no significant difference", p
-
-
-def decide(p: float, q: float) -> Decision:
-    """PPL p (the MI run's) against reference PPL q; +inf stands for n/a (diverged or not evaluated)."""
-    if math.isinf(p) and math.isinf(q):
-        return "no comparison"
-    if math.isinf(q) or q > p:  # a finite PPL beats one that diverged
-        return "better"
-    if math.isinf(p) or q < p:
-        return "worse"
-    return "equal"
-
 
 @dataclass(frozen=True)
 class Comparison:

@@ -11,7 +11,6 @@ compressed. Every family in ``layouts.py`` takes the same path; only the names d
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 import zlib
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from miq import bitstats
+from miq.checkpoint import packed_layer
 from miq.model import layerwalk, layouts
 from miq.model.layouts import Layout
 from miq.options import PassOptions, pick
@@ -139,13 +139,13 @@ def compress_linear(name: str, g: SparseGPT, cfg: RunConfig, res: CompressionRes
     loss = {"incurred": float(layer_error(W0, g.result.W, Hd).sum()), "obs": g.error}
     if plan is not None and plan.predicted_loss is not None:
         loss["predicted"] = plan.predicted_loss
-    n_sets = g.n_param_sets if cfg.quantizing else 0  # counted by the quantizer as SparseGPT used it
-    _record(res, cfg, LayerStats(name, g.rows, g.columns, n_sets, int(g.result.mask.sum()), prune_s, loss), plan)
+    stored = _stored(name, g.result, g.perm, cfg, plan)
+    _record(res, cfg, LayerStats(name, g.rows, g.columns, g.result.mask.cpu(), prune_s, loss), plan, stored)
     if g.percdamp_used is not None and g.percdamp_used != cfg.percdamp:
         res.layers[-1]["percdamp_used"] = g.percdamp_used
     res.layers[-1]["timing"]["total_s"] = time.time() - t
     if cfg.save:
-        res.saved.append(_stored(name, g, cfg, plan))
+        res.saved.append(stored)
     g.free()
     return plan
 
@@ -169,24 +169,25 @@ def _final_pass(g: SparseGPT, cfg: RunConfig, plan: LayerPlan | None) -> None:
     g.prune(pick(PassOptions, cfg), q, **kw)
 
 
-def _g_idx(g: SparseGPT, cfg: RunConfig, plan: LayerPlan | None) -> torch.Tensor:
+def _g_idx(columns: int, cfg: RunConfig, plan: LayerPlan | None) -> torch.Tensor:
     """Every input column's quantization group."""
     if plan is not None and plan.axis == "input":
         return plan.labels.cpu()
-    return column_groups(g.columns, cfg.groupsize)
+    return column_groups(columns, cfg.groupsize)
 
 
-def _stored(name: str, g: SparseGPT, cfg: RunConfig, plan: LayerPlan | None) -> QuantizedLayer:
-    """A compressed layer as a checkpoint would hold it (CPU copies: the walk moves on to the next layer)."""
+def _stored(name: str, r: PassResult, perm: torch.Tensor | None, cfg: RunConfig,
+            plan: LayerPlan | None) -> QuantizedLayer:
+    """A compressed layer as a checkpoint would hold it (CPU copies: the walk moves on to the next layer);
+    r: its pass, perm: the order the pass processed columns in."""
 
     def cpu(t):
         return None if t is None else t.detach().cpu().clone()
 
-    r = g.result
     shared = plan is not None and plan.axis == "output" and cfg.strategy == "shared"
     return QuantizedLayer(name, cpu(r.W).float(), cpu(r.mask) if cfg.pruning else None, cpu(r.scale), cpu(r.zero),
-                          cpu(r.maxq), _g_idx(g, cfg, plan), sym=cfg.sym, perm=cpu(g.perm) if cfg.act_order else None,
-                          row_groups=cpu(plan.labels) if shared else None)
+                          cpu(r.maxq), _g_idx(r.W.shape[1], cfg, plan), sym=cfg.sym,
+                          perm=cpu(perm) if cfg.act_order else None, row_groups=cpu(plan.labels) if shared else None)
 
 
 def _trial_fn(g: SparseGPT, cfg: RunConfig, opts: PlanOptions):
@@ -201,29 +202,26 @@ def _trial_fn(g: SparseGPT, cfg: RunConfig, opts: PlanOptions):
 
 @dataclass(frozen=True)
 class LayerStats:
-    """What one compressed layer's record counts: its shape, the parameter sets its quantizer stored, the
-    weights its mask pruned, the pass's seconds and its losses."""
+    """What one compressed layer's record counts: its shape, its mask [R, C] (True = pruned), the pass's
+    seconds and its losses."""
 
     name: str
     rows: int
     cols: int
-    n_sets: int
-    pruned: int
+    mask: torch.Tensor
     prune_s: float
     loss: dict | None = None
 
 
-def _record(res: CompressionResult, cfg: RunConfig, st: LayerStats, plan: LayerPlan | None) -> None:
-    """Append one layer's bits account and JSON record (schema in docs/formats.md)."""
+def _record(res: CompressionResult, cfg: RunConfig, st: LayerStats, plan: LayerPlan | None,
+            stored: QuantizedLayer) -> None:
+    """Append one layer's bits account (what the packed format stores for it) and JSON record."""
     rows, cols = st.rows, st.cols
-    stored = bitstats.Stored(rows, cols, _row_bits(cfg, rows, plan), st.n_sets,
-                             None if plan is None else int(plan.group_bits.numel()), len(cfg.bits_choices), cfg.mask,
-                             sym=cfg.sym, indexed=_indexed(cfg, rows, cols, plan),
-                             extra_bits=_permutation_bits(cfg, cols, plan))
-    bits = bitstats.layer_bits(stored)
+    nm = (cfg.prunen, cfg.prunem) if cfg.prunen else None
+    bits = bitstats.LayerBits(rows * cols, int((~st.mask).sum()), *packed_layer.stored_bits(stored, nm))
     res.bits.append(bits)
     rec = {"name": st.name, "channels": rows, "in_features": cols, "groups": None if plan is None else
-           int(plan.group_bits.numel()), "pruned": st.pruned,
+           int(plan.group_bits.numel()), "pruned": int(st.mask.sum()),
            "timing": {"mi_s": 0.0, "cluster_s": 0.0, "alloc_s": 0.0, "prune_s": st.prune_s}}
     if st.loss is not None:
         rec["loss"] = st.loss
@@ -235,31 +233,6 @@ def _record(res: CompressionResult, cfg: RunConfig, st: LayerStats, plan: LayerP
             rec["h_mass"] = plan.h_mass
         rec["timing"].update({k: plan.timing[k] for k in ("mi_s", "cluster_s", "alloc_s")})
     res.layers.append(rec)
-
-
-def _row_bits(cfg: RunConfig, rows: int, plan: LayerPlan | None) -> list[float] | None:
-    """Each row's mean width (None: unquantized); input-axis groups give every row the same mean."""
-    if plan is None:
-        return [int(cfg.wbits)] * rows if cfg.quantizing else None
-    return plan.row_bits.tolist() if plan.axis == "output" else [plan.mean_bits] * rows
-
-
-def _indexed(cfg: RunConfig, rows: int, cols: int, plan: LayerPlan | None) -> int | None:
-    """How many channels store a group index: none for consecutive runs (their sizes name them), every row
-    of row groups, every input column of column groups (g_idx)."""
-    if plan is None or cfg.groups == "all" or cfg.cluster == "contiguous":
-        return 0
-    return rows if plan.axis == "output" else cols
-
-
-def _permutation_bits(cfg: RunConfig, cols: int, plan: LayerPlan | None) -> float:
-    """Act-order stores its column order (ceil(log2 C) bits per column) when the layer has one column group
-    (none carries the order); the packed format keeps ``perm`` under the same rule (``packed_layer.encode``)."""
-    if plan is not None and plan.axis == "input":
-        n_groups = plan.group_bits.numel()
-    else:
-        n_groups = -(-cols // cfg.groupsize) if cfg.groupsize > 0 else 1
-    return float(cols * bitstats.index_bits(cols)) if cfg.act_order and cfg.quantizing and n_groups == 1 else 0.0
 
 
 @torch.no_grad()
@@ -280,12 +253,10 @@ def compress_magnitude(model, cfg: RunConfig) -> CompressionResult:
             dt = time.time() - t
             res.timing["prune_s"] += dt
             rows, cols = W.shape
-            # round-to-nearest per row, once per --groupsize block
-            n_sets = rows * (math.ceil(cols / cfg.groupsize) if cfg.groupsize > 0 else 1) if cfg.quantizing else 0
+            stored = _stored(n, PassResult(W.float(), mask, torch.zeros(0), torch.zeros(0), *grid), None, cfg, None)
+            _record(res, cfg, LayerStats(n, rows, cols, mask.cpu(), dt), None, stored)
             if cfg.save:
-                res.saved.append(_stored(n, PassResult(W.float(), mask, torch.zeros(0), torch.zeros(0), *grid),
-                                         cfg, None))
-            _record(res, cfg, LayerStats(n, rows, cols, n_sets, int(mask.sum()), dt), None)
+                res.saved.append(stored)
     return res
 
 

@@ -1,0 +1,107 @@
+"""The sparsity x width frontier: which configuration gives the lowest perplexity at a given storage.
+
+Every configuration (over seeds, a ``results.Unit``) is a point (total bpw, PPL): bpw is what the model stores
+per decoder linear weight, kept codes, metadata and mask included (``bitstats``), so a 50%-sparse 4-bit model
+and a dense 3-bit one sit on one axis. The lower envelope is the best PPL reachable at or below each bpw. At a
+target storage B, the candidates are the configurations within ``WINDOW`` of B; the best is the lowest mean PPL,
+and the verdict against the runner-up is the report's paired rule (``stats.decide_runs``: 2 standard errors
+of the per-seed differences, or the single PPLs with one seed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from miq.experiments.results import Unit
+from miq.experiments.stats import Decision, Paired, decide_runs
+
+TARGETS = (2.5, 3.0, 3.5, 4.0, 5.0)  # total bpw the report answers for
+WINDOW = 0.1  # a configuration counts for a target within +- this many bpw
+
+
+def points(us: list[Unit], evalset: str) -> list[Unit]:
+    """The units with a finite PPL on evalset, by bpw then PPL."""
+    return sorted((u for u in us if math.isfinite(u.ppl_of(evalset))), key=lambda u: (u.bpw, u.ppl_of(evalset)))
+
+
+def envelope(us: list[Unit], evalset: str) -> list[Unit]:
+    """The lower envelope: each unit whose PPL is below that of every unit storing no more bits."""
+    out: list[Unit] = []
+    for u in points(us, evalset):
+        if not out or u.ppl_of(evalset) < out[-1].ppl_of(evalset):
+            out.append(u)
+    return out
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best configuration within WINDOW of ``target`` bpw on ``evalset``, against the runner-up."""
+
+    evalset: str
+    target: float
+    best: Unit | None
+    runner_up: Unit | None
+    decision: Decision | None  # the best against the runner-up
+    paired: Paired | None
+
+
+def best_at(us: list[Unit], evalset: str, target: float) -> Best:
+    near = sorted((u for u in points(us, evalset) if abs(u.bpw - target) <= WINDOW + 1e-9),
+                  key=lambda u: (u.ppl_of(evalset), u.bpw, u.id))
+    if not near:
+        return Best(evalset, target, None, None, None, None)
+    if len(near) == 1:
+        return Best(evalset, target, near[0], None, None, None)
+    decision, p = decide_runs(near[0], near[1], evalset)
+    return Best(evalset, target, near[0], near[1], decision, p)
+
+
+def describe(u: Unit) -> str:
+    """A configuration as the frontier names it: method, sparsity (or n:m), bpw."""
+    return f"{u.method} at sparsity {u.sparsity_label}, {u.bpw:.3f} bpw"
+
+
+def fmt_ppl(u: Unit, evalset: str) -> str:
+    spread = u.spread(evalset)
+    return f"{u.ppl_of(evalset):.3f}" + (f" ± {spread:.3f}" if u.seeds > 1 and math.isfinite(spread) else "")
+
+
+def best_line(b: Best) -> str:
+    """One sentence per (eval set, target)."""
+    head = f"**{b.target:g} bpw ± {WINDOW:g}, {b.evalset}**: "
+    if b.best is None:
+        return head + "no configuration stores that many bits."
+    line = head + f"{describe(b.best)}: PPL {fmt_ppl(b.best, b.evalset)} ({b.best.seeds} seed(s))"
+    if b.runner_up is None:
+        return line + "; the only configuration in the window."
+    gap = b.runner_up.ppl_of(b.evalset) - b.best.ppl_of(b.evalset)
+    line += f"; runner-up {describe(b.runner_up)}: PPL {fmt_ppl(b.runner_up, b.evalset)}, {gap:.3f} higher"
+    if b.paired is not None:
+        line += f" (paired over {b.paired.n} seeds: {b.paired.mean:+.3f} ± {b.paired.se:.3f} SE)"
+    verdict = {"better": "the best is significantly better",
+               "no significant difference": "no significant difference"}.get(b.decision or "", b.decision or "")
+    return f"{line}: {verdict}."
+
+
+def wanted(us: list[Unit]) -> bool:
+    """A frontier needs configurations at two sparsities (or more)."""
+    return len({u.sparsity_label for u in us}) >= 2
+
+
+def figure_names(sets: list[str]) -> dict[str, str]:
+    return {s: "frontier.png" if i == 0 else f"frontier_{i}.png" for i, s in enumerate(sets)}
+
+
+def section(us: list[Unit], sets: list[str], figures: dict[str, str]) -> list[str]:
+    """The report's frontier section: its figures (eval set -> file) and the best configuration at each
+    target, per eval set."""
+    md = ["## Frontier: the best model at a given storage", "",
+          f"Perplexity against total bpw (codes of kept weights, metadata and mask), a line per sparsity, the "
+          f"lower envelope dashed. Best configuration within ±{WINDOW:g} bpw of each target, against the "
+          f"runner-up (paired over seeds, 2 SE).", ""]
+    for s in sets:
+        if s in figures:
+            md += [f"![frontier {s}]({figures[s]})", ""]
+        md += [f"- {best_line(best_at(us, s, t))}" for t in TARGETS] + [""]
+    return md
