@@ -8,6 +8,7 @@ The cases are data (``CASES``: flags, output paths, data files, model folders), 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -120,7 +121,22 @@ CASES = [
     case("json-onto-eval", *T, "--json", "short_eval.txt", expect=("--json short_eval.txt", "--eval")),
     case("json-inside-save", *T, "--save", "m", "--json", "m/r.json", expect=("--json m/r.json", "--save")),
     case("save-onto-file", *T, "--save", "afile", expect=("--save afile", "is a file")),
-    case("save-onto-other-folder", *T, "--save", "adir", expect=("--save adir", "not a saved model")),
+    case("save-onto-other-folder", *T, "--save", "adir", expect=("--save adir", "did not save")),
+    # --- never destroy what is not the toolkit's own: other models, model files, files it did not write
+    case("save-onto-another-model", *T, "--save", "gpt2ish", expect=("--save gpt2ish", "did not save")),
+    case("save-onto-another-full-model", *T, "--save", "notokenizer", expect=("--save notokenizer", "did not save")),
+    case("json-onto-another-models-config", *T, "--json", "gpt2ish/config.json",
+         expect=("--json gpt2ish/config.json", "did not write")),
+    case("json-onto-a-text-file", *T, "--json", "afile", expect=("--json afile", "did not write")),
+    case("json-onto-model-config", "toycopy", "synthetic", "--json", "toycopy/config.json",
+         expect=("--json toycopy/config.json", "MODEL")),
+    case("json-onto-model-weights", "toycopy", "synthetic", "--json", "toycopy/model.safetensors",
+         expect=("--json toycopy/model.safetensors", "MODEL")),
+    case("save-inside-model", "toycopy", "synthetic", "--save", "toycopy/out",
+         expect=("--save toycopy/out", "inside the MODEL")),
+    case("analysis-inside-model", "toycopy", "synthetic", *GROUPED, "--analysis-dir", "toycopy/an",
+         expect=("--analysis-dir toycopy/an", "inside the MODEL")),
+    case("save-onto-dataset-folder", "toy", "adir/keep.txt", "--save", "adir", expect=("--save adir", "DATASET")),
     case("save-in-proc", *T, "--save", "/proc/m", expect=("--save /proc/m", "cannot write")),
     case("save-onto-model", "toycopy", "synthetic", "--save", "toycopy", expect=("--save toycopy", "MODEL")),
     case("save-under-file", *T, "--save", "afile/m", expect=("--save afile/m", "is a file")),
@@ -160,6 +176,15 @@ CASES = [
          expect=("tensor model.decoder.layers.1.fc2.weight is missing",)),
     case("model-truncated", "truncated", "synthetic", expect=("MODEL truncated", "truncated")),
     case("model-garbage-weights", "garbage", "synthetic", expect=("MODEL garbage", "safetensors")),
+    # --- a model that does not load whole never runs (transformers would only warn, and invent what is missing)
+    case("model-missing-bias", "nobias", "synthetic", expect=("tensor model.decoder.layers.0.fc1.bias", "missing")),
+    case("model-missing-norm", "nonorm", "synthetic",
+         expect=("tensor model.decoder.final_layer_norm.weight", "missing", "(1 of")),
+    case("model-extra-layer-dropped", "fewerlayers", "synthetic",
+         expect=("tensor model.decoder.layers.1.", "belongs to no part", "16 such tensors")),
+    case("model-layer-invented", "morelayers", "synthetic", expect=("tensor model.decoder.layers.2.", "missing")),
+    case("model-family-relabelled", "relabelled", "synthetic", expect=("MODEL relabelled", "missing")),
+    case("model-pickled-missing-tensor", "pickled", "synthetic", expect=("MODEL pickled", "is missing")),
     case("model-nan-dense", "nanmodel", "synthetic", expect=("tensor model.decoder.layers.1.fc2.weight", "NaN")),
     case("model-nan-magnitude", "nanmodel", "synthetic", "--sparsity", "0.5", "--gmp", expect=("NaN",)),
     case("model-nan-sparsegpt", "nanmodel", "synthetic", "--sparsity", "0.5", expect=("NaN",)),
@@ -215,6 +240,17 @@ def _write_models(d: Path, toy: Path) -> None:
     _model_copy(toy, d / "badhidden", {"hidden_size": 32, "word_embed_proj_dim": 32})
     _model_copy(toy, d / "badffn", {"ffn_dim": 128})
     _weights(_model_copy(toy, d / "notensor"), lambda w: w.pop("model.decoder.layers.1.fc2.weight"))
+    _weights(_model_copy(toy, d / "nobias"), lambda w: w.pop("model.decoder.layers.0.fc1.bias"))
+    _weights(_model_copy(toy, d / "nonorm"), lambda w: w.pop("model.decoder.final_layer_norm.weight"))
+    _model_copy(toy, d / "fewerlayers", {"num_hidden_layers": 1})
+    _model_copy(toy, d / "morelayers", {"num_hidden_layers": 3})
+    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "intermediate_size": 256,
+             "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "max_position_embeddings": 256}
+    _model_copy(toy, d / "relabelled", llama)
+    pickled = _model_copy(toy, d / "pickled", drop=("model.safetensors",))
+    w = load_file(str(toy / "model.safetensors"))
+    w.pop("model.decoder.layers.1.fc2.weight")
+    torch.save(w, pickled / "pytorch_model.bin")
     _weights(_model_copy(toy, d / "nanmodel"), lambda w: w["model.decoder.layers.1.fc2.weight"].view(-1)[7:8].fill_(
         float("nan")))
     data = (_model_copy(toy, d / "truncated") / "model.safetensors").read_bytes()
@@ -231,13 +267,15 @@ def workdir(tmp_path_factory, toy_path) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
-    """Every file and folder under root, hidden ones included, with what would show a change."""
+    """Every file and folder under root, hidden ones included, with what would show a change (a file's
+    content by its sha256)."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
-            out[os.path.relpath(p, root)] = (st.st_mode, st.st_size, st.st_mtime_ns)
+            digest = hashlib.sha256(Path(p).read_bytes()).hexdigest() if os.path.isfile(p) else ""
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
     return out
 
 
@@ -264,6 +302,19 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(c: Case, workdir, capsy
     assert line.startswith("opt_mi.py: error: "), line
     assert out == ""
     assert snapshot(workdir) == before
+
+
+def test_the_toy_cache_is_never_an_output(toy_path, tmp_path, capsys, monkeypatch):
+    """--save, --json or --analysis-dir into a cached toy is refused before any work; the toy is untouched."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "short_eval.txt").write_text(synthetic_text("test")[:3000])
+    before = snapshot(Path(toy_path))
+    for flag, target in [("--save", toy_path), ("--json", f"{toy_path}/config.json"),
+                         ("--analysis-dir", f"{toy_path}/an")]:
+        code = opt_mi.main(["toy", "synthetic", *FAST, *GROUPED, flag, target])
+        line = check_one_line(capsys.readouterr().err, code, 2, (flag, "toy cache"))
+        assert "inside the toy cache" in line or "overwrite the toy cache" in line
+    assert snapshot(Path(toy_path)) == before
 
 
 def test_the_matrix_is_large_enough():
@@ -350,19 +401,20 @@ def test_killed_run_is_cleaned_up_and_repeated_runs_are_bit_identical(tmp_path, 
     p.communicate(timeout=60)
     assert [n for n in snapshot(work) if n.startswith("out/.model.")], "the killed run left nothing to clean"
     monkeypatch.chdir(work)
-    results, weights = [], []
+    results, weights, files = [], [], []
     for _ in range(2):
         assert opt_mi.main(["toy", "synthetic", *RUN]) == 0
         results.append(_result(work / "out" / "r.json"))
-        # every saved tensor, whatever the format (safetensors writes its metadata in no fixed order, so the
-        # files' bytes may differ where their contents do not)
+        # every saved file, byte for byte (and every tensor, to name the first difference)
         model_dir = work / "out" / "model"
         weights.append({(f.name, k): v for f in sorted(model_dir.glob("*.safetensors"))
                         for k, v in load_file(str(f)).items()})
+        files.append({f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(model_dir.iterdir())})
         names = sorted(snapshot(work / "out"))
         assert not [n for n in names if ".tmp" in n], names
     assert results[0] == results[1] and weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert files[0] == files[1] and "miq_save.json" in files[0]
     assert {"analysis", "model", "r.json"} <= set(names)
     assert "warning" not in capsys.readouterr().err
 

@@ -388,6 +388,12 @@ def _edit_manifest(d, edit) -> None:
     (d / "quantization.json").write_text(json.dumps(m))
 
 
+def _flip_byte(path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def _truncate(path, keep: int) -> None:
     path.write_bytes(path.read_bytes()[:keep])
 
@@ -413,11 +419,16 @@ def _shorter_code_stream(d) -> None:
     (lambda d: _edit_manifest(d, lambda m: m["layers"][LAYER].update(shape=[256, 65])), [LAYER, "[256, 65]"]),
     (lambda d: _edit_manifest(d, lambda m: m["layers"][LAYER]["tensors"][f"{LAYER}.scale"].update(shape=[9, 1])),
      [f"{LAYER}.scale", "[9, 1]"]),
-    (_shorter_code_stream, [LAYER, "bytes"]),
+    (_shorter_code_stream, ["packed.safetensors", "sha256"]),
+    (lambda d: _flip_byte(d / "packed.safetensors", -3), ["packed.safetensors", "sha256"]),  # a scale
+    (lambda d: _flip_byte(d / "dense.safetensors", -7), ["dense.safetensors", "sha256"]),
+    (lambda d: _edit_manifest(d, lambda m: m["layers"][LAYER].pop("codes")), [f"layers.{LAYER}.codes", "missing"]),
+    (lambda d: _edit_manifest(d, lambda m: m.pop("tied")), ["quantization.json", "tied is missing"]),
+    (lambda d: _edit_manifest(d, lambda m: m.pop("sha256")), ["sha256 is missing"]),
     (lambda d: (d / "quantization.json").write_text('{"format": "miq-packed", "version": 1, "layers": '),
      ["quantization.json"]),
 ], ids=["truncated-packed", "truncated-dense", "missing-dense", "layer-shape", "tensor-shape", "short-stream",
-        "broken-json"])
+        "flipped-scale", "flipped-dense", "no-codes-key", "no-tied-key", "no-checksums", "broken-json"])
 def test_damaged_folder_is_one_line_and_exit_2(saved_toy, tmp_path, capsys, small_eval, damage, expect):
     d = _damaged(saved_toy, tmp_path, damage)
     out = tmp_path / "r.json"

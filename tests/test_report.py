@@ -210,6 +210,23 @@ def test_cli(src, tmp_path):
     assert r.returncode == 2 and "not a directory" in r.stderr
 
 
+def test_out_never_replaces_a_folder_or_a_file_the_toolkit_did_not_write(src, tmp_path, capsys):
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes")
+    (tmp_path / "folder").mkdir()
+    for out, why in [(notes, "did not write"), (tmp_path / "folder", "is a folder"),
+                     (src / "miB_s0.5_w4_k8.json", "did not write")]:
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+        assert report.main([str(src), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--out {out}" in err[0] and why in err[0]
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+        assert not list(tmp_path.glob("*.png"))
+    assert notes.read_text() == "my notes"
+    assert report.main([str(src), "--out", str(tmp_path / "r.md")]) == 0  # a report it wrote: replaced
+    assert report.main([str(src), "--out", str(tmp_path / "r.md")]) == 0
+
+
 def test_figures_name_eval_sets_by_base_name(src, monkeypatch):
     """Titles and axis labels show c4_heldout.jsonl, never the folder it was read from."""
     for p in src.glob("*.json"):

@@ -369,6 +369,17 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, fake, run, args):
     assert r.stdout == "" and fake.invocations() == [] and not (tmp_path / "sweep").exists()
 
 
+def test_out_inside_the_model_folder_or_the_toy_cache_is_refused(tmp_path, fake, run, toy_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    for out, args, what in [(model / "results", ["--model", str(model)], "MODEL"),
+                            (Path(toy_path) / "results", [], "toy cache")]:
+        r = run(out, fake, *args)
+        assert r.returncode == 2 and f"inside the {what}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not out.exists() and fake.invocations() == []
+
+
 def test_help(run, tmp_path):
     r = run(tmp_path / "sweep", None, "--help")
     assert r.returncode == 0 and r.stderr == "" and not (tmp_path / "sweep").exists()

@@ -1,4 +1,5 @@
-"""The save formats, and what each rules out from the flags alone (checked with the flags, before any work).
+"""The save formats, what each rules out from the flags alone (checked with the flags, before any work), and
+how a folder this toolkit saved is recognised (only such a folder, or an empty one, may be replaced).
 
 Torch-free, so that ``miq.run.config`` can refuse a format the run cannot be saved in; the writers are
 ``packed.py``, ``export_ct.py`` and ``miq.run.saving`` (dense).
@@ -6,10 +7,38 @@ Torch-free, so that ``miq.run.config`` can refuse a format the run cannot be sav
 
 from __future__ import annotations
 
+import json
+import os
+
 from miq.options import fmt_num
 
 FORMATS = ("packed", "compressed-tensors", "dense")
 USE_PACKED = "use --save-format packed"
+MARKER = "miq_save.json"  # in every saved folder: {"written_by": WRITER, "format": ...}
+WRITER = "mutual_info_quantization"
+OWN_MANIFESTS = ("miq-packed", "dense")  # quantization.json formats of saves from before the marker
+
+
+def marker(fmt: str) -> str:
+    """The marker file's content for a folder saved in ``fmt``."""
+    return json.dumps({"format": fmt, "written_by": WRITER}, sort_keys=True)
+
+
+def _json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def saved_by_toolkit(folder: str) -> bool:
+    """Whether ``folder`` is a model this toolkit saved (its marker, or a packed or dense manifest)."""
+    mark = _json(os.path.join(folder, MARKER))
+    if isinstance(mark, dict) and mark.get("written_by") == WRITER:
+        return True
+    manifest = _json(os.path.join(folder, "quantization.json"))
+    return isinstance(manifest, dict) and manifest.get("format") in OWN_MANIFESTS
 
 
 def flag_problem(cfg) -> str | None:

@@ -51,6 +51,7 @@ truncated file or a tensor that does not decode is one ``PackedFormatError`` lin
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 
@@ -103,14 +104,16 @@ def write_packed(folder: str, model, tokenizer, layers: list[QuantizedLayer], nm
     for q in layers:
         entries[q.name], t = packed_layer.encode(q, dtype, nm)
         tensors.update(t)
-    save_file(tensors, os.path.join(folder, PACKED), metadata={"format": FORMAT, "version": str(VERSION)})
-    save_file(dense, os.path.join(folder, DENSE), metadata={"format": FORMAT, "version": str(VERSION)})
+    # one metadata key: safetensors writes several in no fixed order, and the same run must give the same bytes
+    save_file(tensors, os.path.join(folder, PACKED), metadata={"format": FORMAT})
+    save_file(dense, os.path.join(folder, DENSE), metadata={"format": FORMAT})
     nbytes = sum(tensor_bytes(os.path.join(folder, PACKED)).values())
     weights = sum(q.weight.numel() for q in layers)
     manifest = {"format": FORMAT, "version": VERSION, "dtype": packed_layer.DTYPE_NAMES[dtype],
                 "files": {"packed": PACKED, "dense": DENSE}, "tied": tied,
                 "bit_order": "integer arrays are LSB-first bit streams (see packed.py / packbits.py)",
-                "run": run or {}, "weights": weights, "bytes_on_disk": nbytes, "layers": entries}
+                "run": run or {}, "weights": weights, "bytes_on_disk": nbytes,
+                "sha256": {f: _sha256(os.path.join(folder, f)) for f in (PACKED, DENSE)}, "layers": entries}
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     model.config.save_pretrained(folder)
@@ -118,6 +121,14 @@ def write_packed(folder: str, model, tokenizer, layers: list[QuantizedLayer], nm
         model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return {"bytes_on_disk": nbytes, "bpw_on_disk": 8 * nbytes / weights if weights else None}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def dense_state(model, compressed: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -162,15 +173,43 @@ def read_manifest(path: str) -> dict:
     if manifest.get("version") not in READS:
         raise PackedFormatError(f"{p}: format version {manifest.get('version')!r}; this toolkit reads "
                                 f"{' and '.join(map(str, READS))}")
-    try:
-        expected = {k: v for e in manifest["layers"].values() for k, v in e["tensors"].items()}
-        _check_file(os.path.join(path, PACKED), expected)
-        if manifest["dtype"] not in DTYPES:
-            raise PackedFormatError(f"{p}: unknown dtype {manifest['dtype']!r}")
-    except (KeyError, TypeError, AttributeError) as e:
-        raise PackedFormatError(f"{p}: malformed manifest ({type(e).__name__}: {e})") from None
+    _check_schema(p, manifest)
+    expected = {k: v for e in manifest["layers"].values() for k, v in e["tensors"].items()}
+    _check_file(os.path.join(path, PACKED), expected)
     _check_file(os.path.join(path, DENSE), None)
+    for file, digest in manifest.get("sha256", {}).items():  # version 3 on: every byte as it was written
+        if file not in (PACKED, DENSE):
+            raise PackedFormatError(f"{p}: sha256 names {file}, no file of the format")
+        if _sha256(os.path.join(path, file)) != digest:
+            raise PackedFormatError(f"{os.path.join(path, file)}: its sha256 differs from the manifest's: the "
+                                    "file changed after it was written")
     return manifest
+
+
+_TOP = {"dtype": str, "tied": dict, "weights": int, "bytes_on_disk": int, "layers": dict}
+_LAYER = {"shape": list, "quantized": bool, "tensors": dict}
+_GRID = {"sym": bool, "sets": int, "row_groups": bool, "columns": dict, "widths": dict, "codes": dict}
+
+
+def _check_schema(p: str, manifest: dict) -> None:
+    """Every key decoding reads, with its type, before any data is read: one line naming the first that is not."""
+    def need(where: str, d: dict, spec: dict) -> None:
+        for key, kind in spec.items():
+            if not isinstance(d.get(key), kind) or (kind is int and isinstance(d.get(key), bool)):
+                raise PackedFormatError(f"{p}: {where}{key} is missing or not a {kind.__name__}")
+
+    need("", manifest, {**_TOP, **({"sha256": dict} if manifest["version"] >= 3 else {})})
+    if manifest["dtype"] not in DTYPES:
+        raise PackedFormatError(f"{p}: unknown dtype {manifest['dtype']!r}")
+    for name, e in manifest["layers"].items():
+        if not isinstance(e, dict):
+            raise PackedFormatError(f"{p}: layers.{name} is not an object")
+        need(f"layers.{name}.", e, {**_LAYER, **(_GRID if e.get("quantized") else {})})
+        if e.get("mask") is not None and not isinstance(e["mask"], dict):
+            raise PackedFormatError(f"{p}: layers.{name}.mask is not null or an object")
+        if e.get("quantized"):
+            need(f"layers.{name}.columns.", e["columns"], {"groups": int})
+            need(f"layers.{name}.widths.", e["widths"], {"table": list, "layout": str})
 
 
 def _check_file(path: str, expected: dict | None) -> None:

@@ -401,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report.py: error: {src} is not a directory", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else src / "performance_report.md"
+    if out.is_dir() or (out.exists() and not out.read_bytes().startswith(b"# Performance report")):
+        why = "is a folder; give a file path" if out.is_dir() else "an existing file this toolkit did not write"
+        print(f"report.py: error: --out {out}: {why}", file=sys.stderr)
+        return 2
     build(src, out)
     print(f"wrote {out}")
     return 0

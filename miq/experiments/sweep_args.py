@@ -126,6 +126,8 @@ def validate(raw: dict[str, str], retry: bool) -> Sweep:
     except ValueError as e:
         raise UsageError(f"--extra: {e}") from None
     try:  # before anything runs: a folder the results cannot go to is found now, not after the first run
+        data = [("--calib", raw["--calib"]), *[("--eval", e) for e in raw["--eval"].split(",") if e]]
+        outputs.check_apart("--out", raw["--out"], "folder", outputs.inputs_of(raw["--model"], data))
         outputs.check_target("--out", raw["--out"], "folder")
     except ConfigError as e:
         raise UsageError(str(e)) from None

@@ -170,31 +170,54 @@ def skeleton(src: ModelSource):
     return model
 
 
+def _expected_tensors(model) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """({name: shape} of the tensors a checkpoint must hold for ``model`` (the skeleton), {alias: name} of the
+    tied ones (lm_head tied to the embeddings: one tensor, stored under either name))."""
+    first: dict[int, str] = {}
+    expected, alias = {}, {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in first:
+            alias[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+            expected[name] = list(t.shape)
+    return expected, alias
+
+
 def check_weights(src: ModelSource, model) -> None:
-    """A local folder has weights, and every tensor in its safetensors headers has the shape that config.json
-    implies (``model``: the skeleton); the decoder's linear weights are all there. Headers only: cheap."""
+    """A local folder has weights that make up exactly the model config.json describes (``model``: the
+    skeleton): every tensor the architecture expects is in the checkpoint, with the shape config.json implies,
+    and every tensor in the checkpoint is used (ties as transformers makes them). Headers only: cheap, before
+    any work; pickled checkpoints are checked when loaded (``load_model``)."""
     if not src.local or _packed(src.path):  # a packed folder's manifest was checked on opening it
         return
     present = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(src.path, f))]
     if not present:
         raise ModelError(f"MODEL {src.name}: no weights in the folder (model.safetensors or pytorch_model.bin)")
     if not present[0].startswith("model.safetensors"):
-        return  # pickled weights have no cheap header; from_pretrained reports their problems
-    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+        return
+    expected, alias = _expected_tensors(model)
     found: set[str] = set()
+    unused: list[tuple[str, str]] = []
     for file in _safetensors_files(src, present[0]):
-        for key, shape in _safetensors_shapes(src, file).items():
-            key = key if key in expected else f"model.{key}"  # checkpoints saved without the base prefix
-            if key in expected and shape != expected[key]:
+        for stored, shape in _safetensors_shapes(src, file).items():
+            key = stored if stored in expected or stored in alias else f"model.{stored}"  # saved without the prefix
+            key = alias.get(key, key)
+            if key not in expected:
+                unused.append((stored, file))
+                continue
+            if shape != expected[key]:
                 raise ModelError(f"MODEL {src.name}: tensor {key} is {shape} in {file}, but config.json implies "
                                  f"{expected[key]}; the config and the weights do not belong together")
             found.add(key)
-    needed = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
-    embed = next(f"{n}.weight" for n, m in model.named_modules() if m is model.get_input_embeddings())
-    missing = [k for k in needed + [embed] if k not in found]
+    missing = [k for k in expected if k not in found]
     if missing:
         raise ModelError(f"MODEL {src.name}: tensor {missing[0]} is missing from the weights "
                          f"({len(missing)} of the model's tensors are)")
+    if unused:
+        raise ModelError(f"MODEL {src.name}: tensor {unused[0][0]} in {unused[0][1]} belongs to no part of the "
+                         f"model config.json describes ({len(unused)} such tensors); the config and the weights "
+                         "do not belong together")
 
 
 def _safetensors_files(src: ModelSource, first: str) -> list[str]:
@@ -241,12 +264,18 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device):
         return model
     try:
         with src.cache_only():
-            model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype,
-                                                         trust_remote_code=src.trust_remote_code)
+            model, info = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype, output_loading_info=True,
+                                                               trust_remote_code=src.trust_remote_code)
     except MemoryError:
         raise
     except Exception as e:  # a damaged or mismatched checkpoint, told in one line
         raise ModelError(f"MODEL {src.name}: could not load the weights ({first_line(e)})") from None
+    for kind, what in (("missing_keys", "is missing from the weights"), ("unexpected_keys", "is not used by the model"),
+                       ("mismatched_keys", "has the wrong shape")):
+        keys = sorted(str(k) for k in info.get(kind) or ())  # a model that did not load whole never runs
+        if keys:
+            raise ModelError(f"MODEL {src.name}: tensor {keys[0]} {what} ({len(keys)} such tensors); the config "
+                             "and the weights do not belong together")
     model.eval()
     model.config.use_cache = False
     return model

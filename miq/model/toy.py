@@ -82,6 +82,11 @@ LLAMA_TOY = ToySpec("toy-llama", "toy-llama-v1", "llama", layers=2, hidden=64, h
 TOYS: dict[str, ToySpec] = {t.name: t for t in (OPT_TOY, LLAMA_TOY)}
 
 
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where the toys are cached: cache_dir, else $MIQ_CACHE_DIR, else ~/.cache/mutual_info_quantization."""
+    return Path(cache_dir or os.environ.get("MIQ_CACHE_DIR") or "~/.cache/mutual_info_quantization").expanduser()
+
+
 def toy_model_path(cache_dir: str | None = None, name: str = OPT_TOY.name) -> str:
     """A local folder with the toy model ``name`` and its tokenizer; built (~25 s) and cached on first use.
 
@@ -91,8 +96,7 @@ def toy_model_path(cache_dir: str | None = None, name: str = OPT_TOY.name) -> st
     A folder built by another recipe or from another corpus (see ``ToySpec.recipe``) is rebuilt.
     """
     spec = TOYS[name]
-    root = Path(cache_dir or os.environ.get("MIQ_CACHE_DIR") or "~/.cache/mutual_info_quantization")
-    final = root.expanduser() / spec.version
+    final = cache_root(cache_dir) / spec.version
     if _is_current(final, spec):
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)

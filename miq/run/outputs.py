@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from miq import atomic
+from miq.checkpoint import formats
 from miq.errors import ConfigError
+from miq.model import toy
 from miq.run.compress import CompressionResult
 from miq.run.config import RunConfig
 
@@ -187,9 +189,12 @@ def check_target(flag: str, path: str, kind: str) -> None:
             raise ConfigError(f"{flag} {path}: exists and is not a regular file")
         if kind != "file" and not os.path.isdir(target):
             raise ConfigError(f"{flag} {path}: is a file; give a folder path")
-        if kind == "replace" and os.listdir(target) and not os.path.isfile(os.path.join(target, "config.json")):
-            raise ConfigError(f"{flag} {path}: an existing folder that is not a saved model (no config.json) "
+        if kind == "replace" and os.listdir(target) and not formats.saved_by_toolkit(target):
+            raise ConfigError(f"{flag} {path}: an existing folder this toolkit did not save (no {formats.MARKER}) "
                               "would be replaced; remove it or give a new folder")
+        if kind == "file" and not _result_json(target):
+            raise ConfigError(f"{flag} {path}: an existing file this toolkit did not write (not a result JSON) "
+                              "would be overwritten; give a new path")
     where = target if kind == "folder" else os.path.dirname(target)
     existing = _nearest_existing(where)
     if not os.path.isdir(existing):
@@ -202,24 +207,50 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def _result_json(path: str) -> bool:
+    """A result JSON this toolkit wrote: its ``env`` names the code version."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and isinstance(d.get("env"), dict) and "code_version" in d["env"]
+
+
+def inputs_of(model: str, data: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(what, path) of everything a run reads and must never write: the data files ``data`` (as (flag, path)),
+    the model folder, the toys' cached folders."""
+    toys = [("toy cache", str(toy.cache_root() / spec.version)) for spec in toy.TOYS.values()]
+    return [*data, ("MODEL", model), *toys]
+
+
+def check_apart(flag: str, path: str, kind: str, inputs: list[tuple[str, str]]) -> None:
+    """Refuse an output that would overwrite an input, or be written inside an input folder (both ways)."""
+    for what, src in inputs:
+        if not os.path.exists(src):
+            continue
+        if kind != "folder" and _inside(src, path):
+            raise ConfigError(f"{flag} {path}: would overwrite the {what} {src}")
+        if os.path.isdir(src) and _inside(path, src):
+            raise ConfigError(f"{flag} {path}: inside the {what} {src}, which this toolkit never writes into")
+
+
 def check_targets(cfg: RunConfig) -> None:
-    """Every output path of the run can be published: checked up front, so that a mistake costs no work. The
-    analysis folder only where figures can be drawn (MI-grouped runs): it defaults to one, and a dense run in a
-    read-only folder must not fail over figures it never draws."""
+    """Every output path of the run can be published without touching an input or a file the toolkit did not
+    write: checked up front, so that a mistake costs no work. The analysis folder only where figures can be
+    drawn (MI-grouped runs): it defaults to one, and a dense run in a read-only folder must not fail over figures
+    it never draws."""
     figures = cfg.analysis_dir if cfg.grouped else ""
     targets = [(f, p, k) for f, p, k in [("--json", cfg.json, "file"), ("--save", cfg.save, "replace"),
                                          ("--analysis-dir", figures, "folder")] if p]
     for flag, path, kind in targets:
-        check_target(flag, path, kind)
-    inputs = [("DATASET", cfg.dataset)] + [("--eval", e) for e in cfg.eval_names()] + [("MODEL", cfg.model)]
-    for flag, path, kind in targets:
-        for other, src in inputs:
-            if kind != "folder" and os.path.exists(src) and _inside(src, path):
-                raise ConfigError(f"{flag} {path}: would overwrite the {other} {src}")
+        check_apart(flag, path, kind, inputs_of(cfg.model, [("DATASET", cfg.dataset),
+                                                            *[("--eval", e) for e in cfg.eval_names()]]))
         if cfg.save and flag != "--save" and _inside(path, cfg.save):
             raise ConfigError(f"{flag} {path}: inside the --save folder, which is replaced as a whole")
     if cfg.json and figures and _inside(figures, cfg.json):
         raise ConfigError(f"--analysis-dir {cfg.analysis_dir}: the same path as --json")
+    for flag, path, kind in targets:
+        check_target(flag, path, kind)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 
-from miq.checkpoint import export_ct, packed
+from miq.checkpoint import export_ct, formats, packed
 from miq.run import outputs
 from miq.run.compress import CompressionResult
 from miq.run.config import RunConfig
@@ -32,7 +32,10 @@ def save(model, tokenizer, res: CompressionResult, cfg: RunConfig, out: str) -> 
 
 
 def write(folder: str, model, tokenizer, res: CompressionResult, cfg: RunConfig) -> dict | None:
-    """Fill the existing, empty ``folder`` with the model in ``cfg.save_format``; see ``save``."""
+    """Fill the existing, empty ``folder`` with the model in ``cfg.save_format`` and the marker that says this
+    toolkit saved it (so that a later --save may replace it); see ``save``."""
+    with open(os.path.join(folder, formats.MARKER), "w", encoding="utf-8") as f:
+        f.write(formats.marker(cfg.save_format))
     if cfg.save_format == "packed":
         nm = (cfg.prunen, cfg.prunem) if cfg.prunen else None
         return packed.write_packed(folder, model, tokenizer, res.saved, nm=nm, run=cfg.as_dict())
