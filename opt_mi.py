@@ -127,6 +127,8 @@ def run(cfg: RunConfig) -> dict:
         if cfg.json:
             outputs.write_json(stage.file(cfg.json), out)
     print(summary({**out, "ppl": ppl}, str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")))
+    for w in cfg.warnings:  # flags that changed nothing (also in the JSON's config block); said last, so that
+        print(f"warning: {w}", file=sys.stderr)  # a failing run's one line stays one line
     return out
 
 

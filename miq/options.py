@@ -61,6 +61,12 @@ class PassOptions:
     act_order: bool = False
 
 
+def needs_mi(groups, cluster: str, bit_alloc: str) -> bool:
+    """Whether a plan computes MI: for clustering by dependence (random keeps spectral's sizes) or for
+    hessian-mi; never with every channel its own group."""
+    return groups not in (0, "all") and (cluster in NEEDS_MI or bit_alloc == "hessian-mi")
+
+
 def pick(cls, source):
     """An options record ``cls`` filled from ``source`` (a RunConfig) by field name."""
     return cls(**{f.name: getattr(source, f.name) for f in dataclasses.fields(cls)})

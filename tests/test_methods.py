@@ -35,7 +35,7 @@ LABELS = [
     (["--wbits", "3.5", "--groups", "8", "--mi-estimator", "gaussian"], "mi-B[gaussian]", "mi"),
     (["--wbits", "3.5", "--groups", "8", "--cluster", "contiguous", "--mi-estimator", "gaussian"],
      "contiguous-B", "contiguous"),  # contiguous groups estimate no MI
-    (["--wbits", "4", "--groups", "8", "--bit-alloc", "uniform", "--alloc-cost", "rtn"], "mi-B[uniform]", "mi"),
+    (["--wbits", "4", "--groups", "8", "--bit-alloc", "uniform"], "mi-B[uniform]", "mi"),
     # issue 10: input-axis groups, act-order, range grouping
     (["--sparsity", "0.5", "--wbits", "3", "--act-order"], "sparsegpt+act-order", "act-order"),
     (["--sparsity", "0.5", "--wbits", "3", "--act-order", "--groupsize", "128"], "sparsegpt+act-order-g128",

@@ -22,7 +22,7 @@ import torch
 import channel_grouping
 import mutual_info
 from miq.errors import PlanError
-from miq.options import DEFAULT_BITS_CHOICES, NEEDS_MI, MIOptions
+from miq.options import DEFAULT_BITS_CHOICES, MIOptions, needs_mi
 from miq.plan import allocation
 from miq.plan.trials import TrialResult
 from quant import Quantizer
@@ -68,10 +68,7 @@ class PlanOptions:
         return self.bit_alloc != "uniform"
 
     def needs_mi(self) -> bool:
-        """MI is computed for clustering by dependence (random keeps spectral's sizes) or for hessian-mi."""
-        if self.groups == "all":
-            return False
-        return self.cluster in NEEDS_MI or self.bit_alloc == "hessian-mi"
+        return needs_mi(self.groups, self.cluster, self.bit_alloc)
 
 
 @dataclass

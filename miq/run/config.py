@@ -38,6 +38,7 @@ from miq.options import (
     MIOptions,
     fmt_num,
 )
+from miq.run import no_effect
 
 _MI = MIOptions()  # the estimator defaults
 SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's random_state take 0 .. 2**32 - 1
@@ -192,6 +193,7 @@ class RunConfig:
     mi_alpha: float = 0.0
     analysis_dir: str = "analysis"
     plot_layer: str | None = None
+    warnings: tuple[str, ...] = ()  # flags given that change nothing in this run (no_effect.py), said on stderr
 
     # --- what the run does, derived (never stored twice)
     @property
@@ -364,7 +366,9 @@ def from_namespace(a: argparse.Namespace) -> RunConfig:
     if a.mi_axis == "input" and groups == 0:
         raise _bad("--mi-axis", "input", "groups input columns: give --groups K (and --wbits below 16)")
     _check_device(a.device)
-    cfg = RunConfig(**{**vars(a), "groups": groups, "bits_choices": choices, "mi_alpha": float(alpha)})
+    warnings = no_effect.check(a, groups, _DEFAULTS)
+    cfg = RunConfig(**{**vars(a), "groups": groups, "bits_choices": choices, "mi_alpha": float(alpha),
+                       "warnings": warnings})
     _check_eval(cfg)
     for name in [cfg.dataset] + cfg.eval_names():
         try:
@@ -375,6 +379,9 @@ def from_namespace(a: argparse.Namespace) -> RunConfig:
     if problem:
         raise ConfigError(problem)
     return cfg
+
+
+_DEFAULTS = {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
 
 
 def parse(argv: list[str] | None = None) -> RunConfig:
@@ -389,8 +396,9 @@ def from_json(d: dict) -> RunConfig:
     """
     names = {f.name for f in dataclasses.fields(RunConfig)}
     kw = {k: v for k, v in d.items() if k in names}
-    if "bits_choices" in kw:
-        kw["bits_choices"] = tuple(kw["bits_choices"])
+    for key in ("bits_choices", "warnings"):
+        if key in kw:
+            kw[key] = tuple(kw[key])
     if isinstance(kw.get("groups"), str) and kw["groups"] != "all":
         kw["groups"] = int(kw["groups"])
     return RunConfig(**{"model": "?", "dataset": "?", **kw})
