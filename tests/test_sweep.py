@@ -10,6 +10,7 @@ slow run the real opt_mi.py.
 """
 
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -361,7 +362,10 @@ def test_seeds_run_every_seeded_configuration_per_seed(tmp_path, fake, run):
 @pytest.mark.parametrize("args", [["--jobs", "0"], ["--bogus"], ["--wbits"], ["--methods", "miC"],
                                   ["--sparsities", "1.5"], ["--groups", "all"], ["--extra", "--eval 'x"],
                                   ["--seeds", "0 0"], ["--seeds", "-1"], ["--seeds", ""],
-                                  ["--out", "/proc/sweep"], ["--out", "/dev/null/sweep"]])
+                                  ["--out", "/proc/sweep"], ["--out", "/dev/null/sweep"],
+                                  ["--seeds", "0 00"], ["--sparsities", "0.5 .5"], ["--wbits", "4 4.0"],
+                                  ["--extra", "--no-such-flag"], ["--calib", "missing.txt"],
+                                  ["--extra", "--sparsity 0.5 --percdamp 0.5 --gmp"]])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, fake, run, args):
     r = run(tmp_path / "sweep", fake, *args)
     assert r.returncode == 2
@@ -378,6 +382,34 @@ def test_out_inside_the_model_folder_or_the_toy_cache_is_refused(tmp_path, fake,
         r = run(out, fake, *args)
         assert r.returncode == 2 and f"inside the {what}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert not out.exists() and fake.invocations() == []
+
+
+def test_one_spelling_per_value_in_ids(tmp_path, fake, run):
+    r = run(tmp_path / "sweep", fake, "--sparsities", ".5", "--wbits", "4.0", "--seeds", "00 1", "--methods", "uniform")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "sweep").glob("uniform*.json")) == [
+        "uniform_s0.5_w4_seed0.json", "uniform_s0.5_w4_seed1.json"]
+
+
+def test_an_unreadable_result_is_run_again(tmp_path, fake, run):
+    out = tmp_path / "sweep"
+    assert run(out, fake, "--methods", "dense").returncode == 0
+    (out / "dense.json").write_text('{"config": {"model": "to')  # a result cut short
+    r = run(out, fake, "--methods", "dense")
+    assert r.returncode == 0 and "not a readable result" in r.stderr
+    assert json.loads((out / "dense.json").read_text())["ppl"] and len(fake.invocations()) == 2
+
+
+def test_a_second_sweep_into_the_same_out_is_refused(tmp_path, fake, run):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    with open(out / ".sweep.lock", "a+") as held:  # as a running sweep holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        r = run(out, fake, "--methods", "dense")
+        assert r.returncode == 2 and "another sweep (pid 4242)" in r.stderr and fake.invocations() == []
+    assert run(out, fake, "--methods", "dense").returncode == 0  # released (or its holder died): taken over
 
 
 def test_help(run, tmp_path):

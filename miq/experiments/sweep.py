@@ -8,8 +8,12 @@
 
 - one result per configuration: OUT/<id>.json (written atomically by ``opt_mi.py --json``), its output in
   OUT/<id>.log (first line ``# <command line>``) and its figures in OUT/analysis/<id>/;
-- a configuration whose OUT/<id>.json exists is skipped, so a killed sweep resumes where it stopped and a
-  second run does nothing new (after changing the code, sweep into a new --out);
+- a configuration whose OUT/<id>.json holds a result is skipped, so a killed sweep resumes where it stopped and
+  a second run does nothing new (after changing the code, sweep into a new --out); an unreadable one
+  (truncated) is removed, with a note, and run again;
+- every configuration's arguments are checked as opt_mi.py checks them (flags, data files) before the first
+  job, and equal values have one spelling in ids (``.5`` is ``0.5``); one sweep at a time holds OUT (a lock
+  the kernel drops if the sweep dies: a second sweep into OUT is refused, naming the holder's pid);
 - a configuration that exits non-zero writes OUT/<id>.failed.json (id, command, returncode, error = the last
   log lines) and the sweep goes on; reruns skip it too unless --retry-failed;
 - a configuration that cannot run (a whole-bit method at a fractional budget) gets OUT/<id>.skipped.json;
@@ -29,6 +33,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -36,13 +41,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from miq import atomic
 from miq.experiments import methods, report
-from miq.experiments.sweep_args import Sweep, UsageError, parse_args
+from miq.experiments.sweep_args import Sweep, UsageError, check_matrix, config_args, parse_args
 from miq.options import TOY_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: opt_mi.py and the miq package
@@ -131,8 +136,12 @@ class Sweeper:
     def state(self, cfg: methods.SweepConfig) -> str:
         if cfg.skip:
             return "skip"
-        if self.path(cfg.id, ".json").is_file():
-            return "exists"
+        result = self.path(cfg.id, ".json")
+        if result.is_file():
+            if readable(result):
+                return "exists"
+            say(f"{cfg.id}: {result} is not a readable result (truncated?): removed, to run again", err=True)
+            result.unlink()
         if self.path(cfg.id, ".failed.json").is_file() and not self.s.retry_failed:
             return "failed"
         return "run"
@@ -197,8 +206,7 @@ class Sweeper:
             eta = f", about {fmt_dur(self.done_s / self.done_n * left / min(left, self.s.jobs))} left"
         say(f"[{n}/{len(self.configs)}] {cfg.id} ... (elapsed {fmt_dur(time.monotonic() - self.t0)}{eta})")
         s = self.s
-        command = self.runner([s.model, s.calib, "--eval", s.eval, "--nsamples", str(s.nsamples), *cfg.flags,
-                               *s.extra, "--json", str(self.path(cfg.id, ".json")),
+        command = self.runner([*config_args(s, cfg), "--json", str(self.path(cfg.id, ".json")),
                                "--analysis-dir", str(s.out / "analysis" / cfg.id)])
         self.path(cfg.id, ".failed.json").unlink(missing_ok=True)  # a retry: the old failure no longer stands
         with open(self.path(cfg.id, ".log"), "w") as log:
@@ -287,13 +295,44 @@ class Sweeper:
         return 1
 
 
+def readable(result: Path) -> bool:
+    """A result JSON opt_mi.py finished writing: an object with its perplexities."""
+    try:
+        return "ppl" in json.loads(result.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold OUT/.sweep.lock for the sweep: a second sweep into the same folder is refused (UsageError naming the
+    holder's pid). The kernel drops the lock when its holder dies, however it dies: a killed sweep's lock is
+    taken over."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".sweep.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UsageError(f"--out {out}: another sweep (pid {f.read().strip() or '?'}) is running into it; "
+                             "wait for it or give another folder") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
 def main(argv: Sequence[str] | None = None, runner: Runner = opt_mi_command) -> int:
     try:
         sweep = parse_args(sys.argv[1:] if argv is None else argv)
+        if sweep is None:
+            return 0
+        check_matrix(sweep, methods.matrix(sweep.matrix))
+        with locked(sweep.out):
+            return Sweeper(sweep, runner).run()
     except UsageError as e:
         say(f"sweep.py: error: {e}", err=True)
         return 2
-    return 0 if sweep is None else Sweeper(sweep, runner).run()
 
 
 if __name__ == "__main__":

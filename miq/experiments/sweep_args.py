@@ -15,8 +15,8 @@ from pathlib import Path
 
 from miq.errors import ConfigError
 from miq.experiments import methods
-from miq.options import DEFAULT_EVAL, TOY_EVAL, TOY_NAMES
-from miq.run import outputs
+from miq.options import DEFAULT_EVAL, TOY_EVAL, TOY_NAMES, fmt_num
+from miq.run import config, outputs
 
 # flag -> (metavar, default, help); "" defaults depend on --model
 FLAGS: dict[str, tuple[str, str, str]] = {
@@ -114,8 +114,12 @@ def validate(raw: dict[str, str], retry: bool) -> Sweep:
     _check(wbits, r"[0-9]+(\.[0-9]+)?", "--wbits: {} is not a number")
     _check(ks, "[1-9][0-9]*", "--groups: {} is not a positive integer K")
     _check(seeds, "[0-9]{1,9}", "--seeds: {} is not a seed (an integer 0 .. 999999999)")
-    if len(set(seeds)) != len(seeds) or not seeds:
-        raise UsageError(f"--seeds {raw['--seeds']!r}: give distinct seeds, e.g. \"0 1 2\"")
+    # one spelling per value ("0.5" and ".5", "4" and "4.0", "0" and "00"), so equal configurations get one id
+    sparsities = [s if ":" in s else fmt_num(float(s)) for s in sparsities]
+    wbits, seeds = [fmt_num(float(w)) for w in wbits], [str(int(n)) for n in seeds]
+    for flag, values in (("--sparsities", sparsities), ("--wbits", wbits), ("--seeds", seeds)):
+        if len(set(values)) != len(values) or (flag == "--seeds" and not values):
+            raise UsageError(f"{flag} {raw[flag]!r}: give distinct values, e.g. \"0 1 2\"")
     for m in chosen:
         if m not in methods.BY_ID:
             raise UsageError(f"--methods: unknown {m} (known: {' '.join(methods.BY_ID)})")
@@ -137,3 +141,19 @@ def validate(raw: dict[str, str], retry: bool) -> Sweep:
                  jobs=int(raw["--jobs"]), extra=tuple(extra), retry_failed=retry,
                  matrix=methods.SweepOptions(tuple(sparsities), tuple(wbits), tuple(map(int, ks)), tuple(chosen),
                                              tuple(int(n) for n in seeds)))
+
+
+def config_args(s: Sweep, cfg: methods.SweepConfig) -> list[str]:
+    """opt_mi.py's arguments for one configuration, its outputs apart."""
+    return [s.model, s.calib, "--eval", s.eval, "--nsamples", str(s.nsamples), *cfg.flags, *s.extra]
+
+
+def check_matrix(s: Sweep, configs: list[methods.SweepConfig]) -> None:
+    """Every configuration's arguments parsed and checked as opt_mi.py would (flags, data files), before the
+    first job: a mistake in them is found now, not by every configuration failing in turn."""
+    for cfg in configs:
+        if cfg.skip is None:
+            try:
+                config.parse(config_args(s, cfg))
+            except ConfigError as e:
+                raise UsageError(f"configuration {cfg.id}: {e}") from None
