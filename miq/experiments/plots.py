@@ -101,14 +101,21 @@ def plot_ppl_vs_bpw(runs: list[Run], evalset: str, path: Path | str) -> None:
             pad = max(0.1, 0.25 * (hi - lo))
             ax.set_xlim(lo - pad, hi + 2.5 * pad)  # room on the right for the labels
         _spread_labels(ax, [(r.bpw, r.ppl_of(evalset), f"{r.id}") for r in pts])
+    _finish_bpw_figure(fig, ax, bool(finite), evalset, "PPL vs bpw", path)
+
+
+def _finish_bpw_figure(fig: Figure, ax: Axes, drawn: bool, evalset: str, title: str, path: Path | str,
+                       log: bool = False) -> None:
+    """Legend (or a note that nothing was drawn), the stored-bpw axis, labels and title; written as a PNG."""
+    if drawn:
         ax.legend(fontsize=8, loc="best")
     else:
         ax.text(0.5, 0.5, "no finite perplexity on this eval set", ha="center", transform=ax.transAxes)
     name = _set_name(evalset)
     ax.set_xlabel("bits per weight stored (kept codes + metadata + mask), all decoder linears")
-    ax.set_ylabel(f"perplexity on {name} (lower is better)")
-    ax.set_title(f"PPL vs bpw on {name}")
-    ax.grid(True, alpha=0.3)
+    ax.set_ylabel(f"perplexity on {name} ({'log scale, ' if log else ''}lower is better)")
+    ax.set_title(f"{title} on {name}")
+    ax.grid(True, which="both" if log else "major", alpha=0.3)
     fig.tight_layout()
     save_png(fig, path, dpi=REPORT_FIG_DPI)
 
@@ -189,13 +196,4 @@ def plot_frontier(units: list, evalset: str, envelope: list, path: Path | str) -
         _spread_labels(ax, [(u.bpw, u.ppl_of(evalset), u.method) for u in envelope])
     if finite:
         ax.set_yscale("log")
-        ax.legend(fontsize=8, loc="best")
-    else:
-        ax.text(0.5, 0.5, "no finite perplexity on this eval set", ha="center", transform=ax.transAxes)
-    name = _set_name(evalset)
-    ax.set_xlabel("bits per weight stored (kept codes + metadata + mask), all decoder linears")
-    ax.set_ylabel(f"perplexity on {name} (log scale, lower is better)")
-    ax.set_title(f"Sparsity x width frontier on {name}")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    save_png(fig, path, dpi=REPORT_FIG_DPI)
+    _finish_bpw_figure(fig, ax, bool(finite), evalset, "Sparsity x width frontier", path, log=True)
