@@ -78,3 +78,5 @@ def test_report_draws_the_frontier_and_names_the_best_at_each_target(tmp_path):
     assert "runner-up uniform at sparsity 0, 3.060 bpw" in line  # GPTQ: dense 3-bit
     assert "the best is significantly better" in line
     assert "no configuration stores that many bits" in next(x for x in md.splitlines() if x.startswith("- **5 bpw"))
+    same = [x for x in md.splitlines() if x.startswith("- **3.060 bpw")]  # 50% + 4-bit against dense 3-bit
+    assert len(same) == 1 and "sparsegpt+uniform at sparsity 0.5" in same[0] and "runner-up uniform" in same[0]

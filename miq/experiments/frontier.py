@@ -18,6 +18,7 @@ from miq.experiments.stats import Decision, Paired, decide_runs
 
 TARGETS = (2.5, 3.0, 3.5, 4.0, 5.0)  # total bpw the report answers for
 WINDOW = 0.1  # a configuration counts for a target within +- this many bpw
+SAME = 0.01  # configurations within this many bpw of each other store the same (metadata differs in digits)
 
 
 def points(us: list[Unit], evalset: str) -> list[Unit]:
@@ -46,8 +47,8 @@ class Best:
     paired: Paired | None
 
 
-def best_at(us: list[Unit], evalset: str, target: float) -> Best:
-    near = sorted((u for u in points(us, evalset) if abs(u.bpw - target) <= WINDOW + 1e-9),
+def best_at(us: list[Unit], evalset: str, target: float, window: float = WINDOW) -> Best:
+    near = sorted((u for u in points(us, evalset) if abs(u.bpw - target) <= window + 1e-9),
                   key=lambda u: (u.ppl_of(evalset), u.bpw, u.id))
     if not near:
         return Best(evalset, target, None, None, None, None)
@@ -55,6 +56,19 @@ def best_at(us: list[Unit], evalset: str, target: float) -> Best:
         return Best(evalset, target, near[0], None, None, None)
     decision, p = decide_runs(near[0], near[1], evalset)
     return Best(evalset, target, near[0], near[1], decision, p)
+
+
+def equal_storage(us: list[Unit], evalset: str) -> list[Best]:
+    """At every storage that configurations of different sparsities share (within SAME bpw): the best of them
+    against the runner-up. The frontier's question asked where it has an exact answer."""
+    out, pts = [], points(us, evalset)
+    for i, u in enumerate(pts):
+        if i and u.bpw - pts[i - 1].bpw <= SAME:
+            continue  # counted with the first of its cluster
+        same = [v for v in pts[i:] if v.bpw - u.bpw <= SAME]
+        if len({v.sparsity_label for v in same}) > 1:
+            out.append(best_at(same, evalset, sum(v.bpw for v in same) / len(same), SAME))
+    return out
 
 
 def describe(u: Unit) -> str:
@@ -69,7 +83,8 @@ def fmt_ppl(u: Unit, evalset: str) -> str:
 
 def best_line(b: Best) -> str:
     """One sentence per (eval set, target)."""
-    head = f"**{b.target:g} bpw ± {WINDOW:g}, {b.evalset}**: "
+    where = f"{b.target:g} bpw ± {WINDOW:g}" if b.target in TARGETS else f"{b.target:.3f} bpw"
+    head = f"**{where}, {b.evalset}**: "
     if b.best is None:
         return head + "no configuration stores that many bits."
     line = head + f"{describe(b.best)}: PPL {fmt_ppl(b.best, b.evalset)} ({b.best.seeds} seed(s))"
@@ -104,4 +119,8 @@ def section(us: list[Unit], sets: list[str], figures: dict[str, str]) -> list[st
         if s in figures:
             md += [f"![frontier {s}]({figures[s]})", ""]
         md += [f"- {best_line(best_at(us, s, t))}" for t in TARGETS] + [""]
+        same = equal_storage(us, s)
+        if same:
+            md += [f"At equal storage (configurations of different sparsities within {SAME:g} bpw), {s}:", ""]
+            md += [f"- {best_line(b)}" for b in same] + [""]
     return md
