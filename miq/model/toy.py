@@ -87,6 +87,9 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(cache_dir or os.environ.get("MIQ_CACHE_DIR") or "~/.cache/mutual_info_quantization").expanduser()
 
 
+TRAIN_THREADS = 2  # the toys are trained on this many threads, whatever the machine has (see build_toy)
+
+
 def toy_model_path(cache_dir: str | None = None, name: str = OPT_TOY.name) -> str:
     """A local folder with the toy model ``name`` and its tokenizer; built (~25 s) and cached on first use.
 
@@ -192,8 +195,9 @@ def window_perplexity(model, ids: torch.LongTensor) -> float:
 def build_toy(out_dir: str, steps: int | None = None, seed: int = TOY_SEED, name: str = OPT_TOY.name) -> dict:
     """Train the toy ``name`` and save it into out_dir (model, tokenizer, TOY.json, TOY.md); return the facts.
 
-    Deterministic for a given (name, steps, seed) on a given machine and torch build: seeded
-    initialization, seeded window order, no dropout.
+    Deterministic for a given (name, steps, seed) on a given CPU kind and torch build, whatever the machine's
+    core count: seeded initialization, seeded window order, no dropout, and TRAIN_THREADS threads (a float sum
+    splits differently over another number of threads, and 1000 steps of training carry the difference).
     """
     import transformers
 
@@ -205,16 +209,22 @@ def build_toy(out_dir: str, steps: int | None = None, seed: int = TOY_SEED, name
     train, test = _corpus_ids()
     torch.manual_seed(seed)
     model = getattr(transformers, class_name)(make_config(spec, len(tokenizer)))
-    train_seconds, losses = _train(model, spec, steps, seed, train)
-    model.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        train_seconds, losses = _train(model, spec, steps, seed, train)
+        model.eval()
+        heldout_ppl = round(window_perplexity(model, test), 3)
+    finally:
+        torch.set_num_threads(threads)
     facts = {
         **spec.recipe(steps, seed),
         "vocab_size": len(tokenizer), "parameters": sum(p.numel() for p in model.parameters()),
         "train_tokens": len(train), "train_seconds": round(train_seconds, 1),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": TRAIN_THREADS,
         # mean of the last 10 steps: one batch is too noisy to report
         "final_train_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4),
-        "heldout_tokens": test.shape[1], "heldout_ppl": round(window_perplexity(model, test), 3),
+        "heldout_tokens": test.shape[1], "heldout_ppl": heldout_ppl,
         "torch": torch.__version__,
     }
     out = Path(out_dir)
