@@ -131,7 +131,10 @@ def read_text_file(path: str) -> str:
         raise DataError(f"{path}: not text (control character U+{ord(m.group()):04X} at character {m.start()})")
     if p.suffix.lower() not in RECORD_SUFFIXES:
         return raw
-    return "\n\n".join(_records_text(path, _json_records(path, raw, p.suffix.lower())))
+    texts = list(_records_text(path, _json_records(path, raw, p.suffix.lower())))
+    if not any(t.strip() for t in texts):  # else the windows would be the joining blank lines alone
+        raise DataError(f"{path}: every record's \"text\" is empty")
+    return "\n\n".join(texts)
 
 
 def _json_records(path: str, raw: str, suffix: str) -> list:

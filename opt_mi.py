@@ -44,7 +44,7 @@ import torch
 
 import datautils
 from miq import bitstats
-from miq.errors import USER_ERRORS, DataError
+from miq.errors import USER_ERRORS, DataError, PublishError
 from miq.experiments import methods
 from miq.model import layerwalk, loading
 from miq.model.loading import ModelSource, load_model, open_source
@@ -108,24 +108,28 @@ def run(cfg: RunConfig) -> dict:
     ppl = evaluate(model, eval_tokens, cfg, dev)
     eval_s = time.time() - t + eval_load_s
 
-    with outputs.Staging() as stage:
-        disk = saving.write(stage.folder(cfg.save), model, tokenizer, res, cfg) if cfg.save else None
-        out = {
-            "config": {**cfg.as_dict(), "model_path": src.path},
-            "method": label,
-            "family": family,
-            "ppl": {k: (v if math.isfinite(v) else None) for k, v in ppl.items()},
-            "sparsity": mask_sparsity(res),
-            "zero_fraction": zero_fraction(model, [r["name"] for r in res.layers]),
-            "bits": {**bitstats.summarize(res.bits, decoder_linear_weights(model)), **(disk or {})},
-            "timing": {"model_s": model_s, "calibration_s": calibration_s, "compress_s": compress_s, "eval_s": eval_s,
-                       **res.timing, "total_s": time.time() - t0},
-            "env": outputs.env_info(dev),
-            "figures": outputs.draw_figures(res, cfg, calib.numel(), stage),
-            "layers": res.layers,
-        }
-        if cfg.json:
-            outputs.write_json(stage.file(cfg.json), out)
+    timing = {"model_s": model_s, "calibration_s": calibration_s, "compress_s": compress_s, "eval_s": eval_s}
+    try:
+        with outputs.Staging() as stage:
+            disk = saving.write(stage.folder(cfg.save), model, tokenizer, res, cfg) if cfg.save else None
+            out = {
+                "config": {**cfg.as_dict(), "model_path": src.path},
+                "method": label,
+                "family": family,
+                "ppl": {k: (v if math.isfinite(v) else None) for k, v in ppl.items()},
+                "sparsity": mask_sparsity(res),
+                "zero_fraction": zero_fraction(model, [r["name"] for r in res.layers]),
+                "bits": {**bitstats.summarize(res.bits, decoder_linear_weights(model)), **(disk or {})},
+                "timing": {**timing, **res.timing, "total_s": time.time() - t0},
+                "env": outputs.env_info(dev),
+                "figures": outputs.draw_figures(res, cfg, calib.numel(), stage),
+                "layers": res.layers,
+            }
+            if cfg.json:
+                outputs.write_json(stage.file(cfg.json), out)
+    except OSError as e:  # at writing or publishing: Staging has removed whatever this run had written
+        raise PublishError(f"could not write the outputs ({e.strerror or e}); the run was done, nothing was "
+                           "written") from None
     print(summary({**out, "ppl": ppl}, str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")))
     for w in cfg.warnings:  # flags that changed nothing (also in the JSON's config block); said last, so that
         print(f"warning: {w}", file=sys.stderr)  # a failing run's one line stays one line
@@ -208,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         except USER_ERRORS as e:
             sys.stderr.write(f"opt_mi.py: error: {e}\n")
             return 2
+        except PublishError as e:
+            sys.stderr.write(f"opt_mi.py: error: {e}\n")
+            return 1
         except OUT_OF_MEMORY as e:
             sys.stderr.write(f"opt_mi.py: error: out of memory ({loading.first_line(e)}); lower --nsamples, "
                              "--mi-samples or --eval-batch, or use a device with more memory\n")

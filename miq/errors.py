@@ -26,4 +26,9 @@ class LayerInputError(ValueError):
     """A layer's calibration inputs are not finite (names the layer)."""
 
 
+class PublishError(Exception):
+    """The work was done but its outputs could not be written (disk full, permissions changed meanwhile):
+    nothing was published; the CLI exits with 1, not 2."""
+
+
 USER_ERRORS = (ConfigError, DataError, ModelError, PlanError, LayerInputError)

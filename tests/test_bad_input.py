@@ -8,6 +8,7 @@ The cases are data (``CASES``: flags, output paths, data files, model folders), 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -55,8 +56,11 @@ CASES = [
     case("wbits-fraction-no-groups", *T, "--wbits", "3.5", expect=("--wbits 3.5", "--groups")),
     case("percdamp-nan", *T, "--sparsity", "0.5", "--percdamp", "nan", expect=("--percdamp nan", "finite")),
     case("percdamp-inf", *T, "--percdamp", "inf", expect=("--percdamp inf",)),
-    case("percdamp-zero", *T, "--percdamp", "0", expect=("--percdamp 0.0", "(0, 100]")),
-    case("percdamp-huge", *T, "--percdamp", "1e9", expect=("--percdamp 1000000000.0", "(0, 100]")),
+    case("percdamp-zero", *T, "--percdamp", "0", expect=("--percdamp 0.0", "[1e-12, 100]")),
+    case("percdamp-huge", *T, "--percdamp", "1e9", expect=("--percdamp 1000000000.0", "[1e-12, 100]")),
+    case("percdamp-underflows", *T, "--sparsity", "0.5", "--percdamp", "1e-300", expect=("--percdamp 1e-300",)),
+    case("bits-choices-beyond-8", *T, *GROUPED, "--bits-choices", "2,4,16", expect=("--bits-choices", "1..8")),
+    case("dataset-records-all-empty", "toy", "empty.jsonl", expect=("empty.jsonl", "empty")),
     case("mi-alpha-nan", *T, *GROUPED, "--mi-alpha", "nan", expect=("--mi-alpha nan", "finite")),
     case("mi-alpha-negative", *T, *GROUPED, "--mi-alpha", "-1", expect=("--mi-alpha -1.0", ">= 0")),
     case("sparsity-nan", *T, "--sparsity", "nan", expect=("--sparsity nan",)),
@@ -225,6 +229,7 @@ def _write_files(d: Path) -> None:
     (d / "empty.txt").write_text("")
     (d / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
     (d / "notext.json").write_text('[{"body": "no text field"}]')
+    (d / "empty.jsonl").write_text('{"text": ""}\n{"text": "  "}\n')
 
 
 def _write_models(d: Path, toy: Path) -> None:
@@ -303,6 +308,24 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(c: Case, workdir, capsy
     assert line.startswith("opt_mi.py: error: "), line
     assert out == ""
     assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("flags", [["--json", "out/r.json"], ["--save", "out/m", "--json", "out/r.json"]])
+def test_disk_full_at_publishing_is_one_line_exit_1_and_leaves_nothing(flags, tmp_path, capsys, monkeypatch):
+    """The work is done, its outputs cannot be written: exit 1 (not 2: nothing was wrong with the input)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "short_eval.txt").write_text(synthetic_text("test")[:3000])
+    real = os.replace
+
+    def full(src, dst, *a, **kw):
+        if os.path.basename(str(dst)) == "r.json":  # the JSON's rename onto its target: the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", full)
+    code = opt_mi.main(["toy", "synthetic", *FAST, "--sparsity", "0.5", *flags])
+    line = check_one_line(capsys.readouterr().err, code, 1, ("could not write the outputs", "No space left"))
+    assert line.startswith("opt_mi.py: error: ") and sorted(snapshot(tmp_path)) == ["short_eval.txt"]
 
 
 def test_the_toy_cache_is_never_an_output(toy_path, tmp_path, capsys, monkeypatch):

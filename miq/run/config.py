@@ -43,6 +43,7 @@ from miq.run import no_effect
 _MI = MIOptions()  # the estimator defaults
 SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's random_state take 0 .. 2**32 - 1
 PERCDAMP_MAX = 100.0  # damping of 100x the mean diagonal already makes H^-1 a scaled identity (RTN)
+PERCDAMP_MIN = 1e-12  # below, the damping is lost to float32 rounding of H's diagonal: Cholesky of a singular H
 DEVICE = re.compile(r"(cpu|cuda)(:(0|[1-9][0-9]*))?")  # --device syntax; preflight checks the machine has it
 COUNT_MAX = 2**31 - 1  # the largest window count, length, block, bin or sample count a flag may give
 
@@ -263,8 +264,9 @@ def _bits_choices(text: str) -> tuple[int, ...]:
         choices = [int(c) for c in text.split(",") if c.strip()]
     except ValueError:
         choices = []
-    if not choices or choices != sorted(set(choices)) or not all(1 <= c <= 16 for c in choices):
-        raise _bad("--bits-choices", repr(text), "need comma-separated increasing integers in 1..16, e.g. 2,3,4")
+    if not choices or choices != sorted(set(choices)) or not all(1 <= c <= 8 for c in choices):
+        raise _bad("--bits-choices", repr(text), "need comma-separated increasing integers in 1..8 (the widths the "
+                   "packed format and the bits account store), e.g. 2,3,4")
     return tuple(choices)
 
 
@@ -293,8 +295,8 @@ def _check_ranges(a: argparse.Namespace) -> None:
     if a.groupsize <= 0 and a.groupsize != -1:
         raise _bad("--groupsize", a.groupsize, "must be a positive number of columns, or -1 for none")
     _check_counts(a)
-    if not 0 < a.percdamp <= PERCDAMP_MAX:
-        raise _bad("--percdamp", a.percdamp, f"must be in (0, {PERCDAMP_MAX:g}]")
+    if not PERCDAMP_MIN <= a.percdamp <= PERCDAMP_MAX:
+        raise _bad("--percdamp", a.percdamp, f"must be in [{PERCDAMP_MIN:g}, {PERCDAMP_MAX:g}]")
     if a.gmp and not (a.sparsity or a.prunen or a.wbits != 16):
         raise ConfigError("--gmp: nothing to prune or quantize; add --sparsity, --prunen/--prunem or --wbits")
 
