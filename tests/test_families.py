@@ -241,3 +241,27 @@ def test_toy_llama_figures_show_the_middle_up_proj(toy_llama_path, tmp_path):
     assert r["config"]["eval"] is None and list(r["ppl"]) == ["synthetic"]  # the toys' default eval set
     assert {p.rsplit("/", 1)[-1] for p in r["figures"]} == {"mi_matrix.png", "grouping_result.png"}
     assert r["config"]["model_path"] == toy_llama_path
+
+
+def test_a_checkpoint_with_per_layer_rotary_frequencies_loads_whole(toy_llama_path, tmp_path):
+    """Older Llama checkpoints store rotary_emb.inv_freq per layer: computed, not weights (transformers ignores
+    them), so the model still loads whole; any other tensor the architecture lacks is refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from miq.errors import ModelError
+    from miq.model import loading
+
+    for extra, refused in [("model.layers.0.self_attn.rotary_emb.inv_freq", False), ("model.layers.9.mlp.w", True)]:
+        d = tmp_path / extra
+        shutil.copytree(toy_llama_path, d)
+        w = load_file(str(d / "model.safetensors"))
+        w[extra] = torch.ones(8)
+        save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
+        src, _ = loading.open_source(str(d))
+        if refused:
+            with pytest.raises(ModelError, match=f"tensor {extra} in model.safetensors belongs to no part"):
+                loading.check_weights(src, loading.skeleton(src))
+        else:
+            loading.check_weights(src, loading.skeleton(src))

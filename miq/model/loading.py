@@ -197,6 +197,7 @@ def check_weights(src: ModelSource, model) -> None:
     if not present[0].startswith("model.safetensors"):
         return
     expected, alias = _expected_tensors(model)
+    buffers = {name for name, _ in model.named_buffers()}
     found: set[str] = set()
     unused: list[tuple[str, str]] = []
     for file in _safetensors_files(src, present[0]):
@@ -204,7 +205,10 @@ def check_weights(src: ModelSource, model) -> None:
             key = stored if stored in expected or stored in alias else f"model.{stored}"  # saved without the prefix
             key = alias.get(key, key)
             if key not in expected:
-                unused.append((stored, file))
+                # buffers are rebuilt from the config; so are rotary frequencies, which older checkpoints stored
+                # per layer (transformers ignores them)
+                if key not in buffers and not key.endswith("rotary_emb.inv_freq"):
+                    unused.append((stored, file))
                 continue
             if shape != expected[key]:
                 raise ModelError(f"MODEL {src.name}: tensor {key} is {shape} in {file}, but config.json implies "
