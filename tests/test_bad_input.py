@@ -190,6 +190,13 @@ CASES = [
     case("model-layer-invented", "morelayers", "synthetic", expect=("tensor model.decoder.layers.2.", "missing")),
     case("model-family-relabelled", "relabelled", "synthetic", expect=("MODEL relabelled", "missing")),
     case("model-pickled-missing-tensor", "pickled", "synthetic", expect=("MODEL pickled", "is missing")),
+    # --- a saved folder that changed after it was written (every format: the sha256s of miq_save.json)
+    case("saved-dense-flipped-byte", "savedflip", "synthetic", expect=("MODEL savedflip", "model.safetensors changed")),
+    case("saved-dense-file-missing", "savedgone", "synthetic", expect=("MODEL savedgone", "tokenizer.json is missing")),
+    case("flag-no-effect-groupsize", *T, "--sparsity", "0.5", "--groupsize", "32", expect=("--groupsize 32",)),
+    case("flag-no-effect-percdamp-gmp", *T, "--sparsity", "0.5", "--gmp", "--percdamp", "0.1",
+         expect=("--percdamp 0.1", "--gmp")),
+    case("flag-no-effect-cluster-no-groups", *T, "--wbits", "4", "--cluster", "range", expect=("--cluster range",)),
     case("model-nan-dense", "nanmodel", "synthetic", expect=("tensor model.decoder.layers.1.fc2.weight", "NaN")),
     case("model-nan-magnitude", "nanmodel", "synthetic", "--sparsity", "0.5", "--gmp", expect=("NaN",)),
     case("model-nan-sparsegpt", "nanmodel", "synthetic", "--sparsity", "0.5", expect=("NaN",)),
@@ -253,6 +260,14 @@ def _write_models(d: Path, toy: Path) -> None:
     llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "intermediate_size": 256,
              "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "max_position_embeddings": 256}
     _model_copy(toy, d / "relabelled", llama)
+    saved = d / "savedflip"
+    assert opt_mi.main(["toy", "synthetic", "--nsamples", "4", "--seqlen", "32", "--eval", "synthetic",
+                        "--sparsity", "0.5", "--save", str(saved), "--save-format", "dense"]) == 0
+    shutil.copytree(saved, d / "savedgone")
+    (d / "savedgone" / "tokenizer.json").unlink()
+    data = bytearray((saved / "model.safetensors").read_bytes())
+    data[-5] ^= 1
+    (saved / "model.safetensors").write_bytes(bytes(data))
     pickled = _model_copy(toy, d / "pickled", drop=("model.safetensors",))
     w = load_file(str(toy / "model.safetensors"))
     w.pop("model.decoder.layers.1.fc2.weight")

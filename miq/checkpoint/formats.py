@@ -7,6 +7,7 @@ Torch-free, so that ``miq.run.config`` can refuse a format the run cannot be sav
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -19,9 +20,32 @@ WRITER = "mutual_info_quantization"
 OWN_MANIFESTS = ("miq-packed", "dense")  # quantization.json formats of saves from before the marker
 
 
-def marker(fmt: str) -> str:
-    """The marker file's content for a folder saved in ``fmt``."""
-    return json.dumps({"format": fmt, "written_by": WRITER}, sort_keys=True)
+def marker(fmt: str, folder: str) -> str:
+    """The marker file's content for ``folder``, saved in ``fmt``: the sha256 of every file it holds."""
+    sums = {f: sha256(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f != MARKER}
+    return json.dumps({"format": fmt, "sha256": sums, "written_by": WRITER}, indent=1, sort_keys=True)
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_problem(folder: str) -> str | None:
+    """Why a folder this toolkit saved is not as it was written (a file changed or missing), or None."""
+    mark = _json(os.path.join(folder, MARKER))
+    if not isinstance(mark, dict) or not isinstance(mark.get("sha256"), dict):
+        return None  # not saved by this toolkit, or before checksums: nothing to check against
+    for name, digest in mark["sha256"].items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing (the folder's {MARKER} lists it)"
+        if sha256(path) != digest:
+            return f"{name} changed after it was written (its sha256 differs from {MARKER}'s)"
+    return None
 
 
 def _json(path: str):

@@ -51,7 +51,6 @@ truncated file or a tensor that does not decode is one ``PackedFormatError`` lin
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 
@@ -59,7 +58,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from miq.checkpoint import packed_layer
+from miq.checkpoint import formats, packed_layer
 from miq.errors import ModelError
 from quant import QuantizedLayer
 
@@ -113,7 +112,7 @@ def write_packed(folder: str, model, tokenizer, layers: list[QuantizedLayer], nm
                 "files": {"packed": PACKED, "dense": DENSE}, "tied": tied,
                 "bit_order": "integer arrays are LSB-first bit streams (see packed.py / packbits.py)",
                 "run": run or {}, "weights": weights, "bytes_on_disk": nbytes,
-                "sha256": {f: _sha256(os.path.join(folder, f)) for f in (PACKED, DENSE)}, "layers": entries}
+                "sha256": {f: formats.sha256(os.path.join(folder, f)) for f in (PACKED, DENSE)}, "layers": entries}
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     model.config.save_pretrained(folder)
@@ -121,14 +120,6 @@ def write_packed(folder: str, model, tokenizer, layers: list[QuantizedLayer], nm
         model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return {"bytes_on_disk": nbytes, "bpw_on_disk": 8 * nbytes / weights if weights else None}
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dense_state(model, compressed: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -180,7 +171,7 @@ def read_manifest(path: str) -> dict:
     for file, digest in manifest.get("sha256", {}).items():  # version 3 on: every byte as it was written
         if file not in (PACKED, DENSE):
             raise PackedFormatError(f"{p}: sha256 names {file}, no file of the format")
-        if _sha256(os.path.join(path, file)) != digest:
+        if formats.sha256(os.path.join(path, file)) != digest:
             raise PackedFormatError(f"{os.path.join(path, file)}: its sha256 differs from the manifest's: the "
                                     "file changed after it was written")
     return manifest

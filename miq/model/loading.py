@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from miq.checkpoint import packed
+from miq.checkpoint import formats, packed
 from miq.errors import ModelError
 from miq.model import layouts, toy
 from miq.options import TOY_NAMES
@@ -124,6 +124,9 @@ def open_source(name: str, trust_remote_code: bool = False):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own bars cover layers and evaluation; keep stderr for errors
     path = resolve(name)
+    problem = formats.checksum_problem(path) if os.path.isdir(path) else None
+    if problem:  # a folder this toolkit saved that changed since: before anything in it is read
+        raise ModelError(f"MODEL {name}: {problem}")
     reason = None if os.path.isdir(path) else hub_probe()
     try:
         with offline_mode() if reason else contextlib.nullcontext():

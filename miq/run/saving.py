@@ -32,17 +32,20 @@ def save(model, tokenizer, res: CompressionResult, cfg: RunConfig, out: str) -> 
 
 
 def write(folder: str, model, tokenizer, res: CompressionResult, cfg: RunConfig) -> dict | None:
-    """Fill the existing, empty ``folder`` with the model in ``cfg.save_format`` and the marker that says this
-    toolkit saved it (so that a later --save may replace it); see ``save``."""
-    with open(os.path.join(folder, formats.MARKER), "w", encoding="utf-8") as f:
-        f.write(formats.marker(cfg.save_format))
+    """Fill the existing, empty ``folder`` with the model in ``cfg.save_format``, then the marker that says this
+    toolkit saved it (so that a later --save may replace it) with every file's sha256 (checked on loading);
+    see ``save``."""
+    disk = None
     if cfg.save_format == "packed":
         nm = (cfg.prunen, cfg.prunem) if cfg.prunen else None
-        return packed.write_packed(folder, model, tokenizer, res.saved, nm=nm, run=cfg.as_dict())
-    if cfg.save_format == "compressed-tensors":
-        return export_ct.write_ct(folder, model, tokenizer, res.saved, cfg.groupsize)
-    write_dense(folder, model, tokenizer, res, cfg)
-    return None
+        disk = packed.write_packed(folder, model, tokenizer, res.saved, nm=nm, run=cfg.as_dict())
+    elif cfg.save_format == "compressed-tensors":
+        disk = export_ct.write_ct(folder, model, tokenizer, res.saved, cfg.groupsize)
+    else:
+        write_dense(folder, model, tokenizer, res, cfg)
+    with open(os.path.join(folder, formats.MARKER), "w", encoding="utf-8") as f:
+        f.write(formats.marker(cfg.save_format, folder))
+    return disk
 
 
 def write_dense(folder: str, model, tokenizer, res: CompressionResult, cfg: RunConfig) -> None:
