@@ -10,6 +10,15 @@ class ConfigError(ValueError):
     """A bad flag value or combination: names the flag, the value and what is allowed."""
 
 
+class NoEffectError(ConfigError):
+    """A flag that would change nothing given the others; ``flag`` names it (a sweep drops it from the
+    configurations it does nothing in)."""
+
+    def __init__(self, message: str, flag: str):
+        super().__init__(message)
+        self.flag = flag
+
+
 class DataError(Exception):
     """A problem with a dataset: bad name, missing file, text too short, hub unreachable."""
 

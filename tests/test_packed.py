@@ -376,8 +376,11 @@ def saved_toy(toy_path, tmp_path_factory) -> str:
 
 
 def _damaged(saved_toy, tmp_path, damage) -> str:
+    """A copy of the saved toy, damaged, without miq_save.json (whose checksums would catch every damage
+    first, tests/test_bad_input.py): the packed format's own checks, as for a folder saved before them."""
     d = tmp_path / "m"
     shutil.copytree(saved_toy, d)
+    (d / "miq_save.json").unlink()
     damage(d)
     return str(d)
 
@@ -425,10 +428,14 @@ def _shorter_code_stream(d) -> None:
     (lambda d: _edit_manifest(d, lambda m: m["layers"][LAYER].pop("codes")), [f"layers.{LAYER}.codes", "missing"]),
     (lambda d: _edit_manifest(d, lambda m: m.pop("tied")), ["quantization.json", "tied is missing"]),
     (lambda d: _edit_manifest(d, lambda m: m.pop("sha256")), ["sha256 is missing"]),
+    (lambda d: _edit_manifest(d, lambda m: m["layers"][LAYER]["tensors"][f"{LAYER}.scale"].update(shape=5)),
+     [f"tensors.{LAYER}.scale.shape is missing or not a list"]),
+    (lambda d: _edit_manifest(d, lambda m: m.update(version=2, sha256="abc")), ["sha256 is missing or not a dict"]),
     (lambda d: (d / "quantization.json").write_text('{"format": "miq-packed", "version": 1, "layers": '),
      ["quantization.json"]),
 ], ids=["truncated-packed", "truncated-dense", "missing-dense", "layer-shape", "tensor-shape", "short-stream",
-        "flipped-scale", "flipped-dense", "no-codes-key", "no-tied-key", "no-checksums", "broken-json"])
+        "flipped-scale", "flipped-dense", "no-codes-key", "no-tied-key", "no-checksums", "tensor-spec-type",
+        "v2-bad-checksums", "broken-json"])
 def test_damaged_folder_is_one_line_and_exit_2(saved_toy, tmp_path, capsys, small_eval, damage, expect):
     d = _damaged(saved_toy, tmp_path, damage)
     out = tmp_path / "r.json"

@@ -365,7 +365,7 @@ def test_seeds_run_every_seeded_configuration_per_seed(tmp_path, fake, run):
                                   ["--out", "/proc/sweep"], ["--out", "/dev/null/sweep"],
                                   ["--seeds", "0 00"], ["--sparsities", "0.5 .5"], ["--wbits", "4 4.0"],
                                   ["--extra", "--no-such-flag"], ["--calib", "missing.txt"],
-                                  ["--extra", "--sparsity 0.5 --percdamp 0.5 --gmp"]])
+                                  ["--extra", "--wbits 3.5"]])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, fake, run, args):
     r = run(tmp_path / "sweep", fake, *args)
     assert r.returncode == 2
@@ -382,6 +382,17 @@ def test_out_inside_the_model_folder_or_the_toy_cache_is_refused(tmp_path, fake,
         r = run(out, fake, *args)
         assert r.returncode == 2 and f"inside the {what}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert not out.exists() and fake.invocations() == []
+
+
+def test_extra_flags_reach_only_the_configurations_they_change(tmp_path, fake, run):
+    """--extra "--sym --groupsize 32" quantizes symmetrically in groups; dense and pruning-only rows run without
+    them (they would change nothing there, and opt_mi.py refuses such flags)."""
+    out = tmp_path / "sweep"
+    r = run(out, fake, "--methods", "dense sparsegpt uniform", "--extra", "--sym --groupsize 32")
+    assert r.returncode == 0, r.stderr
+    first = {p.stem: p.read_text().splitlines()[0] for p in out.glob("*.log")}
+    assert "--sym" not in first["dense"] and "--groupsize" not in first["sparsegpt_s0.5"]
+    assert "--sym --groupsize 32" in first["uniform_s0.5_w4"]
 
 
 def test_one_spelling_per_value_in_ids(tmp_path, fake, run):

@@ -189,13 +189,19 @@ def _check_schema(p: str, manifest: dict) -> None:
             if not isinstance(d.get(key), kind) or (kind is int and isinstance(d.get(key), bool)):
                 raise PackedFormatError(f"{p}: {where}{key} is missing or not a {kind.__name__}")
 
-    need("", manifest, {**_TOP, **({"sha256": dict} if manifest["version"] >= 3 else {})})
+    need("", manifest, {**_TOP, **({"sha256": dict} if manifest["version"] >= 3 or "sha256" in manifest else {})})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["tied"].items()):
+        raise PackedFormatError(f"{p}: tied must map tensor names to tensor names")
     if manifest["dtype"] not in DTYPES:
         raise PackedFormatError(f"{p}: unknown dtype {manifest['dtype']!r}")
     for name, e in manifest["layers"].items():
         if not isinstance(e, dict):
             raise PackedFormatError(f"{p}: layers.{name} is not an object")
         need(f"layers.{name}.", e, {**_LAYER, **(_GRID if e.get("quantized") else {})})
+        for t, spec in e["tensors"].items():
+            if not isinstance(spec, dict):
+                raise PackedFormatError(f"{p}: layers.{name}.tensors.{t} is not an object")
+            need(f"layers.{name}.tensors.{t}.", spec, {"dtype": str, "shape": list})
         if e.get("mask") is not None and not isinstance(e["mask"], dict):
             raise PackedFormatError(f"{p}: layers.{name}.mask is not null or an object")
         if e.get("quantized"):

@@ -138,7 +138,7 @@ class Sweeper:
             return "skip"
         result = self.path(cfg.id, ".json")
         if result.is_file():
-            if readable(result):
+            if readable(result) is not False:  # a result, or a file this process may not read: left alone
                 return "exists"
             say(f"{cfg.id}: {result} is not a readable result (truncated?): removed, to run again", err=True)
             result.unlink()
@@ -295,11 +295,16 @@ class Sweeper:
         return 1
 
 
-def readable(result: Path) -> bool:
-    """A result JSON opt_mi.py finished writing: an object with its perplexities."""
+def readable(result: Path) -> bool | None:
+    """Whether a result JSON is one opt_mi.py finished writing (an object with its perplexities); None when the
+    file cannot be read at all (permissions): then nothing is known of it, and it is not removed."""
     try:
-        return "ppl" in json.loads(result.read_text())
-    except (OSError, ValueError, TypeError):
+        text = result.read_text()
+    except OSError:
+        return None
+    try:
+        return "ppl" in json.loads(text)
+    except (ValueError, TypeError):
         return False
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from miq.errors import ConfigError
+from miq.errors import ConfigError, NoEffectError
 from miq.experiments import methods
 from miq.options import DEFAULT_EVAL, TOY_EVAL, TOY_NAMES, fmt_num
 from miq.run import config, outputs
@@ -144,8 +144,21 @@ def validate(raw: dict[str, str], retry: bool) -> Sweep:
 
 
 def config_args(s: Sweep, cfg: methods.SweepConfig) -> list[str]:
-    """opt_mi.py's arguments for one configuration, its outputs apart."""
-    return [s.model, s.calib, "--eval", s.eval, "--nsamples", str(s.nsamples), *cfg.flags, *s.extra]
+    """opt_mi.py's arguments for one configuration, its outputs apart: the --extra flags that change something
+    in it (``--extra "--sym"`` reaches the quantized configurations, not dense or pruning-only ones)."""
+    extra = list(s.extra)
+    while True:
+        args = [s.model, s.calib, "--eval", s.eval, "--nsamples", str(s.nsamples), *cfg.flags, *extra]
+        try:
+            config.parse(args)
+            return args
+        except NoEffectError as e:
+            if e.flag not in extra:  # the method's own flags: a defect of the vocabulary, said as it is
+                raise
+            i = extra.index(e.flag)
+            del extra[i : i + 1 + (config.takes_value(e.flag) and i + 1 < len(extra))]
+        except ConfigError:
+            return args  # check_matrix reports it
 
 
 def check_matrix(s: Sweep, configs: list[methods.SweepConfig]) -> None:

@@ -383,7 +383,13 @@ def from_namespace(a: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-_DEFAULTS = {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
+_ACTIONS = [a for a in build_parser()._actions if a.dest != "help"]
+_DEFAULTS = {a.dest: a.default for a in _ACTIONS}
+
+
+def takes_value(flag: str) -> bool:
+    """Whether ``flag`` (e.g. "--sym", "--groupsize") is followed by a value on the command line."""
+    return next(a.nargs != 0 for a in _ACTIONS if flag in a.option_strings)
 
 
 def parse(argv: list[str] | None = None) -> RunConfig:

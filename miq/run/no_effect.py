@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from miq.errors import ConfigError
+from miq.errors import NoEffectError
 from miq.options import needs_mi
 
 # --plot-layer without figures: preflight warns (a sweep's --extra gives it to every configuration)
@@ -23,13 +23,13 @@ def _flag(dest: str) -> str:
 
 
 def check(a: argparse.Namespace, groups, defaults: dict) -> tuple[str, ...]:
-    """Refuse the first flag that would do nothing (ConfigError); return warnings for MI flags that do nothing."""
+    """Refuse the first flag that would do nothing (NoEffectError); return warnings for MI flags that do nothing."""
     given = [d for d in defaults if d in vars(a) and getattr(a, d) != defaults[d]]
     quantizing, pruning = a.wbits != 16, bool(a.sparsity or a.prunen)
     for d in given:
         why = _why(d, a, groups, quantizing, pruning)
         if why:
-            raise ConfigError(f"{_flag(d)} {_value(getattr(a, d))}: {why}")
+            raise NoEffectError(f"{_flag(d)} {_value(getattr(a, d))}: {why}", _flag(d))
     unused = [_flag(d) for d in given if d in MI_FLAGS]
     if unused and not (quantizing and needs_mi(groups, a.cluster, a.bit_alloc)):
         why = ("without --groups K" if groups == 0 or not quantizing else

@@ -189,7 +189,11 @@ def check_target(flag: str, path: str, kind: str) -> None:
             raise ConfigError(f"{flag} {path}: exists and is not a regular file")
         if kind != "file" and not os.path.isdir(target):
             raise ConfigError(f"{flag} {path}: is a file; give a folder path")
-        if kind == "replace" and os.listdir(target) and not formats.saved_by_toolkit(target):
+        try:
+            listed = os.listdir(target) if kind == "replace" else []
+        except OSError as e:
+            raise ConfigError(f"{flag} {path}: cannot read the folder ({e.strerror or e})") from None
+        if listed and not formats.saved_by_toolkit(target):
             raise ConfigError(f"{flag} {path}: an existing folder this toolkit did not save (no {formats.MARKER}) "
                               "would be replaced; remove it or give a new folder")
         if kind == "file" and not _result_json(target):
