@@ -265,3 +265,19 @@ def test_seeds_give_mean_std_and_a_paired_verdict(tmp_path):
     assert "MI beats the random-group control" in syn[1] and "better by 0.400 +- 0.000 SE over 3 seeds" in syn[1]
     assert "No significant difference from the baseline in 1 of 1 cells" in md
     assert "paired by seed" in md
+
+
+def test_a_full_disk_is_one_line_and_exit_1(src, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from miq import atomic
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "write_text", full)
+    monkeypatch.setattr(atomic, "write_bytes", full)
+    assert report.main([str(src), "--out", str(tmp_path / "r.md")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["report.py: error: could not write the report (No space left on device)"]
+    assert not (tmp_path / "r.md").exists()

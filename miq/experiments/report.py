@@ -405,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         why = "is a folder; give a file path" if out.is_dir() else "an existing file this toolkit did not write"
         print(f"report.py: error: --out {out}: {why}", file=sys.stderr)
         return 2
-    build(src, out)
+    try:
+        build(src, out)
+    except OSError as e:  # disk full, permissions: the figures already drawn stay (each written whole)
+        print(f"report.py: error: could not write the report ({e.strerror or e})", file=sys.stderr)
+        return 1
     print(f"wrote {out}")
     return 0
 
