@@ -444,3 +444,14 @@ def test_damaged_folder_is_one_line_and_exit_2(saved_toy, tmp_path, capsys, smal
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert all(piece in err for piece in expect), err
     assert not out.exists()
+
+
+def test_opening_a_saved_folder_hashes_each_file_once(saved_toy, tmp_path, small_eval, monkeypatch):
+    """The marker's and the manifest's checksums, and the reload, share their work: no file is read twice."""
+    from miq.checkpoint import formats
+
+    calls = []
+    real = formats.sha256
+    monkeypatch.setattr(formats, "sha256", lambda path: calls.append(str(path).rsplit("/", 1)[-1]) or real(path))
+    assert opt_mi.main([saved_toy, "synthetic", *FAST, "--eval", small_eval]) == 0
+    assert sorted(calls) == sorted(set(calls)) and {"packed.safetensors", "dense.safetensors"} <= set(calls)

@@ -34,8 +34,9 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def checksum_problem(folder: str) -> str | None:
-    """Why a folder this toolkit saved is not as it was written (a file changed or missing), or None."""
+def checksum_problem(folder: str, hashed_elsewhere: tuple[str, ...] = ()) -> str | None:
+    """Why a folder this toolkit saved is not as it was written (a file changed or missing), or None; the
+    files ``hashed_elsewhere`` (a packed folder's, against its manifest) are only checked to exist."""
     mark = _json(os.path.join(folder, MARKER))
     if not isinstance(mark, dict) or not isinstance(mark.get("sha256"), dict):
         return None  # not saved by this toolkit, or before checksums: nothing to check against
@@ -43,7 +44,7 @@ def checksum_problem(folder: str) -> str | None:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             return f"{name} is missing (the folder's {MARKER} lists it)"
-        if sha256(path) != digest:
+        if name not in hashed_elsewhere and sha256(path) != digest:
             return f"{name} changed after it was written (its sha256 differs from {MARKER}'s)"
     return None
 

@@ -65,6 +65,7 @@ from quant import QuantizedLayer
 FORMAT, VERSION = "miq-packed", 3
 READS = (1, 2, 3)  # version 2 stores a code for every weight, pruned ones too; version 1 also int32 g_idx, perm
 MANIFEST, PACKED, DENSE = "quantization.json", "packed.safetensors", "dense.safetensors"
+HASHED = (PACKED, DENSE)  # the tensor files, whose sha256 the manifest holds (version 3 on)
 DTYPES = {v: k for k, v in packed_layer.DTYPE_NAMES.items()}
 SAFETENSORS_DTYPES = {"U8": "uint8", "I32": "int32", "I64": "int64", "F16": "float16", "BF16": "bfloat16",
                       "F32": "float32", "F64": "float64", "BOOL": "bool"}
@@ -112,7 +113,7 @@ def write_packed(folder: str, model, tokenizer, layers: list[QuantizedLayer], nm
                 "files": {"packed": PACKED, "dense": DENSE}, "tied": tied,
                 "bit_order": "integer arrays are LSB-first bit streams (see packed.py / packbits.py)",
                 "run": run or {}, "weights": weights, "bytes_on_disk": nbytes,
-                "sha256": {f: formats.sha256(os.path.join(folder, f)) for f in (PACKED, DENSE)}, "layers": entries}
+                "sha256": {f: formats.sha256(os.path.join(folder, f)) for f in HASHED}, "layers": entries}
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     model.config.save_pretrained(folder)
@@ -169,7 +170,7 @@ def read_manifest(path: str) -> dict:
     _check_file(os.path.join(path, PACKED), expected)
     _check_file(os.path.join(path, DENSE), None)
     for file, digest in manifest.get("sha256", {}).items():  # version 3 on: every byte as it was written
-        if file not in (PACKED, DENSE):
+        if file not in HASHED:
             raise PackedFormatError(f"{p}: sha256 names {file}, no file of the format")
         if formats.sha256(os.path.join(path, file)) != digest:
             raise PackedFormatError(f"{os.path.join(path, file)}: its sha256 differs from the manifest's: the "
@@ -233,16 +234,17 @@ def _check_file(path: str, expected: dict | None) -> None:
         raise PackedFormatError(f"{name}: tensor {extra[0]} is not in the manifest")
 
 
-def load_compressed(path: str, dtype: torch.dtype | None = None):
+def load_compressed(path: str, dtype: torch.dtype | None = None, manifest: dict | None = None):
     """The saved model, rebuilt on CPU in eval mode: decompressed weights equal the evaluated ones exactly.
 
-    ``dtype``: None = the dtype the model was evaluated (and saved) in. PackedFormatError (a ModelError) names
-    the file and tensor when the folder is incomplete, truncated or inconsistent.
+    ``dtype``: None = the dtype the model was evaluated (and saved) in. ``manifest``: what ``read_manifest``
+    returned for the folder, if it was called already (its files are then not hashed again). PackedFormatError
+    (a ModelError) names the file and tensor when the folder is incomplete, truncated or inconsistent.
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    manifest = read_manifest(path)
+    manifest = manifest or read_manifest(path)  # given: read and its files hashed already (opt_mi.py DIR)
     dtype = dtype or DTYPES[manifest["dtype"]]
     config = AutoConfig.from_pretrained(path)
     try:  # no random init: every parameter comes from the files (buffers the files lack, e.g. a rotary

@@ -91,6 +91,7 @@ class ModelSource:
     offline: bool
     trust_remote_code: bool
     config: object = None  # the transformers config
+    manifest: dict | None = None  # a packed folder's manifest, checked (its files hashed) on opening
 
     @property
     def local(self) -> bool:
@@ -124,7 +125,8 @@ def open_source(name: str, trust_remote_code: bool = False):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own bars cover layers and evaluation; keep stderr for errors
     path = resolve(name)
-    problem = formats.checksum_problem(path) if os.path.isdir(path) else None
+    # a packed folder's tensor files are hashed once, against its manifest (read_manifest, below)
+    problem = formats.checksum_problem(path, packed.HASHED if _packed(path) else ()) if os.path.isdir(path) else None
     if problem:  # a folder this toolkit saved that changed since: before anything in it is read
         raise ModelError(f"MODEL {name}: {problem}")
     reason = None if os.path.isdir(path) else hub_probe()
@@ -141,9 +143,8 @@ def open_source(name: str, trust_remote_code: bool = False):
         layouts.for_type(config.model_type)
     except layouts.UnsupportedModel as e:
         raise ModelError(f"MODEL {name}: {e}") from None
-    if _packed(path):
-        packed.read_manifest(path)  # a damaged saved folder fails here, before calibration
-    src = ModelSource(name, path, config.max_position_embeddings, bool(reason), trust_remote_code, config)
+    manifest = packed.read_manifest(path) if _packed(path) else None  # damage fails here, before calibration
+    src = ModelSource(name, path, config.max_position_embeddings, bool(reason), trust_remote_code, config, manifest)
     try:
         with src.cache_only():
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -266,7 +267,7 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device):
     else:
         torch_dtype = getattr(torch, dtype)
     if _packed(src.path):  # a folder saved by --save-format packed: its own loader, exact weights
-        model = packed.load_compressed(src.path, None if torch_dtype == "auto" else torch_dtype)
+        model = packed.load_compressed(src.path, None if torch_dtype == "auto" else torch_dtype, src.manifest)
         model.config.use_cache = False
         return model
     try:
