@@ -95,11 +95,6 @@ class LayerPlan:
             raise ValueError("an input-axis plan gives widths to column groups, not rows")
         return self.group_bits[self.labels]
 
-    @property
-    def mean_bits(self) -> float:
-        """Mean width over the layer's weights (every row, or every column, holds the same number)."""
-        return float(self.group_bits[self.labels].double().mean())
-
     def quantizer(self, sym: bool = False, mse: bool = False) -> Quantizer:
         q = Quantizer()
         q.configure(self.row_bits, perchannel=True, sym=sym, mse=mse,
