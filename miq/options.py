@@ -27,6 +27,7 @@ NORMALIZATIONS = ("arithmetic", "geometric", "min", "max")
 ESTIMATORS = ("histogram", "gaussian")
 AXES = ("output", "input")
 TOY_NAMES = ("toy", "toy-llama")  # the built-in offline models (miq.model.toy builds them)
+SAVE_FORMATS = ("packed", "compressed-tensors", "dense")  # --save-format (miq/checkpoint/formats.py)
 DEFAULT_EVAL = "wikitext2,ptb,c4"
 TOY_EVAL = "synthetic"
 

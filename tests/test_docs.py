@@ -1,7 +1,7 @@
 """The docs stay true to the code: docs/cli.md is rendered from the flag parser, the README stays a short front
 door, and every relative link in the README and docs/ points at a file (and heading) that exists.
 
-    python tests/test_docs.py      # rewrites docs/cli.md from miq.run.config.build_parser()
+    python tests/test_docs.py      # rewrites docs/cli.md from miq.run.flags.build_parser()
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script; under pytest, pytest.ini's pythonpath = . already has it
     sys.path.insert(0, str(ROOT))
 
-from miq.run.config import build_parser  # noqa: E402  (torch-free)
+from miq.run.flags import build_parser  # noqa: E402  (torch-free)
 
 CLI_MD = ROOT / "docs" / "cli.md"
 README_MAX_LINES = 200
@@ -52,7 +52,7 @@ def render_cli() -> str:
     lines = [
         "# `opt_mi.py` command line",
         "",
-        "Generated from `miq.run.config.build_parser()` by `python tests/test_docs.py` (do not edit by hand); "
+        "Generated from `miq.run.flags.build_parser()` by `python tests/test_docs.py` (do not edit by hand); "
         "`python opt_mi.py -h` prints the same.",
         "",
         "`python opt_mi.py MODEL DATASET [options]`: " + (p.description or ""),

@@ -96,7 +96,8 @@ def test_functions_take_few_parameters():
     assert wide == []
 
 
-@pytest.mark.parametrize("module", ["miq.experiments.report", "miq.experiments.results", "miq.run.config"])
+@pytest.mark.parametrize("module", ["miq.experiments.report", "miq.experiments.results", "miq.run.config",
+                                    "miq.run.flags"])
 def test_reading_results_needs_no_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
