@@ -24,7 +24,15 @@
   if the sweep dies of anything else, SIGKILL included;
 - otherwise the sweep ends with the report (``python -m miq.experiments.report OUT``) and exits 1 when any
   configuration has failed;
-- bad arguments (an --out that cannot be written included): exit 2 with one line on stderr, nothing run.
+- bad arguments (an --out that cannot be written included): exit 2 with one line on stderr, nothing run;
+- on a machine with GPUs each running configuration sees one GPU of its own (CUDA_VISIBLE_DEVICES; at most
+  --jobs-per-gpu on one GPU, and --jobs above GPUs x that is refused); on CPU, --jobs share the cores.
+
+``--executor slurm`` keeps this contract with Slurm jobs in place of processes (``slurm.py``): each
+configuration to run is one job, which writes its result, log and failure note itself; a job Slurm kills
+records nothing and runs again on the next submission, as does a configuration whose job is neither queued nor
+running any more; SIGINT/SIGTERM while waiting cancel the jobs; ``--no-wait`` submits and exits 0, the report
+then being built with ``python -m miq.experiments.report OUT``.
 
 ``main(argv, runner)``: ``runner`` turns opt_mi.py's arguments into the command that runs a configuration
 (default ``opt_mi_command``); tests swap in a fake.
@@ -36,7 +44,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -46,15 +53,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from miq import atomic
-from miq.experiments import methods, report
+from miq.experiments import methods, report, slurm
+from miq.experiments.gpu_slots import GpuSlots
+from miq.experiments.launch import fmt_dur, readable, remove_leftovers, say, spawn, start_log, stop, write_failure
 from miq.experiments.sweep_args import Sweep, UsageError, check_matrix, config_args, parse_args
 from miq.options import TOY_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: opt_mi.py and the miq package
 Runner = Callable[[list[str]], list[str]]
 POLL_S = 0.05  # how often running configurations are looked at (a cheap waitpid each)
-STOP_GRACE_S = 10  # a configuration still alive this long after SIGTERM is killed
-ERROR_LINES = 20  # log lines kept in a failure note
 NOT_RUN = {"exists": "exists, skipped", "failed": "failed before, skipped (--retry-failed to run it again)",
            "skip": "skipped: {reason}"}  # progress lines of configurations that do not run
 
@@ -67,16 +74,6 @@ def opt_mi_command(args: list[str]) -> list[str]:
 # running
 
 
-def fmt_dur(seconds: float) -> str:
-    """45s, 3m05s, 1h02m."""
-    t = int(seconds)
-    return f"{t}s" if t < 60 else f"{t // 60}m{t % 60:02d}s" if t < 3600 else f"{t // 3600}h{t % 3600 // 60:02d}m"
-
-
-def say(line: str, err: bool = False) -> None:
-    print(line, file=sys.stderr if err else sys.stdout, flush=True)
-
-
 class Interrupted(Exception):
     """The sweep is being stopped; ``args[0]`` is its exit status."""
 
@@ -87,33 +84,8 @@ class Job:
     n: int  # its place in the matrix, for progress lines
     command: list[str]
     proc: subprocess.Popen
+    gpu: str | None = None  # the GPU it was given (CUDA_VISIBLE_DEVICES), on a machine with GPUs
     t0: float = field(default_factory=time.monotonic)
-
-
-def _parent_death_signal() -> Callable[[], object] | None:
-    """A hook run in a child before exec (Linux) that has it SIGTERMed when the sweep dies, even of SIGKILL,
-    which the sweep cannot catch to stop it; a rerun would otherwise run its configuration twice at once."""
-    if sys.platform != "linux":
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the forked child
-    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-DIE_WITH_SWEEP = _parent_death_signal()
-
-
-def spawn(command: list[str], log=None, threads: int | None = None) -> subprocess.Popen:
-    """Start command in its own process group, so that stopping it reaches whatever it started, and a Ctrl-C
-    reaches only the sweep, which then stops its configurations itself. ``threads``: the CPU threads each
-    configuration may use (OMP_NUM_THREADS, unless the caller set it), so that parallel jobs share the cores
-    instead of oversubscribing them: OpenMP threads that wait on each other made runs here 10-40x slower."""
-    env = None
-    if threads is not None and "OMP_NUM_THREADS" not in os.environ:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT if log else None,
-                            start_new_session=True, preexec_fn=DIE_WITH_SWEEP, env=env)
 
 
 class Sweeper:
@@ -129,6 +101,7 @@ class Sweeper:
         self.to_run = self.states.count("run")
         self.launched = self.done_n = self.new_failed = 0
         self.done_s = 0.0
+        self.gpus = GpuSlots(list(sweep.gpus), sweep.jobs_per_gpu)
 
     def path(self, cfg_id: str, suffix: str) -> Path:
         return self.s.out / f"{cfg_id}{suffix}"
@@ -148,17 +121,22 @@ class Sweeper:
 
     def run(self) -> int:
         self.s.out.mkdir(parents=True, exist_ok=True)
-        say(f"sweep: {len(self.configs)} configurations, {self.to_run} to run, {self.s.jobs} at a time -> "
-            f"{self.s.out}")
+        at_a_time = "as Slurm jobs" if self.s.slurm else f"{self.s.jobs} at a time" + (
+            f" on GPU(s) {','.join(self.s.gpus)}" if self.s.gpus else "")
+        say(f"sweep: {len(self.configs)} configurations, {self.to_run} to run, {at_a_time} -> {self.s.out}")
         old = {sig: signal.signal(sig, self.note_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             # the default runner needs the toy model: a fake one (tests) does not
             if self.to_run and self.s.model in TOY_NAMES and self.runner is opt_mi_command and (rc := self.build_toy()):
                 return rc
-            self.run_all()
+            if self.s.slurm:
+                if (rc := self.run_slurm(slurm.Batch(self.s.out, self.s.slurm, len(self.configs)))) is not None:
+                    return rc
+            else:
+                self.run_all()
         except Interrupted as e:
-            say(f"interrupted: stopping {len(self.running)} running configuration(s); rerun the same command to "
-                "resume", err=True)
+            stopping = "" if self.s.slurm else f": stopping {len(self.running)} running configuration(s)"
+            say(f"interrupted{stopping}; rerun the same command to resume", err=True)
             return e.args[0]
         finally:
             self.stop_all()  # whatever happened (an error included), nothing is left running
@@ -177,13 +155,47 @@ class Sweeper:
                 while len(self.running) >= self.s.jobs:
                     self.finish(*self.wait_any())
                 self.launch(n, cfg)
-                continue
-            say(f"[{n}/{len(self.configs)}] {cfg.id} " + NOT_RUN[state].format(reason=cfg.skip))
-            note = self.path(cfg.id, ".skipped.json")
-            if state == "skip" and not note.is_file():
-                atomic.write_text(note, json.dumps({"id": cfg.id, "reason": cfg.skip}, indent=1))
+            else:
+                self.not_run(n, cfg, state)
         while self.running:
             self.finish(*self.wait_any())
+
+    def not_run(self, n: int, cfg: methods.SweepConfig, state: str) -> None:
+        say(f"[{n}/{len(self.configs)}] {cfg.id} " + NOT_RUN[state].format(reason=cfg.skip))
+        note = self.path(cfg.id, ".skipped.json")
+        if state == "skip" and not note.is_file():
+            atomic.write_text(note, json.dumps({"id": cfg.id, "reason": cfg.skip}, indent=1))
+
+    def command(self, cfg: methods.SweepConfig) -> list[str]:
+        return self.runner([*config_args(self.s, cfg), "--json", str(self.path(cfg.id, ".json")),
+                            "--analysis-dir", str(self.s.out / "analysis" / cfg.id)])
+
+    def run_slurm(self, batch: slurm.Batch) -> int | None:
+        """Submit the configurations to run as Slurm jobs and, unless --no-wait, wait for them (None: go on to
+        the report); a stop while waiting cancels them."""
+        tasks = []
+        for n, (cfg, state) in enumerate(zip(self.configs, self.states, strict=True), 1):
+            if state == "run":
+                tasks.append(slurm.Task(cfg.id, n, tuple(self.command(cfg))))
+            else:
+                self.not_run(n, cfg, state)
+        self.check_signal()
+        batch.submit(tasks)
+        self.launched = batch.tally.submitted
+        if not self.s.slurm.wait:
+            say(f"submitted {batch.tally.submitted} job(s) ({len(batch.jobs)} in flight); rerun the same command to "
+                f"wait for them or resubmit what is missing, or build the report once they have ended: "
+                f"python -m miq.experiments.report {self.s.out}")
+            return 0
+        try:
+            tally = batch.wait(self.check_signal) if batch.jobs else batch.tally
+        except Interrupted:
+            batch.cancel()
+            raise
+        self.new_failed = tally.failed
+        if tally.killed:
+            say(f"{tally.killed} job(s) killed before finishing: rerun the same command to run them again", err=True)
+        return None
 
     def build_toy(self) -> int:
         """Build the toy model once here rather than in several jobs at the same time; its exit status."""
@@ -205,15 +217,23 @@ class Sweeper:
         if self.done_n:  # the mean time per configuration so far, over the jobs that will run at once
             eta = f", about {fmt_dur(self.done_s / self.done_n * left / min(left, self.s.jobs))} left"
         say(f"[{n}/{len(self.configs)}] {cfg.id} ... (elapsed {fmt_dur(time.monotonic() - self.t0)}{eta})")
-        s = self.s
-        command = self.runner([*config_args(s, cfg), "--json", str(self.path(cfg.id, ".json")),
-                               "--analysis-dir", str(s.out / "analysis" / cfg.id)])
+        command = self.command(cfg)
         self.path(cfg.id, ".failed.json").unlink(missing_ok=True)  # a retry: the old failure no longer stands
-        with open(self.path(cfg.id, ".log"), "w") as log:
-            log.write(f"# {shlex.join(command)}\n")
-            log.flush()  # before the child writes after it, through the same file offset
-            threads = max(1, (os.cpu_count() or 1) // self.s.jobs) if self.s.jobs > 1 else None
-            self.running.append(Job(cfg.id, n, command, spawn(command, log, threads)))
+        env = {}
+        if self.s.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # parallel jobs share the cores instead of oversubscribing them: OpenMP threads that wait on each
+            # other made runs here 10-40x slower
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.s.jobs))
+        gpu = self.gpus.take() if self.s.gpus else None
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu  # its own GPU: opt_mi.py's cuda is that one
+        with start_log(self.path(cfg.id, ".log"), command) as log:
+            try:
+                self.running.append(Job(cfg.id, n, command, spawn(command, log, env), gpu))
+            except BaseException:
+                if gpu is not None:
+                    self.gpus.give_back(gpu)
+                raise
         self.launched += 1
 
     def check_signal(self) -> None:
@@ -228,6 +248,8 @@ class Sweeper:
                 rc = job.proc.poll()
                 if rc is not None:
                     self.running.remove(job)
+                    if job.gpu is not None:
+                        self.gpus.give_back(job.gpu)
                     return job, 128 - rc if rc < 0 else rc
             time.sleep(POLL_S)
 
@@ -256,12 +278,7 @@ class Sweeper:
         self.done_s += dt
 
     def record_failure(self, job: Job, rc: int) -> None:
-        try:
-            error = "\n".join(self.path(job.id, ".log").read_text(errors="replace").splitlines()[-ERROR_LINES:])
-        except OSError as e:
-            error = f"(no log: {e})"
-        note = {"id": job.id, "command": shlex.join(job.command), "returncode": rc, "error": error}
-        atomic.write_text(self.path(job.id, ".failed.json"), json.dumps(note, indent=1))
+        write_failure(self.s.out, job.id, job.command, rc)
         self.new_failed += 1
 
     def stop_all(self) -> None:
@@ -270,18 +287,12 @@ class Sweeper:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(job.proc.pid, signal.SIGTERM)
         for job in self.running:
-            try:
-                job.proc.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(job.proc.pid, signal.SIGKILL)
-                job.proc.wait()
+            stop(job.proc)  # SIGTERMed above all at once; SIGKILLed if it outlives the grace time
             self.remove_leftovers(job)
         self.running.clear()
 
     def remove_leftovers(self, job: Job) -> None:
-        for folder in (self.s.out, self.s.out / "analysis" / job.id):
-            atomic.remove_leftovers(folder, job.proc.pid)
+        remove_leftovers(self.s.out, job.id, job.proc.pid)
 
     def conclude(self) -> int:
         failed = sum(self.path(c.id, ".failed.json").is_file() for c in self.configs)
@@ -293,19 +304,6 @@ class Sweeper:
             return rc
         say(f"{failed} configuration(s) failed; see {self.s.out}/*.failed.json, rerun with --retry-failed", err=True)
         return 1
-
-
-def readable(result: Path) -> bool | None:
-    """Whether a result JSON is one opt_mi.py finished writing (an object with its perplexities); None when the
-    file cannot be read at all (permissions): then nothing is known of it, and it is not removed."""
-    try:
-        text = result.read_text()
-    except OSError:
-        return None
-    try:
-        return "ppl" in json.loads(text)
-    except (ValueError, TypeError):
-        return False
 
 
 @contextlib.contextmanager

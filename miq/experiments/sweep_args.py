@@ -6,6 +6,7 @@ Parsed by hand, not argparse, since a value may start with "-" (``--extra "--sym
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import textwrap
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from miq.errors import ConfigError, NoEffectError
-from miq.experiments import methods
+from miq.experiments import gpu_slots, methods, slurm
+from miq.experiments.slurm import SlurmOptions
 from miq.options import DEFAULT_EVAL, TOY_EVAL, TOY_NAMES, fmt_num
 from miq.run import config, outputs
 
@@ -40,7 +42,21 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "--methods": ("LIST", " ".join(methods.MATRIX_IDS), "methods to run (default the matrix: "
                   f"{' '.join(methods.MATRIX_IDS)}; also "
                   f"{' '.join(m.id for m in methods.METHODS if not m.in_matrix)})"),
+    "--executor": ("NAME", "local", "local (default: --jobs processes on this machine, each on a GPU of its own "
+                   "when it has GPUs) or slurm (one Slurm job per configuration, through submitit; the --out "
+                   "folder must be on a filesystem the nodes share)"),
+    "--jobs-per-gpu": ("K", "1", "local, on a machine with GPUs: configurations that may share one GPU (default "
+                       "1); --jobs may not exceed GPUs x K"),
+    "--slurm-partition": ("P", "", "slurm: the partition (default the cluster's)"),
+    "--slurm-gpus-per-job": ("N", "1", "slurm: GPUs per job (default 1; 0 for CPU jobs)"),
+    "--slurm-time": ("T", "240", "slurm: time limit of one job, minutes or HH:MM:SS (default 240); a job that "
+                     "reaches it leaves no result and runs again on the next submission"),
+    "--slurm-mem": ("MEM", "", "slurm: memory per job, e.g. 64G (default the partition's)"),
+    "--slurm-array-parallelism": ("N", "", "slurm: jobs running at a time (default: all, up to submitit's 256)"),
+    "--slurm-extra": ("KEY=VALUE", "", "slurm: another sbatch option, e.g. account=myproj or constraint=a100 "
+                      "(repeatable; KEY alone for an option without a value)"),
 }
+SLURM_FLAGS = [f for f in FLAGS if f.startswith("--slurm-")]
 
 # --matrix presets: the flags they set unless given
 FRONTIER_METHODS = ("dense", "sparsegpt", "sparsegpt-act-order", "uniform", "g128", "act-order", "act-order-g128")
@@ -53,7 +69,9 @@ def usage() -> str:
     lines = ["usage: sweep.py [--FLAG VALUE ...] [--retry-failed]  (compare_methods.sh takes the same)", ""]
     lines += [f"  {flag + ' ' + meta:<19}{textwrap.fill(text, 100, subsequent_indent=' ' * 21)}"
               for flag, (meta, _, text) in FLAGS.items()]
-    return "\n".join(lines + [f"  {'--retry-failed':<19}run configurations that have an <id>.failed.json again"])
+    return "\n".join(lines + [f"  {'--retry-failed':<19}run configurations that have an <id>.failed.json again",
+                              f"  {'--no-wait':<19}slurm: submit and exit; build the report later with "
+                              "python -m miq.experiments.report OUT"])
 
 
 class UsageError(Exception):
@@ -73,19 +91,23 @@ class Sweep:
     extra: tuple[str, ...]
     retry_failed: bool
     matrix: methods.SweepOptions
+    executor: str = "local"
+    jobs_per_gpu: int = 1
+    gpus: tuple[str, ...] = ()  # local: the GPUs handed out to configurations (none: CPU)
+    slurm: SlurmOptions | None = None  # with --executor slurm
 
 
 def parse_args(argv: Sequence[str]) -> Sweep | None:
     """The validated command line, or None after printing --help."""
     raw = {flag: default for flag, (_, default, _) in FLAGS.items()}
-    retry, args, given = False, list(argv), set()
+    switches, args, given, extra = set(), list(argv), set(), []
     while args:  # by hand, not argparse: a value may start with "-" (--extra "--sym")
         flag = args.pop(0)
         if flag in ("-h", "--help"):
             print(usage())
             return None
-        if flag == "--retry-failed":
-            retry = True
+        if flag in ("--retry-failed", "--no-wait"):
+            switches.add(flag)
         elif flag not in FLAGS:
             raise UsageError(f"unknown option {flag} (see --help)")
         elif not args:
@@ -93,10 +115,38 @@ def parse_args(argv: Sequence[str]) -> Sweep | None:
         else:
             raw[flag] = args.pop(0)
             given.add(flag)
+            if flag == "--slurm-extra":  # repeatable
+                extra.append(raw[flag])
     if raw["--matrix"] not in MATRICES:
         raise UsageError(f"--matrix {raw['--matrix']}: one of {', '.join(MATRICES)}")
     raw.update({f: v for f, v in MATRICES[raw["--matrix"]].items() if f not in given})
-    return validate(raw, retry)
+    sweep = validate(raw, "--retry-failed" in switches)
+    return dataclasses.replace(sweep, **executor_options(raw, given | switches, extra))
+
+
+def executor_options(raw: dict[str, str], given: set[str], extra: list[str]) -> dict:
+    """The Sweep fields of --executor and the flags that go with it; a flag of the other executor is refused
+    (it would change nothing)."""
+    executor = raw["--executor"]
+    if executor not in ("local", "slurm"):
+        raise UsageError(f"--executor {executor}: one of local, slurm")
+    if executor == "slurm":
+        if wrong := given & {"--jobs", "--jobs-per-gpu"}:
+            raise UsageError(f"{min(wrong)}: not with --executor slurm (Slurm runs the jobs; "
+                             "--slurm-array-parallelism sets how many at a time)")
+        try:
+            return {"executor": executor, "slurm": slurm.options(raw, extra, wait="--no-wait" not in given)}
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
+    if wrong := given & {*SLURM_FLAGS, "--no-wait"}:
+        raise UsageError(f"{min(wrong)}: only with --executor slurm")
+    _check([raw["--jobs-per-gpu"]], "[1-9][0-9]*", "--jobs-per-gpu {}: must be a positive integer")
+    jobs, per_gpu, gpus = int(raw["--jobs"]), int(raw["--jobs-per-gpu"]), gpu_slots.visible()
+    if gpus and jobs > len(gpus) * per_gpu:
+        raise UsageError(f"--jobs {jobs}: this machine has {len(gpus)} GPU(s) ({','.join(gpus)}) and "
+                         f"--jobs-per-gpu {per_gpu} lets {len(gpus) * per_gpu} configuration(s) run at a time; "
+                         "lower --jobs or raise --jobs-per-gpu")
+    return {"executor": executor, "jobs_per_gpu": per_gpu, "gpus": tuple(gpus)}
 
 
 def _check(values: list[str], pattern: str, message: str) -> None:

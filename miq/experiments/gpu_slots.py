@@ -1,0 +1,47 @@
+"""The local executor's GPUs: which GPUs this machine lets the sweep use, and which one each running
+configuration gets.
+
+Every configuration process sees one GPU (``CUDA_VISIBLE_DEVICES`` set to it), so opt_mi.py's ``cuda`` is that
+GPU: without it, N parallel jobs all took GPU 0. A GPU offers ``--jobs-per-gpu`` slots (default 1); a job takes
+a free slot when it starts and gives it back when it ends.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def visible() -> list[str]:
+    """The GPUs configuration processes may be given, as ``CUDA_VISIBLE_DEVICES`` names them.
+
+    When the sweep runs under a ``CUDA_VISIBLE_DEVICES`` (a scheduler's allocation, a user's choice), its
+    entries, in order, up to the first that CUDA would stop at (empty or negative: ``-1`` hides every GPU); an
+    entry may be an index or a ``GPU-``/``MIG-`` UUID, passed on as it is. Otherwise the indices
+    ``0 .. torch.cuda.device_count() - 1`` (0 GPUs on a CPU-only torch)."""
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is None:
+        return [str(i) for i in range(torch.cuda.device_count())]
+    ids = []
+    for entry in (e.strip() for e in mask.split(",")):
+        if not entry or entry.startswith("-"):
+            break
+        ids.append(entry)
+    return ids
+
+
+class GpuSlots:
+    """Free (GPU, slot) places, handed out in turn: with K slots per GPU, the first jobs spread over the GPUs
+    (GPU 0, 1, ..., then each GPU's second slot), and a slot given back goes to the end of the queue, so the
+    GPU that has waited longest is taken next. ``take()`` with none free is a defect of the caller, which runs
+    at most ``len(gpus) * per_gpu`` jobs at a time."""
+
+    def __init__(self, gpus: list[str], per_gpu: int):
+        self.free = [g for _ in range(per_gpu) for g in gpus]
+
+    def take(self) -> str:
+        return self.free.pop(0)
+
+    def give_back(self, gpu: str) -> None:
+        self.free.append(gpu)

@@ -1,0 +1,242 @@
+"""The sweep's Slurm executor: each configuration still missing is one Slurm job, submitted through submitit
+(an array job, ``--slurm-array-parallelism`` of them at a time), which runs opt_mi.py (``launch.ConfigJob``).
+
+Submission, the jobs' state and requeueing are submitit's and Slurm's; the sweep keeps no state beyond the
+results folder, which must be on a filesystem the nodes share:
+
+- a job publishes OUT/<id>.json itself (opt_mi.py stages and renames it), writes OUT/<id>.log, and a failure note
+  when opt_mi.py exits non-zero; a job Slurm kills (time limit, cancellation, out of memory) leaves neither, so
+  the next submission runs it again;
+- on preemption (Slurm's warning signal) submitit calls the job's ``checkpoint()`` and requeues it; a time
+  limit is not requeued (``max_num_timeout=0``): the same limit would end it again;
+- submitit's own files (pickled jobs, the workers' logs) go to OUT/submitit/, which the results reader never
+  looks in (it reads OUT/*.json); OUT/submitit/jobs.json maps each configuration to its last Slurm job, so
+  that a submission made while an earlier one is still queued or running does not submit it twice.
+
+``CLUSTER`` names submitit's executor: "slurm"; the tests set "local" (submitit's LocalExecutor runs the same
+jobs as local processes, without a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+from submitit.core.utils import FailedJobError, UncompletedJobError
+
+from miq import atomic
+from miq.errors import ConfigError
+from miq.experiments.launch import ConfigJob, Outcome, fmt_dur, say
+
+CLUSTER = "slurm"
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: the jobs import the miq package from it
+POLL_S = 0.2  # how often the jobs are looked at: a file check each (submitit asks sacct at most once a minute)
+# Slurm states of a job that is queued or running (sacct's names; "CANCELLED by <uid>" is read by its first word)
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+          "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
+# sbatch options the sweep's own flags or submitit set: --slurm-extra may not set them a second way
+OWN = {"time": "--slurm-time", "partition": "--slurm-partition", "mem": "--slurm-mem",
+       "gpus-per-node": "--slurm-gpus-per-job", "array": "submitit", "output": "submitit", "error": "submitit",
+       "signal": "submitit", "open-mode": "submitit", "job-name": "submitit"}
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """The --slurm-* flags, validated. ``time_min``: the time limit of one job, in minutes; ``extra``: sbatch
+    options as (name, value) pairs, a value of True for an option without one."""
+
+    partition: str | None = None
+    gpus_per_job: int = 1
+    time_min: int = 240
+    mem: str | None = None
+    array_parallelism: int | None = None
+    extra: tuple[tuple[str, str | bool], ...] = ()
+    wait: bool = True
+
+
+def _bad(flag: str, value: str, allowed: str) -> ConfigError:
+    return ConfigError(f"{flag} {value!r}: {allowed}")
+
+
+def parse_time(text: str) -> int:
+    """Minutes from "90", "1:30:00" (H:MM:SS) or "1-12:00:00" (days-H:MM:SS), rounded up to whole minutes."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+):([0-5]\d):([0-5]\d)|(\d+)", text.strip())
+    if not m:
+        raise _bad("--slurm-time", text, "minutes (e.g. 240) or HH:MM:SS (e.g. 4:00:00), optionally D-HH:MM:SS")
+    if m[5] is not None:
+        minutes = int(m[5])
+    else:
+        seconds = (int(m[1] or 0) * 24 + int(m[2])) * 3600 + int(m[3]) * 60 + int(m[4])
+        minutes = -(-seconds // 60)
+    if minutes < 1:
+        raise _bad("--slurm-time", text, "at least one minute")
+    return minutes
+
+
+def parse_extra(items: Sequence[str]) -> tuple[tuple[str, str | bool], ...]:
+    """--slurm-extra KEY=VALUE (or KEY alone, for an option without a value), as sbatch spells KEY."""
+    out: dict[str, str | bool] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip().removeprefix("--").replace("_", "-")
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", key) or (eq and not value):
+            raise _bad("--slurm-extra", item, "an sbatch option as KEY=VALUE (e.g. account=myproj, constraint=a100) "
+                       "or KEY alone (e.g. exclusive)")
+        if key in OWN:
+            who = OWN[key]
+            raise _bad("--slurm-extra", item, f"{key} is set by {who}" + ("" if who == "submitit" else ": use it"))
+        out[key] = value if eq else True
+    return tuple(out.items())
+
+
+def options(raw: dict[str, str], extra: Sequence[str], wait: bool) -> SlurmOptions:
+    """SlurmOptions from the flags' raw values ("" when not given); ConfigError naming the flag otherwise."""
+    def count(flag: str, least: int) -> int | None:
+        v = raw[flag]
+        if v == "":
+            return None
+        if not re.fullmatch(r"\d+", v) or int(v) < least:
+            raise _bad(flag, v, f"an integer >= {least}")
+        return int(v)
+
+    mem = raw["--slurm-mem"] or None
+    if mem is not None and not re.fullmatch(r"[1-9][0-9]*[KMGT]?", mem):
+        raise _bad("--slurm-mem", mem, "memory per job as sbatch takes it, e.g. 64G or 64000M")
+    if CLUSTER == "slurm" and shutil.which("sbatch") is None:
+        raise ConfigError("--executor slurm: sbatch is not on PATH; run the sweep where Slurm jobs are submitted "
+                          "(a login node)")
+    gpus = count("--slurm-gpus-per-job", 0)
+    return SlurmOptions(partition=raw["--slurm-partition"] or None, gpus_per_job=1 if gpus is None else gpus,
+                        time_min=parse_time(raw["--slurm-time"]), mem=mem,
+                        array_parallelism=count("--slurm-array-parallelism", 1), extra=parse_extra(extra), wait=wait)
+
+
+def executor(folder: Path, opts: SlurmOptions) -> submitit.AutoExecutor:
+    """submitit's executor for the sweep's jobs: one task on one node each, ``gpus_per_job`` GPUs."""
+    ex = submitit.AutoExecutor(folder, cluster=CLUSTER, slurm_max_num_timeout=0, local_max_num_timeout=0)
+    # the workers unpickle launch.ConfigJob: they import miq from this checkout, wherever sbatch starts them
+    setup = [f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    params = {"name": "miq-sweep", "timeout_min": opts.time_min, "gpus_per_node": opts.gpus_per_job,
+              "nodes": 1, "tasks_per_node": 1, "stderr_to_stdout": True, "slurm_setup": setup,
+              "local_setup": setup, "slurm_partition": opts.partition, "slurm_mem": opts.mem,
+              "slurm_array_parallelism": opts.array_parallelism}
+    if opts.extra:
+        params["slurm_additional_parameters"] = dict(opts.extra)
+    ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return ex
+
+
+@dataclass(frozen=True)
+class Task:
+    """A configuration to run: its id, its place in the matrix (progress lines) and its command."""
+
+    id: str
+    n: int
+    command: tuple[str, ...]
+
+
+@dataclass
+class Tally:
+    submitted: int = 0
+    failed: int = 0
+    killed: int = 0
+
+
+class Batch:
+    """The sweep's Slurm jobs: submitted, found still in flight from an earlier submission, waited for."""
+
+    def __init__(self, out: Path, opts: SlurmOptions, total: int):
+        self.out, self.opts, self.total = out, opts, total
+        self.folder = out / "submitit"
+        self.record = self.folder / "jobs.json"
+        self.jobs: dict[str, tuple[Task, submitit.Job]] = {}
+        self.tally = Tally()
+
+    def recorded(self) -> dict[str, str]:
+        try:
+            return json.loads(self.record.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def in_flight(self, task: Task, job_id: str | None) -> submitit.Job | None:
+        """The Slurm job an earlier submission made for task, when it is still queued or running."""
+        if job_id is None or CLUSTER != "slurm":  # a local job's process belongs to the sweep that started it
+            return None
+        job = submitit.SlurmJob(self.folder, job_id)
+        return job if job.state.upper().split(" ")[0] in ACTIVE else None
+
+    def submit(self, tasks: list[Task]) -> None:
+        """Submit every task that has no job in flight already (one array job); record their job ids."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ids = self.recorded()
+        new = []
+        for t in tasks:
+            if (job := self.in_flight(t, ids.get(t.id))) is not None:
+                say(f"[{t.n}/{self.total}] {t.id} queued or running as Slurm job {job.job_id} (an earlier "
+                    "submission): not submitted again")
+                self.jobs[t.id] = (t, job)
+            else:
+                new.append(t)
+        if new:
+            ex = executor(self.folder, self.opts)
+            with ex.batch():
+                submitted = [ex.submit(ConfigJob(t.id, t.command, str(self.out))) for t in new]
+            for t, job in zip(new, submitted, strict=True):
+                say(f"[{t.n}/{self.total}] {t.id} submitted as job {job.job_id}")
+                self.jobs[t.id] = (t, job)
+                ids[t.id] = job.job_id
+            atomic.write_text(self.record, json.dumps(ids, indent=1))
+        self.tally.submitted = len(new)
+
+    def wait(self, check_signal: Callable[[], None]) -> Tally:
+        """Wait for every job, printing how each ended; ``check_signal`` raises when the sweep is stopped."""
+        t0, pending = time.monotonic(), dict(self.jobs)
+        say(f"waiting for {len(pending)} job(s); their logs: {self.out}/<id>.log and {self.folder}/")
+        while pending:
+            check_signal()
+            for cfg_id, (task, job) in list(pending.items()):
+                if job.done():
+                    del pending[cfg_id]
+                    self.finish(task, job, time.monotonic() - t0)
+            if pending:
+                time.sleep(POLL_S)
+        return self.tally
+
+    def finish(self, task: Task, job: submitit.Job, waited: float) -> None:
+        head = f"[{task.n}/{self.total}] {task.id}"
+        try:
+            outcome: Outcome = job.result()
+        except (UncompletedJobError, FailedJobError) as e:
+            # the worker itself ended without an outcome: killed (time limit, cancellation, node failure) or
+            # not requeued; nothing was recorded for the configuration
+            self.tally.killed += 1
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            say(f"{head} job {job.job_id} ended without running to completion after {fmt_dur(waited)} ({why}); "
+                f"not recorded: the next submission runs it again; see {job.paths.stdout}", err=True)
+            return
+        if outcome.status == "done":
+            say(f"{head} done in {fmt_dur(outcome.seconds)}")
+        elif outcome.status == "exists":
+            say(f"{head} exists (another submission finished it), skipped")
+        elif outcome.status == "killed":
+            self.tally.killed += 1
+            say(f"{head} killed (exit {outcome.rc}) after {fmt_dur(outcome.seconds)}; not recorded: the next "
+                "submission runs it again", err=True)
+        else:
+            self.tally.failed += 1
+            say(f"{head} FAILED (exit {outcome.rc}) after {fmt_dur(outcome.seconds)}; see {self.out}/{task.id}.log",
+                err=True)
+
+    def cancel(self) -> None:
+        """Cancel every job that has not ended (the sweep was stopped while waiting)."""
+        live = [job for _, job in self.jobs.values() if not job.done()]
+        for job in live:
+            job.cancel(check=False)
+        say(f"cancelled {len(live)} job(s)", err=True)
