@@ -48,17 +48,18 @@ from miq.errors import USER_ERRORS, DataError, PublishError
 from miq.experiments import methods
 from miq.model import layerwalk, loading
 from miq.model.loading import ModelSource, load_model, open_source
-from miq.run import outputs, preflight, saving
+from miq.run import outputs, preflight, saving, tasks
 from miq.run.compress import compress, decoder_linear_weights, mask_sparsity, zero_fraction
 from miq.run.config import RunConfig, parse
 
 OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
 
 
-def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelSource, object, torch.device]:
+def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelSource, object, torch.device, tasks.TaskPlan | None]:
     """Every check that needs neither data nor weights, cheapest first, before any work: the device, the
-    output paths, the model's config and tokenizer, its weights' headers, and the run against the model's
-    structure (selection, n:m, plotted layer, memory). Returns the resolved config, source, tokenizer, device."""
+    output paths, the model's config and tokenizer, its weights' headers, the run against the model's
+    structure (selection, n:m, plotted layer, memory), and --tasks against the harness (installed, every task
+    known). Returns the resolved config, source, tokenizer, device and the tasks' plan (None without --tasks)."""
     dev = preflight.device(cfg)
     outputs.check_targets(cfg)
     src, tokenizer = open_source(cfg.model, cfg.trust_remote_code)
@@ -66,7 +67,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelSource, object, torch.devic
     skeleton = loading.skeleton(src)
     loading.check_weights(src, skeleton)
     cfg = preflight.check_model(cfg, skeleton, dev)
-    return cfg, src, tokenizer, dev
+    return cfg, src, tokenizer, dev, tasks.prepare(cfg)
 
 
 @contextlib.contextmanager
@@ -83,7 +84,7 @@ def run(cfg: RunConfig) -> dict:
     end (outputs.Staging): an error or an interrupt anywhere leaves none of them."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    cfg, src, tokenizer, dev = prepare(cfg)
+    cfg, src, tokenizer, dev, task_plan = prepare(cfg)
     model_s = time.time() - t0  # checks, tokenizer and (first use) building the toy
     label, family = methods.label(cfg)
 
@@ -107,8 +108,11 @@ def run(cfg: RunConfig) -> dict:
     t = time.time()
     ppl = evaluate(model, eval_tokens, cfg, dev)
     eval_s = time.time() - t + eval_load_s
+    t = time.time()
+    task_results = tasks.evaluate(model, tokenizer, task_plan, cfg, dev) if task_plan else None
 
-    timing = {"model_s": model_s, "calibration_s": calibration_s, "compress_s": compress_s, "eval_s": eval_s}
+    timing = {"model_s": model_s, "calibration_s": calibration_s, "compress_s": compress_s, "eval_s": eval_s,
+              **({"tasks_s": time.time() - t} if task_results else {})}
     try:
         with outputs.Staging() as stage:
             disk = saving.write(stage.folder(cfg.save), model, tokenizer, res, cfg) if cfg.save else None
@@ -117,6 +121,7 @@ def run(cfg: RunConfig) -> dict:
                 "method": label,
                 "family": family,
                 "ppl": {k: (v if math.isfinite(v) else None) for k, v in ppl.items()},
+                **({"tasks": task_results} if task_results else {}),  # present only with --tasks
                 "sparsity": mask_sparsity(res),
                 "zero_fraction": zero_fraction(model, [r["name"] for r in res.layers]),
                 "bits": {**bitstats.summarize(res.bits, decoder_linear_weights(model)), **(disk or {})},
@@ -153,6 +158,7 @@ def summary(out: dict, dense_dtype: str) -> str:
     return "\n".join([
         f"method    {out['method']}",
         f"ppl       {ppl}",
+        *([tasks.summary_line(out["tasks"])] if out.get("tasks") else []),
         f"sparsity  {out['sparsity']:.4f} removed by the masks ({out['zero_fraction']:.4f} exact zeros after "
         "quantization)",
         f"bits      {b['code_bpw']:.3f} codes + {b['metadata_bpw']:.4f} metadata + {b['mask_bpw']:.3f} mask = "
@@ -162,7 +168,8 @@ def summary(out: dict, dense_dtype: str) -> str:
         *([disk_line(b, out["config"])] if b.get("bytes_on_disk") is not None else []),
         f"time      model {t['model_s']:.1f}s, calibration {t['calibration_s']:.1f}s, compress {t['compress_s']:.1f}s "
         f"(MI {t['mi_s']:.1f}s, cluster {t['cluster_s']:.1f}s, alloc {t['alloc_s']:.1f}s, "
-        f"prune {t['prune_s']:.1f}s), eval {t['eval_s']:.1f}s, total {t['total_s']:.1f}s",
+        f"prune {t['prune_s']:.1f}s), eval {t['eval_s']:.1f}s"
+        + (f", tasks {t['tasks_s']:.1f}s" if "tasks_s" in t else "") + f", total {t['total_s']:.1f}s",
     ])
 
 

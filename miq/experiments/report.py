@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from miq import atomic
-from miq.experiments import frontier, methods, plots
+from miq.experiments import frontier, methods, plots, tasks_table
 from miq.experiments.results import BASELINE_FAMILIES, Run, counted_control, eval_sets, load_dir, units
 from miq.experiments.stats import SIGNIFICANCE
 from miq.experiments.verdict import BPW_TOL, Cell, Comparison, Verdict, judge
@@ -380,7 +380,7 @@ def build(src: Path, out: Path) -> str:
     else:
         md += environment(runs) + results_table(runs, sets) + seeds_table(runs, sets) + overhead_table(runs)
         md += figures(runs, sets, src, out_dir) + frontier_section(units(runs), sets, out_dir)
-        md += verdict_section(runs, sets)
+        md += verdict_section(runs, sets) + tasks_table.section(units(runs), judge(runs, sets))
     if skipped:
         md += skipped_section(skipped)
     if failed:

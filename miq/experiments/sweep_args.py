@@ -18,7 +18,7 @@ from miq.errors import ConfigError, NoEffectError
 from miq.experiments import gpu_slots, methods, slurm
 from miq.experiments.slurm import SlurmOptions
 from miq.options import DEFAULT_EVAL, TOY_EVAL, TOY_NAMES, fmt_num
-from miq.run import config, outputs
+from miq.run import config, outputs, tasks
 
 # flag -> (metavar, default, help); "" defaults depend on --model
 FLAGS: dict[str, tuple[str, str, str]] = {
@@ -39,6 +39,9 @@ FLAGS: dict[str, tuple[str, str, str]] = {
                 "seeded configuration once per seed (ids end in _seed<n>) and give the report mean +- std and "
                 "a seed-aware verdict"),
     "--extra": ('"..."', "", 'flags appended to every opt_mi.py call, e.g. "--seqlen 64"'),
+    "--tasks": ("LIST", "", "lm-evaluation-harness tasks every configuration runs after perplexity "
+                "(comma-separated names or task YAML files, as opt_mi.py --tasks; --extra \"--tasks-limit N\" "
+                "etc. set the rest); the report tabulates their accuracy and adds it to the verdict"),
     "--methods": ("LIST", " ".join(methods.MATRIX_IDS), "methods to run (default the matrix: "
                   f"{' '.join(methods.MATRIX_IDS)}; also "
                   f"{' '.join(m.id for m in methods.METHODS if not m.in_matrix)})"),
@@ -95,6 +98,7 @@ class Sweep:
     jobs_per_gpu: int = 1
     gpus: tuple[str, ...] = ()  # local: the GPUs handed out to configurations (none: CPU)
     slurm: SlurmOptions | None = None  # with --executor slurm
+    tasks: str = ""  # --tasks, passed to every configuration
 
 
 def parse_args(argv: Sequence[str]) -> Sweep | None:
@@ -183,12 +187,15 @@ def validate(raw: dict[str, str], retry: bool) -> Sweep:
         data = [("--calib", raw["--calib"]), *[("--eval", e) for e in raw["--eval"].split(",") if e]]
         outputs.check_apart("--out", raw["--out"], "folder", outputs.inputs_of(raw["--model"], data))
         outputs.check_target("--out", raw["--out"], "folder")
+        task_names = [t.strip() for t in raw["--tasks"].split(",") if t.strip()]
+        if task_names:  # installed, every name known: before the first job, not in every configuration's log
+            tasks.plan(task_names)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     toy = raw["--model"] in TOY_NAMES
     return Sweep(model=raw["--model"], calib=raw["--calib"], eval=raw["--eval"] or (TOY_EVAL if toy else DEFAULT_EVAL),
                  nsamples=int(raw["--nsamples"] or (32 if toy else 128)), out=Path(raw["--out"]),
-                 jobs=int(raw["--jobs"]), extra=tuple(extra), retry_failed=retry,
+                 jobs=int(raw["--jobs"]), extra=tuple(extra), retry_failed=retry, tasks=raw["--tasks"].strip(),
                  matrix=methods.SweepOptions(tuple(sparsities), tuple(wbits), tuple(map(int, ks)), tuple(chosen),
                                              tuple(int(n) for n in seeds)))
 
@@ -198,7 +205,8 @@ def config_args(s: Sweep, cfg: methods.SweepConfig) -> list[str]:
     in it (``--extra "--sym"`` reaches the quantized configurations, not dense or pruning-only ones)."""
     extra = list(s.extra)
     while True:
-        args = [s.model, s.calib, "--eval", s.eval, "--nsamples", str(s.nsamples), *cfg.flags, *extra]
+        args = [s.model, s.calib, "--eval", s.eval, "--nsamples", str(s.nsamples),
+                *(["--tasks", s.tasks] if s.tasks else []), *cfg.flags, *extra]
         try:
             config.parse(args)
             return args

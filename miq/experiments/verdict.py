@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from miq.experiments.results import BASELINE_FAMILIES, MI_FAMILIES, Run, control_families, counted_control, units
 from miq.experiments.stats import Decision, Paired, decide_runs
+from miq.experiments.tasks_table import TaskComparison, compare
 
 # A baseline counts as "equal bits" when it spends at least the MI run's bpw minus this: bpw is printed
 # with 4 decimals and two methods at the same budget can differ in the last digits of metadata.
@@ -50,6 +51,7 @@ class Comparison:
     counted: bool = False
     like_for_like: bool = False  # controls: ``mi`` is not the cell's best MI run but one that has a control
     paired: Paired | None = None  # over seeds, when both sides have two or more in common
+    on_tasks: TaskComparison | None = None  # the same two on mean task accuracy, where they ran --tasks
 
     @property
     def mi_id(self) -> str:
@@ -91,7 +93,8 @@ def baseline_comparison(m: Run, baselines: list[Run], s: str) -> Comparison:
     if comp:
         b = min(comp, key=lambda r: r.ppl_of(s))
         decision, p = decide_runs(m, b, s)
-        return Comparison("baseline", decision, s, m, b, len(comp), counted=decision != "no comparison", paired=p)
+        return Comparison("baseline", decision, s, m, b, len(comp), counted=decision != "no comparison", paired=p,
+                          on_tasks=compare(m, b))
     if baselines:  # more bits than every baseline: name the nearest so a reader sees the gap
         near = min(baselines, key=lambda r: (abs(r.bpw - m.bpw), r.ppl_of(s)))
         return Comparison("baseline", "no equal-bits baseline", s, m, near)
@@ -117,7 +120,8 @@ def control_comparison(m: Run, mis: list[Run], runs: list[Run], family: str, s: 
     x, same = pairs[0]
     c = min(same, key=lambda r: r.ppl_of(s))
     decision, p = decide_runs(x, c, s)
-    return Comparison(family, decision, s, x, c, len(same), counted=True, like_for_like=x is not m, paired=p)
+    return Comparison(family, decision, s, x, c, len(same), counted=True, like_for_like=x is not m, paired=p,
+                      on_tasks=compare(x, c))
 
 
 @dataclass(frozen=True)

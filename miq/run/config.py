@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -88,6 +89,10 @@ class RunConfig:
     mi_alpha: float = 0.0
     analysis_dir: str = "analysis"
     plot_layer: str | None = None
+    tasks: str = ""  # comma-separated harness task names and task YAML paths; "" = none (``task_names``)
+    tasks_fewshot: int | None = None  # None: each task's own number of examples
+    tasks_limit: int | None = None
+    tasks_batch: int = 8
     warnings: tuple[str, ...] = ()  # flags given that change nothing in this run (no_effect.py), said on stderr
 
     # --- what the run does, derived (never stored twice)
@@ -122,6 +127,10 @@ class RunConfig:
     def eval_names(self) -> list[str]:
         spec = self.eval if self.eval is not None else (TOY_EVAL if self.model in TOY_NAMES else DEFAULT_EVAL)
         return [s.strip() for s in spec.split(",") if s.strip()]
+
+    def task_names(self) -> list[str]:
+        """--tasks split: harness task names and paths of task YAML files, in the order given."""
+        return [s.strip() for s in self.tasks.split(",") if s.strip()]
 
     def with_seqlen(self, positions: int) -> RunConfig:
         """This config with --seqlen resolved against the model's ``positions``."""
@@ -200,7 +209,9 @@ def _check_counts(a: argparse.Namespace) -> None:
     torch before any memory check could speak (larger sizes that fit are bounded by memory, in preflight)."""
     counts = [("--nsamples", a.nsamples, 1), ("--seqlen", a.seqlen, 2), ("--eval-batch", a.eval_batch, 1),
               ("--blocksize", a.blocksize, 1), ("--groupsize", a.groupsize, -1), ("--prunen", a.prunen, 0),
-              ("--prunem", a.prunem, 0), ("--mi-samples", a.mi_samples, 2), ("--mi-bins", a.mi_bins, 2)]
+              ("--prunem", a.prunem, 0), ("--mi-samples", a.mi_samples, 2), ("--mi-bins", a.mi_bins, 2),
+              ("--tasks-fewshot", a.tasks_fewshot, 0), ("--tasks-limit", a.tasks_limit, 1),
+              ("--tasks-batch", a.tasks_batch, 1)]
     for flag, value, low in counts:
         if value is None:
             continue
@@ -220,6 +231,25 @@ def _check_eval(cfg: RunConfig) -> None:
     """Every eval set exists (name or file), and there is at least one: a run that evaluates nothing is a slip."""
     if not cfg.eval_names():
         raise _bad("--eval", repr(cfg.eval), "names no eval set; give at least one (a name or a file)")
+
+
+def is_task_file(name: str) -> bool:
+    """Whether a --tasks entry names a task YAML file rather than a harness task (names hold no path separator)."""
+    return name.lower().endswith((".yaml", ".yml")) or "/" in name or os.sep in name
+
+
+def _check_tasks(cfg: RunConfig) -> None:
+    """--tasks names something, nothing twice, and every task file exists; whether the harness is installed and
+    knows the names is checked before any work too (``miq.run.tasks.prepare``), as that needs the harness."""
+    names = cfg.task_names()
+    if cfg.tasks.strip() and not names:
+        raise _bad("--tasks", repr(cfg.tasks), "names no task; give harness task names or task YAML files")
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise _bad("--tasks", name, "is named twice")
+        if is_task_file(name) and not os.path.isfile(name):
+            raise _bad("--tasks", name, "no such task file (a task YAML; harness task names hold no '/' and no "
+                       ".yaml)")
 
 
 def _check_grouping(a: argparse.Namespace, groups, choices: tuple[int, ...]) -> None:
@@ -266,6 +296,7 @@ def from_namespace(a: argparse.Namespace) -> RunConfig:
     cfg = RunConfig(**{**vars(a), "groups": groups, "bits_choices": choices, "mi_alpha": float(alpha),
                        "warnings": warnings})
     _check_eval(cfg)
+    _check_tasks(cfg)
     for name in [cfg.dataset] + cfg.eval_names():
         try:
             validate_name(name)

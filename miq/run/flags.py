@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _reference_flags(p.add_argument_group("reference (IST-DASLab/sparsegpt) options"))
     _toolkit_flags(p.add_argument_group("toolkit options"))
     _grouping_flags(p.add_argument_group("MI channel grouping"))
+    _task_flags(p.add_argument_group("zero-shot tasks (lm-evaluation-harness)"))
     o = p.add_argument_group("analysis")
     o.add_argument("--analysis-dir", type=str, default="analysis", help="where mi_matrix.png etc. go; '' = none")
     o.add_argument("--plot-layer", type=str, default=None,
@@ -127,3 +128,16 @@ def _grouping_flags(m) -> None:
     m.add_argument("--mi-alpha", type=float, default=None,
                    help="exponent of the MI redundancy factor (1 - intra NMI)^alpha; "
                         f"default {DEFAULT_MI_ALPHA:g} for hessian-mi, else 0")
+
+
+def _task_flags(t) -> None:
+    """Accuracy on the harness's tasks, beside perplexity, on the compressed model (or a saved folder) in memory."""
+    t.add_argument("--tasks", type=str, default="",
+                   help="comma-separated lm-evaluation-harness tasks after perplexity: names (piqa, arc_easy, "
+                        "lambada_openai ...; their datasets download on first use) and/or paths to task YAML "
+                        "files (.yaml/.yml, read as local tasks); '' = none. Needs pip install lm-eval")
+    t.add_argument("--tasks-fewshot", type=int, default=None,
+                   help="examples in each prompt (default: each task's own, 0 when it sets none)")
+    t.add_argument("--tasks-limit", type=int, default=None,
+                   help="evaluate only the first N documents of each task (a quick look; default all)")
+    t.add_argument("--tasks-batch", type=int, default=8, help="requests per forward pass of the harness")

@@ -16,6 +16,7 @@ from miq.options import needs_mi
 GROUP_FLAGS = ("strategy", "cluster", "bit_alloc", "alloc_cost", "bits_choices", "mi_alpha")
 MI_FLAGS = ("mi_samples", "mi_bins", "mi_binning", "mi_bias", "mi_normalize", "mi_estimator")
 HESSIAN_FLAGS = ("true_sequential", "percdamp", "blocksize")
+TASK_FLAGS = ("tasks_fewshot", "tasks_limit", "tasks_batch")
 
 
 def _flag(dest: str) -> str:
@@ -44,6 +45,8 @@ def _value(v) -> str:
 
 def _why(d: str, a: argparse.Namespace, groups, quantizing: bool, pruning: bool) -> str | None:
     """Why the given flag ``d`` does nothing in this run, or None."""
+    if d in TASK_FLAGS and not a.tasks.strip():
+        return "acts on the harness's tasks; give --tasks (task names or task YAML files)"
     if not (quantizing or pruning) and d in (*HESSIAN_FLAGS, "act_order"):
         return "this run compresses nothing (give --sparsity, --prunen/--prunem or --wbits)"
     if a.gmp and d in HESSIAN_FLAGS:
