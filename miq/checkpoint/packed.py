@@ -60,6 +60,7 @@ from safetensors.torch import save_file
 
 from miq.checkpoint import formats, packed_layer
 from miq.errors import ModelError
+from miq.model import onload
 from quant import QuantizedLayer
 
 FORMAT, VERSION = "miq-packed", 3
@@ -95,20 +96,19 @@ def write_packed(folder: str, model, tokenizer, layers: list[QuantizedLayer], nm
                  run: dict | None = None) -> dict:
     """Write the packed format into ``folder`` (existing and empty). Returns {"bytes_on_disk", "bpw_on_disk"}.
 
-    ``layers``: the compressed linears as stored (``CompressionResult.saved``); ``nm``: the run's n:m pattern,
+    ``layers``: the compressed linears as stored (``CompressionResult.saved``: QuantizedLayers, or already
+    encoded as ``PackedLayers``); ``nm``: the run's n:m pattern,
     if any (masks that follow it are stored as n:m indices); ``run``: recorded in the manifest.
     """
     dtype = model.dtype
-    dense, tied = dense_state(model, {f"{q.name}.weight" for q in layers})
-    entries, tensors = {}, {}
-    for q in layers:
-        entries[q.name], t = packed_layer.encode(q, dtype, nm)
-        tensors.update(t)
+    if not isinstance(layers, PackedLayers):
+        layers = PackedLayers.of(layers, dtype, nm)
+    entries, weights = layers.entries, layers.weights
+    dense, tied = dense_state(model, {f"{name}.weight" for name in entries})
     # one metadata key: safetensors writes several in no fixed order, and the same run must give the same bytes
-    save_file(tensors, os.path.join(folder, PACKED), metadata={"format": FORMAT})
+    save_file(layers.tensors, os.path.join(folder, PACKED), metadata={"format": FORMAT})
     save_file(dense, os.path.join(folder, DENSE), metadata={"format": FORMAT})
     nbytes = sum(tensor_bytes(os.path.join(folder, PACKED)).values())
-    weights = sum(q.weight.numel() for q in layers)
     manifest = {"format": FORMAT, "version": VERSION, "dtype": packed_layer.DTYPE_NAMES[dtype],
                 "files": {"packed": PACKED, "dense": DENSE}, "tied": tied,
                 "bit_order": "integer arrays are LSB-first bit streams (see packed.py / packbits.py)",
@@ -123,8 +123,38 @@ def write_packed(folder: str, model, tokenizer, layers: list[QuantizedLayer], nm
     return {"bytes_on_disk": nbytes, "bpw_on_disk": 8 * nbytes / weights if weights else None}
 
 
+class PackedLayers:
+    """Compressed linears encoded as they arrive (``append``, as a list of QuantizedLayer takes them): the
+    manifest entries and tensors of the format, a few bits per weight, held instead of every layer's float32
+    copy until the run ends. ``dtype``: the model's; ``nm``: the run's n:m pattern, if any."""
+
+    def __init__(self, dtype: torch.dtype, nm: tuple[int, int] | None = None):
+        self.dtype, self.nm = dtype, nm
+        self.entries: dict[str, dict] = {}  # layer -> manifest entry, in the order compressed
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.weights = 0
+
+    @classmethod
+    def of(cls, layers: list[QuantizedLayer], dtype: torch.dtype, nm: tuple[int, int] | None) -> PackedLayers:
+        out = cls(dtype, nm)
+        for q in layers:
+            out.append(q)
+        return out
+
+    def append(self, q: QuantizedLayer) -> None:
+        self.entries[q.name], t = packed_layer.encode(q, self.dtype, self.nm)
+        self.tensors.update(t)
+        self.weights += q.weight.numel()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
 def dense_state(model, compressed: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict less the compressed weights, each shared tensor once: ({name: tensor}, {alias: source})."""
+    """The state dict less the compressed weights, each shared tensor once: ({name: tensor}, {alias: source}).
+    A model loaded layer by layer gives its tensors from the checkpoint and the compressed layers' files."""
+    if onload.of(model) is not None:
+        return onload.of(model).dense_state(compressed)
     out, tied, seen = {}, {}, {}
     for name, t in model.state_dict().items():
         if name in compressed:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from miq.model import layouts
+from miq.model import layouts, onload
 
 Visit = Callable[[int, nn.Module, torch.Tensor], None]
 LayerKwargs = list[dict]  # the keyword arguments of each decoder layer, as the model passed them
@@ -96,24 +96,25 @@ def capture_inputs(model: nn.Module, windows: torch.Tensor, dev: torch.device) -
     """
     layout = layouts.of(model)
     layers = layout.decoder_layers(model)
-    for m in layout.embedding_modules(model):
-        m.to(dev)
     capture = _Capture(len(layers))
     originals = list(layers)
-    for i, layer in enumerate(originals):
-        layers[i] = _StandIn(layer, i, capture)
-    try:
-        for j in range(windows.shape[0]):
-            try:
-                model(windows[j : j + 1].to(dev), use_cache=False)
-            except _Stop:
-                pass
-    finally:
+    with onload.modules(model, layout.embedding_modules(model)):  # read here when loading layer by layer
+        for m in layout.embedding_modules(model):
+            m.to(dev)
         for i, layer in enumerate(originals):
-            layers[i] = layer
-        if dev.type != "cpu":
-            for m in layout.embedding_modules(model):
-                m.cpu()
+            layers[i] = _StandIn(layer, i, capture)
+        try:
+            for j in range(windows.shape[0]):
+                try:
+                    model(windows[j : j + 1].to(dev), use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            for i, layer in enumerate(originals):
+                layers[i] = layer
+            if dev.type != "cpu":
+                for m in layout.embedding_modules(model):
+                    m.cpu()
     return torch.cat(capture.inputs, dim=0), [_replayable(args, kwargs) for args, kwargs in capture.calls]
 
 
@@ -134,18 +135,22 @@ def walk(
     is compressed from the already compressed model's activations, and move the layer back. ``batch``
     windows go through a layer per call: the captured kwargs (mask, positions, rotary cos/sin) have batch
     size one and broadcast, so the result is the same up to float summation order.
+
+    A model loaded layer by layer (``onload``) has each layer read when its turn comes and released after;
+    a visited layer (it may have been compressed) is kept in the Store first, where evaluation reads it.
     """
     layers = decoder_layers(model)
     outs = torch.empty_like(inps)
     for i in tqdm(range(len(layers)), desc=desc, leave=False, disable=None):
-        layer = layers[i].to(dev)
-        if visit is not None:
-            visit(i, layer, inps)
-        for j in range(0, inps.shape[0], batch):
-            outs[j : j + batch] = layer(inps[j : j + batch], **layer_kwargs[i])
-        if dev.type != "cpu":
-            layers[i] = layer.cpu()
-            torch.cuda.empty_cache()
+        with onload.layer(model, i, keep=visit is not None):
+            layer = layers[i].to(dev)
+            if visit is not None:
+                visit(i, layer, inps)
+            for j in range(0, inps.shape[0], batch):
+                outs[j : j + batch] = layer(inps[j : j + batch], **layer_kwargs[i])
+            if dev.type != "cpu":
+                layers[i] = layer.cpu()
+                torch.cuda.empty_cache()
         inps, outs = outs, inps
     return inps
 
@@ -165,22 +170,24 @@ def window_losses(model: nn.Module, hidden: torch.Tensor, windows: torch.Tensor,
     50k vocabulary makes logits the largest tensor of evaluation.
     """
     heads = layouts.of(model).head_modules(model)
-    for m in heads:
-        m.to(dev)
     n, seqlen = windows.shape
     chunk = max(1, logits_budget // (seqlen * heads[-1].out_features))
     losses = torch.empty(n, dtype=torch.float64)
-    for j in range(0, n, chunk):
-        h = hidden[j : j + chunk]
-        for m in heads[:-1]:  # final norm (and OPT's project_out)
-            h = m(h)
-        logits = heads[-1](h).float()[:, :-1]
-        target = windows[j : j + chunk, 1:].to(dev)
-        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-        losses[j : j + chunk] = nll.view(target.shape).double().mean(1).cpu()
-    if dev.type != "cpu":
+    with onload.modules(model, heads):  # read here when loading layer by layer
         for m in heads:
-            m.cpu()
+            m.to(dev)
+        for j in range(0, n, chunk):
+            h = hidden[j : j + chunk]
+            for m in heads[:-1]:  # final norm (and OPT's project_out)
+                h = m(h)
+            logits = heads[-1](h).float()[:, :-1]
+            target = windows[j : j + chunk, 1:].to(dev)
+            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                              reduction="none")
+            losses[j : j + chunk] = nll.view(target.shape).double().mean(1).cpu()
+        if dev.type != "cpu":
+            for m in heads:
+                m.cpu()
     return losses
 
 

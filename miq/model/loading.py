@@ -9,6 +9,8 @@ second instead of huggingface_hub's ~25 s of retries; ``datautils`` uses the sam
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import functools
 import json
 import os
@@ -24,7 +26,7 @@ import torch
 
 from miq.checkpoint import formats, packed
 from miq.errors import ModelError
-from miq.model import layouts, toy
+from miq.model import layouts, onload, toy
 from miq.options import TOY_NAMES
 
 HUB_PROBE_TIMEOUT = 3.0  # seconds; a reachable hub answers a TCP connect in well under a second
@@ -258,8 +260,13 @@ def _safetensors_shapes(src: ModelSource, file: str) -> dict[str, list[int]]:
     return shapes
 
 
-def load_model(src: ModelSource, dtype: str, dev: torch.device):
-    """The model in eval mode, no KV cache. dtype "auto": float32 on CPU, the checkpoint's dtype elsewhere."""
+def load_model(src: ModelSource, dtype: str, dev: torch.device, load: str = "whole"):
+    """The model in eval mode, no KV cache. dtype "auto": float32 on CPU, the checkpoint's dtype elsewhere.
+
+    ``load`` "layers": for a safetensors checkpoint (local or from the hub, one file or shards), the model
+    with every weight on the meta device, read layer by layer as the walker reaches it (``onload``);
+    "whole", a pickled .bin checkpoint or a packed folder: ``from_pretrained`` (or the packed loader) reads
+    every weight now."""
     from transformers import AutoModelForCausalLM
 
     if dtype == "auto":
@@ -270,6 +277,9 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device):
         model = packed.load_compressed(src.path, None if torch_dtype == "auto" else torch_dtype, src.manifest)
         model.config.use_cache = False
         return model
+    folder = _safetensors_folder(src) if load == "layers" else None
+    if folder is not None:
+        return load_lazily(src, folder, torch_dtype)
     try:
         with src.cache_only():
             model, info = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype, output_loading_info=True,
@@ -289,6 +299,81 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device):
     return model
 
 
+def _safetensors_folder(src: ModelSource) -> str | None:
+    """The local folder of the checkpoint's safetensors files (a hub model's are downloaded to the cache
+    first, as ``from_pretrained`` would), or None when it has none (pickled .bin weights load whole)."""
+    if src.local:
+        return src.path if onload.checkpoint_files(src.path) else None
+    from huggingface_hub import snapshot_download
+
+    try:
+        with src.cache_only():
+            folder = snapshot_download(src.path, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as e:  # unreachable, gated, not in the cache: told in one line
+        raise ModelError(f"MODEL {src.name}: could not fetch the weights ({first_line(e)})") from None
+    if not onload.checkpoint_files(folder):
+        return None
+    check_weights(dataclasses.replace(src, path=folder), skeleton(src))
+    return folder
+
+
+def _checkpoint_dtype(folder: str, config) -> torch.dtype:
+    """What ``from_pretrained(dtype="auto")`` picks: config.json's dtype, else the first floating tensor's."""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if stored is not None:
+        return getattr(torch, stored) if isinstance(stored, str) else stored
+    from safetensors import safe_open
+
+    for stored_name, file in sorted(onload.checkpoint_files(folder).items()):
+        with safe_open(os.path.join(folder, file), "pt") as f:
+            t = f.get_slice(stored_name)
+            dt = getattr(torch, packed.SAFETENSORS_DTYPES.get(t.get_dtype(), ""), None)
+            if isinstance(dt, torch.dtype) and dt.is_floating_point:
+                return dt
+    return torch.float32
+
+
+def load_lazily(src: ModelSource, folder: str, torch_dtype):
+    """The model built from its config with every weight on the meta device (buffers computed as the
+    constructors compute them), its Onloader attached: weights are read layer by layer by the walker."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialised on meta, which costs nothing
+        no_init_weights = contextlib.nullcontext
+    if torch_dtype == "auto":
+        torch_dtype = _checkpoint_dtype(folder, src.config)
+    try:
+        with onload.params_on_meta(), no_init_weights():
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(src.config), dtype=torch_dtype,
+                                                     trust_remote_code=src.trust_remote_code)
+        model.tie_weights()  # no_init_weights skips the tying too
+    except Exception as e:  # as skeleton(): a config that describes no model
+        raise ModelError(f"MODEL {src.name}: config.json describes no model that can be built "
+                         f"({first_line(e)})") from None
+    with contextlib.suppress(OSError, ValueError):  # as from_pretrained: the folder's generation settings
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    onload.Onloader(model, folder, onload.checkpoint_files(folder), src.name)
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def whole(model):
+    """The model with every weight resident (the compressed layers from their temporary files): what needs
+    the whole model at once (the harness's tasks, the compressed-tensors and dense writers) gets it here."""
+    lazy = onload.of(model)
+    if lazy is not None:
+        lazy.materialize()
+    return model
+
+
+def release(model) -> None:
+    """Remove the temporary files of a model loaded layer by layer (also removed when it is collected)."""
+    onload.close(model)
+
+
 def _packed(path: str) -> bool:
     """A folder saved with --save-format packed (damaged or not): read by packed.py, not from_pretrained."""
     return os.path.isdir(path) and packed.is_packed(path)
@@ -299,7 +384,7 @@ def check_finite(model, name: str) -> None:
     """Every floating tensor of the loaded model is finite: a NaN or inf weight gives NaN perplexity, or a
     failed Cholesky, long after loading; named here, before any work."""
     for key, t in model.state_dict().items():
-        if t.is_floating_point():
+        if t.is_floating_point() and t.device.type != "meta":  # weights read layer by layer are checked then
             bad = t.numel() - int(torch.isfinite(t).sum())
             if bad:
                 raise ModelError(f"MODEL {name}: tensor {key} holds {bad} NaN or inf value(s) of {t.numel()}; "

@@ -21,7 +21,7 @@ from torch import nn
 
 from miq import bitstats
 from miq.checkpoint import packed_layer
-from miq.model import layerwalk, layouts
+from miq.model import layerwalk, layouts, onload
 from miq.model.layouts import Layout
 from miq.options import PassOptions, pick
 from miq.plan import trials
@@ -84,9 +84,11 @@ def _warn_if_k_exceeds_channels(model, cfg: RunConfig) -> None:
 
 
 @torch.no_grad()
-def compress_sparsegpt(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.device) -> CompressionResult:
-    """SparseGPT (+ joint quantization, + MI plan) over all selected decoder linear layers. calib [n, seqlen]."""
-    res = CompressionResult()
+def compress_sparsegpt(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.device,
+                       saved: list | None = None) -> CompressionResult:
+    """SparseGPT (+ joint quantization, + MI plan) over all selected decoder linear layers. calib [n, seqlen].
+    ``saved``: where each compressed layer goes with --save (``CompressionResult.saved``; see ``compress``)."""
+    res = CompressionResult(saved=[] if saved is None else saved)
     layout = layouts.of(model)
     _warn_if_k_exceeds_channels(model, cfg)
     plot_layer = cfg.plot_layer or layout.default_plot_layer(model)
@@ -236,37 +238,46 @@ def _record(res: CompressionResult, cfg: RunConfig, st: LayerStats, plan: LayerP
 
 
 @torch.no_grad()
-def compress_magnitude(model, cfg: RunConfig) -> CompressionResult:
+def compress_magnitude(model, cfg: RunConfig, saved: list | None = None) -> CompressionResult:
     """The --gmp baseline: magnitude pruning per layer, then round-to-nearest per-channel quantization."""
-    res = CompressionResult()
+    res = CompressionResult(saved=[] if saved is None else saved)
     layout = layouts.of(model)
     for i, layer in enumerate(layout.decoder_layers(model)):
-        for n, m in selected_linears(cfg, layout, i, layer).items():
-            t = time.time()
-            W = m.weight.data
-            mask = magnitude_prune(W.float(), cfg.sparsity, cfg.prunen, cfg.prunem)
-            W[mask] = 0
-            grid = (None, None, None)
-            if cfg.quantizing:
-                Q, *grid = rtn_grid(W.float(), int(cfg.wbits), sym=cfg.sym, groupsize=cfg.groupsize)
-                W.copy_(Q.to(W.dtype))
-            dt = time.time() - t
-            res.timing["prune_s"] += dt
-            rows, cols = W.shape
-            stored = _stored(n, PassResult(W.float(), mask, torch.zeros(0), torch.zeros(0), *grid), None, cfg, None)
-            _record(res, cfg, LayerStats(n, rows, cols, mask.cpu(), dt), None, stored)
-            if cfg.save:
-                res.saved.append(stored)
+        with onload.layer(model, i, keep=True):  # read, compressed and kept when loading layer by layer
+            _magnitude_layer(res, cfg, selected_linears(cfg, layout, i, layer))
     return res
 
 
-def compress(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.device) -> CompressionResult:
-    """The run's compression path: magnitude (--gmp), SparseGPT, or nothing for a dense run."""
+def _magnitude_layer(res: CompressionResult, cfg: RunConfig, linears: dict[str, nn.Linear]) -> None:
+    """Magnitude pruning and RTN of one decoder layer's selected linears; records appended to res."""
+    for n, m in linears.items():
+        t = time.time()
+        W = m.weight.data
+        mask = magnitude_prune(W.float(), cfg.sparsity, cfg.prunen, cfg.prunem)
+        W[mask] = 0
+        grid = (None, None, None)
+        if cfg.quantizing:
+            Q, *grid = rtn_grid(W.float(), int(cfg.wbits), sym=cfg.sym, groupsize=cfg.groupsize)
+            W.copy_(Q.to(W.dtype))
+        dt = time.time() - t
+        res.timing["prune_s"] += dt
+        rows, cols = W.shape
+        stored = _stored(n, PassResult(W.float(), mask, torch.zeros(0), torch.zeros(0), *grid), None, cfg, None)
+        _record(res, cfg, LayerStats(n, rows, cols, mask.cpu(), dt), None, stored)
+        if cfg.save:
+            res.saved.append(stored)
+
+
+def compress(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.device,
+             saved: list | None = None) -> CompressionResult:
+    """The run's compression path: magnitude (--gmp), SparseGPT, or nothing for a dense run. ``saved``: what
+    each compressed layer is appended to with --save (default a list of QuantizedLayer; ``saving.sink`` gives
+    one that encodes each layer at once, so that their float32 copies do not pile up)."""
     if not cfg.compressing:
         return CompressionResult()
     if cfg.gmp:
-        return compress_magnitude(model, cfg)
-    return compress_sparsegpt(model, calib, cfg, dev)
+        return compress_magnitude(model, cfg, saved)
+    return compress_sparsegpt(model, calib, cfg, dev, saved)
 
 
 def decoder_linear_weights(model) -> int:
@@ -286,6 +297,6 @@ def zero_fraction(model, names: list[str]) -> float:
     """Fraction of exactly-zero weights over the named linear layers after compression: pruned weights and
     weights that quantization rounded onto the grid's zero (reported apart from the mask's sparsity)."""
     mods = dict(model.named_modules())
-    zeros = sum(int((mods[n].weight.data == 0).sum()) for n in names)
+    zeros = sum(onload.zeros(model, f"{n}.weight") for n in names)  # counted when stored, if read layer by layer
     total = sum(mods[n].weight.numel() for n in names)
     return zeros / max(total, 1)

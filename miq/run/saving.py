@@ -11,6 +11,12 @@
 
 ``save`` builds the folder beside DIR and renames it into place; ``write`` fills a given folder (for callers
 that stage all outputs themselves).
+
+A model loaded layer by layer (``--load layers``) is written without being whole in memory for ``packed``:
+each compressed linear was encoded as compression produced it (``sink``), and ``dense.safetensors`` (the
+embeddings, head, norms, biases and any linear left uncompressed) is read from the checkpoint and the
+compressed layers' temporary files. ``compressed-tensors`` and ``dense`` take the whole model: it is read
+back into memory first.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import os
 
 from miq.checkpoint import export_ct, formats, packed
+from miq.model import onload
 from miq.run import outputs
 from miq.run.compress import CompressionResult
 from miq.run.config import RunConfig
@@ -31,11 +38,24 @@ def save(model, tokenizer, res: CompressionResult, cfg: RunConfig, out: str) -> 
         return write(stage.folder(out), model, tokenizer, res, cfg)
 
 
+def sink(model, cfg: RunConfig) -> list:
+    """What compression appends each compressed linear to (``compress.compress``'s ``saved``): for the packed
+    format a ``packed.PackedLayers``, which encodes each layer as it comes, so that a run holds the packed
+    bits (a few per weight) rather than a float32 copy of every compressed weight until the end; the other
+    formats need the layers themselves (a list)."""
+    if cfg.save and cfg.save_format == "packed":
+        return packed.PackedLayers(model.dtype, (cfg.prunen, cfg.prunem) if cfg.prunen else None)
+    return []
+
+
 def write(folder: str, model, tokenizer, res: CompressionResult, cfg: RunConfig) -> dict | None:
     """Fill the existing, empty ``folder`` with the model in ``cfg.save_format``, then the marker that says this
     toolkit saved it (so that a later --save may replace it) with every file's sha256 (checked on loading);
     see ``save``."""
     disk = None
+    if cfg.save_format != "packed" and onload.of(model) is not None:
+        # these writers take the whole model: read back (the compressed layers from their temporary files)
+        onload.of(model).materialize()
     if cfg.save_format == "packed":
         nm = (cfg.prunen, cfg.prunem) if cfg.prunen else None
         disk = packed.write_packed(folder, model, tokenizer, res.saved, nm=nm, run=cfg.as_dict())

@@ -1,0 +1,291 @@
+"""Layer-by-layer loading (``--load layers``): a model whose weights stay on the meta device until the layer
+walker needs them, so that host memory holds a few decoder layers instead of the whole checkpoint.
+
+Why: compression and evaluation touch one decoder layer at a time (``layerwalk.walk``), but
+``from_pretrained`` reads every weight first (Llama-3-70B in bf16: 140 GB of host memory before layer 0 is
+compressed). llm-compressor's sequential onloading and GPTQModel load layer by layer for the same reason.
+
+How: ``Onloader`` is attached to a model built from its config with every parameter on the meta device
+(buffers are computed by the constructors as usual: rotary frequencies are not weights). It knows which
+safetensors file holds each tensor; ``layer`` and ``modules`` read a decoder layer's (or the embeddings' and
+head's) tensors when the walker reaches them (``safe_open``, one ``get_tensor`` per name) and put them back
+on meta after. A tensor is swapped in and out of its ``Parameter`` object (``torch.utils.swap_tensors``), so
+weights tied across modules (lm_head and the embeddings) stay one object. A decoder layer the walk changed
+(compressed) is written, before it is released, to a temporary safetensors file of its own (``Store``, under
+$TMPDIR): evaluation and the writers read the compressed layer from there, so its dense fake-quantized
+weights never pile up in memory. Reading is exact (the bytes ``from_pretrained`` reads, cast to the same
+dtype with ``Tensor.to``), so every result equals that of ``--load whole`` bit for bit.
+
+For a model loaded whole there is no ``Onloader``, and ``layer`` and ``modules`` do nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from miq.errors import ModelError
+from miq.model import layouts
+
+ATTR = "_miq_onloader"  # the model's attribute holding its Onloader
+
+
+def of(model: nn.Module) -> Onloader | None:
+    """The model's Onloader, or None for a model loaded whole."""
+    return model.__dict__.get(ATTR)
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Modules built inside get every parameter on the meta device and keep their buffers where the
+    constructor computed them (a parameter already on meta, e.g. a tie to one, is registered as it is, so
+    the tie stays one object)."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def checkpoint_files(folder: str) -> dict[str, str]:
+    """{stored tensor name: file} of a safetensors checkpoint: ``model.safetensors``, or the shards that
+    ``model.safetensors.index.json`` maps (``{}`` when the folder has neither)."""
+    import json
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+            return dict.fromkeys(f.keys(), "model.safetensors")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            return dict(json.load(f)["weight_map"])
+    return {}
+
+
+class Store:
+    """The compressed decoder layers, one safetensors file each in a temporary folder (removed by ``close``,
+    or when the Store is collected or the process ends)."""
+
+    def __init__(self) -> None:
+        self._dir: tempfile.TemporaryDirectory | None = None
+        self.layers: set[int] = set()
+
+    def _path(self, index: int) -> str:
+        return os.path.join(self._dir.name, f"layer-{index:05d}.safetensors")
+
+    def put(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="miq-layers-")
+        save_file(tensors, self._path(index))
+        self.layers.add(index)
+
+    def get(self, index: int, names: list[str]) -> dict[str, torch.Tensor]:
+        with safe_open(self._path(index), "pt") as f:
+            return {n: f.get_tensor(n) for n in names}
+
+    def close(self) -> None:
+        """Remove the files; ``layers`` stays, so that a later read fails instead of finding the original
+        weights in the checkpoint."""
+        if self._dir is not None:
+            self._dir.cleanup()
+        self._dir = None
+
+
+class Onloader:
+    """Reads a meta model's tensors from its safetensors checkpoint (``folder``, ``files``: {stored name: file})
+    when asked and releases them after; ``name``: MODEL as the user gave it (for messages)."""
+
+    def __init__(self, model: nn.Module, folder: str, files: dict[str, str], name: str):
+        self.folder, self.name = folder, name
+        self.tensors: dict[str, torch.Tensor] = {}  # one entry per tensor object (the first name of a tie)
+        self.canonical: dict[str, str] = {}  # every state-dict name -> its tensor's entry in self.tensors
+        first: dict[int, str] = {}
+        for n, t in model.state_dict(keep_vars=True).items():
+            self.canonical[n] = first.setdefault(id(t), n)
+            if self.canonical[n] == n:
+                self.tensors[n] = t
+        self.sources: dict[str, tuple[str, str]] = {}  # entry -> (file, stored name)
+        for stored, file in files.items():
+            # checkpoints may leave out the "model." prefix, or store a tied tensor under either name
+            key = stored if stored in self.canonical else f"model.{stored}"
+            if key in self.canonical:
+                self.sources.setdefault(self.canonical[key], (file, stored))
+        missing = [n for n, t in self.tensors.items() if n not in self.sources and t.device.type == "meta"]
+        if missing:
+            raise ModelError(f"MODEL {name}: tensor {missing[0]} is missing from the weights ({len(missing)} of "
+                             "the model's tensors are)")
+        layout = layouts.of(model)
+        self.layer_names = [[n for n in self.sources if n.startswith(layout.layer_prefix(i))]
+                            for i in range(len(layout.decoder_layers(model)))]
+        self.module_names = {id(m): p for p, m in model.named_modules()}
+        self.store = Store()
+        self.zeros: dict[str, int] = {}  # stored layers' weights: exact zeros per weight tensor
+        self.checked: set[str] = set()  # entries read once from the checkpoint and found finite
+        for n in self.sources:  # a persistent buffer the constructor computed: read from the checkpoint too
+            self._release(n)
+        model.__dict__[ATTR] = self
+
+    # -- reading and releasing
+
+    def _swap(self, name: str, value: torch.Tensor) -> None:
+        t = self.tensors[name]
+        new = nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
+        torch.utils.swap_tensors(t, new)
+
+    def _release(self, name: str) -> None:
+        if self.tensors[name].device.type != "meta":
+            self._swap(name, torch.empty_like(self.tensors[name], device="meta"))
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named entries from the checkpoint, in the model's dtypes, one file opened at a time; a tensor
+        holding NaN or inf is refused as ``loading.check_finite`` refuses it for a model loaded whole."""
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.sources[n][0], []).append(n)
+        out = {}
+        for file, group in by_file.items():
+            with safe_open(os.path.join(self.folder, file), "pt") as f:
+                for n in group:
+                    out[n] = self._checked(n, f.get_tensor(self.sources[n][1]).to(self.tensors[n].dtype))
+        return out
+
+    def _checked(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if name not in self.checked and t.is_floating_point():
+            bad = t.numel() - int(torch.isfinite(t).sum())
+            if bad:
+                raise ModelError(f"MODEL {self.name}: tensor {name} holds {bad} NaN or inf value(s) of "
+                                 f"{t.numel()}; the weights are damaged")
+            self.checked.add(name)
+        return t
+
+    def load(self, names: list[str], layer: int | None = None) -> None:
+        """Swap the named entries in (decoder layer ``layer`` from the Store when it was compressed)."""
+        todo = [n for n in names if self.tensors[n].device.type == "meta"]
+        if not todo:
+            return
+        values = self.store.get(layer, todo) if layer in self.store.layers else self.read(todo)
+        for n in todo:
+            self._swap(n, values[n])
+
+    def release(self, names: list[str]) -> None:
+        for n in names:
+            self._release(n)
+
+    def names_under(self, modules: list[nn.Module]) -> list[str]:
+        """The entries with a source inside ``modules`` (a tie counts where its first name is)."""
+        prefixes = [self.module_names[id(m)] + "." for m in modules]
+        return sorted({self.canonical[n] for n in self.canonical if n.startswith(tuple(prefixes))} & set(self.sources))
+
+    def keep(self, index: int) -> None:
+        """Write decoder layer ``index`` (resident, on the CPU) to the Store, counting each weight's zeros."""
+        tensors = {n: self.tensors[n].detach().contiguous() for n in self.layer_names[index]}
+        self.zeros.update({n: int((t == 0).sum()) for n, t in tensors.items() if n.endswith(".weight")})
+        self.store.put(index, tensors)
+
+    # -- what the writers need
+
+    def layer_of(self, name: str) -> int | None:
+        for i, names in enumerate(self.layer_names):
+            if name in names:
+                return i
+        return None
+
+    def values(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named entries' current values on the CPU: resident ones as they are, a compressed layer's from
+        the Store, the rest from the checkpoint."""
+        out, by_layer, rest = {}, {}, []
+        for n in names:
+            t = self.tensors[n]
+            if t.device.type != "meta":
+                out[n] = t.detach().cpu()
+            elif (i := self.layer_of(n)) in self.store.layers:
+                by_layer.setdefault(i, []).append(n)
+            else:
+                rest.append(n)
+        for i, group in by_layer.items():
+            out.update(self.store.get(i, group))
+        out.update(self.read(rest))
+        return out
+
+    def dense_state(self, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """As ``packed.dense_state`` for a model loaded whole: ({name: tensor} of every state-dict tensor not in
+        ``skip``, each tied tensor once under its first name; {alias: first name})."""
+        tied = {n: c for n, c in self.canonical.items() if n not in skip and c != n and c not in skip}
+        names = [n for n in self.canonical if n not in skip and n not in tied]
+        values = self.values([n for n in names if n in self.sources])
+        return {n: (values[n] if n in values else self.tensors[n].detach().cpu()).contiguous() for n in names}, tied
+
+    def materialize(self) -> None:
+        """Every tensor resident (the writers that need the whole model: compressed-tensors, dense)."""
+        for i, names in enumerate(self.layer_names):
+            self.load(names, layer=i)
+        self.load([n for n in self.sources if self.layer_of(n) is None])
+
+
+@contextlib.contextmanager
+def layer(model: nn.Module, index: int, keep: bool = False) -> Iterator[None]:
+    """Decoder layer ``index`` resident for the block, released after; ``keep``: the block changed its
+    weights (compression), so the layer goes to the Store first, where later reads find it."""
+    o = of(model)
+    if o is None:
+        yield
+        return
+    names = o.layer_names[index]
+    o.load(names, layer=index)
+    try:
+        yield
+        if keep:
+            o.keep(index)
+    finally:
+        o.release(names)
+
+
+@contextlib.contextmanager
+def modules(model: nn.Module, mods: list[nn.Module]) -> Iterator[None]:
+    """The tensors of ``mods`` (embeddings, final norm, head) resident for the block, released after."""
+    o = of(model)
+    if o is None:
+        yield
+        return
+    names = o.names_under(mods)
+    o.load(names)
+    try:
+        yield
+    finally:
+        o.release(names)
+
+
+def zeros(model: nn.Module, weight: str) -> int:
+    """Exact zeros of the weight tensor named ``weight``, resident or in the Store."""
+    t = model.get_parameter(weight)
+    if t.device.type != "meta":
+        return int((t.data == 0).sum())
+    return of(model).zeros[of(model).canonical[weight]]
+
+
+def close(model: nn.Module) -> None:
+    """Remove the model's Store (its temporary files); the model stays usable for reads from the checkpoint."""
+    o = of(model)
+    if o is not None:
+        o.store.close()
+
+
+def resident_layers(model: nn.Module) -> list[int]:
+    """The decoder layers holding any tensor off the meta device (what the residency test counts)."""
+    layers = layouts.of(model).decoder_layers(model)
+    return [i for i, m in enumerate(layers)
+            if any(t.device.type != "meta" for t in [*m.parameters(), *m.buffers()])]
