@@ -109,9 +109,9 @@ def options(raw: dict[str, str], extra: Sequence[str], wait: bool) -> SlurmOptio
     mem = raw["--slurm-mem"] or None
     if mem is not None and not re.fullmatch(r"[1-9][0-9]*[KMGT]?", mem):
         raise _bad("--slurm-mem", mem, "memory per job as sbatch takes it, e.g. 64G or 64000M")
-    if CLUSTER == "slurm" and shutil.which("sbatch") is None:
-        raise ConfigError("--executor slurm: sbatch is not on PATH; run the sweep where Slurm jobs are submitted "
-                          "(a login node)")
+    if CLUSTER == "slurm" and (missing := [c for c in ("sbatch", "srun") if shutil.which(c) is None]):
+        raise ConfigError(f"--executor slurm: {' and '.join(missing)} not on PATH; run the sweep where Slurm jobs "
+                          "are submitted (a login node)")
     gpus = count("--slurm-gpus-per-job", 0)
     return SlurmOptions(partition=raw["--slurm-partition"] or None, gpus_per_job=1 if gpus is None else gpus,
                         time_min=parse_time(raw["--slurm-time"]), mem=mem,

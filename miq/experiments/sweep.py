@@ -23,7 +23,7 @@
   of its own, which the sweep terminates and waits for when it stops, and (Linux) is SIGTERMed by the kernel
   if the sweep dies of anything else, SIGKILL included;
 - otherwise the sweep ends with the report (``python -m miq.experiments.report OUT``) and exits 1 when any
-  configuration has failed;
+  configuration has failed (or, with --executor slurm, a job was killed before finishing);
 - bad arguments (an --out that cannot be written included): exit 2 with one line on stderr, nothing run;
 - on a machine with GPUs each running configuration sees one GPU of its own (CUDA_VISIBLE_DEVICES; at most
   --jobs-per-gpu on one GPU, and --jobs above GPUs x that is refused); on CPU, --jobs share the cores.
@@ -101,6 +101,7 @@ class Sweeper:
         self.to_run = self.states.count("run")
         self.launched = self.done_n = self.new_failed = 0
         self.done_s = 0.0
+        self.killed = 0  # Slurm jobs that ended without recording anything
         self.gpus = GpuSlots(list(sweep.gpus), sweep.jobs_per_gpu)
 
     def path(self, cfg_id: str, suffix: str) -> Path:
@@ -192,9 +193,7 @@ class Sweeper:
         except Interrupted:
             batch.cancel()
             raise
-        self.new_failed = tally.failed
-        if tally.killed:
-            say(f"{tally.killed} job(s) killed before finishing: rerun the same command to run them again", err=True)
+        self.new_failed, self.killed = tally.failed, tally.killed
         return None
 
     def build_toy(self) -> int:
@@ -300,9 +299,14 @@ class Sweeper:
             f"{len(self.configs) - self.launched} present or skipped; {failed} failed ({self.new_failed} in this "
             "run)")
         rc = report.main([str(self.s.out)])
-        if rc or not failed:
+        if rc or not (failed or self.killed):
             return rc
-        say(f"{failed} configuration(s) failed; see {self.s.out}/*.failed.json, rerun with --retry-failed", err=True)
+        if self.killed:
+            say(f"{self.killed} job(s) killed before finishing, not recorded: rerun the same command to run them "
+                "again", err=True)
+        if failed:
+            say(f"{failed} configuration(s) failed; see {self.s.out}/*.failed.json, rerun with --retry-failed",
+                err=True)
         return 1
 
 
