@@ -98,18 +98,18 @@ def run(cfg: RunConfig) -> dict:
         eval_tokens = {name: datautils.get_eval_tokens(name, cfg.seqlen, tokenizer) for name in cfg.eval_names()}
     eval_load_s = time.time() - t
     t = time.time()
-    model = load_model(src, cfg.dtype, dev)
+    model = load_model(src, cfg.dtype, dev, cfg.load)
     loading.check_finite(model, cfg.model)
     model_s += time.time() - t
 
     t = time.time()
-    res = compress(model, calib, cfg, dev)
+    res = compress(model, calib, cfg, dev, saving.sink(model, cfg))
     compress_s = time.time() - t
     t = time.time()
     ppl = evaluate(model, eval_tokens, cfg, dev)
     eval_s = time.time() - t + eval_load_s
     t = time.time()
-    task_results = tasks.evaluate(model, tokenizer, task_plan, cfg, dev) if task_plan else None
+    task_results = tasks.evaluate(loading.whole(model), tokenizer, task_plan, cfg, dev) if task_plan else None
 
     timing = {"model_s": model_s, "calibration_s": calibration_s, "compress_s": compress_s, "eval_s": eval_s,
               **({"tasks_s": time.time() - t} if task_results else {})}
@@ -135,6 +135,7 @@ def run(cfg: RunConfig) -> dict:
     except OSError as e:  # at writing or publishing: Staging has removed whatever this run had written
         raise PublishError(f"could not write the outputs ({e.strerror or e}); the run was done, nothing was "
                            "written") from None
+    loading.release(model)  # the compressed layers' temporary files (--load layers), now written where asked
     print(summary({**out, "ppl": ppl}, str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")))
     for w in cfg.warnings:  # flags that changed nothing (also in the JSON's config block); said last, so that
         print(f"warning: {w}", file=sys.stderr)  # a failing run's one line stays one line

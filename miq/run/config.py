@@ -70,6 +70,7 @@ class RunConfig:
     eval: str | None = None
     device: str | None = None
     dtype: str = "auto"
+    load: str = "layers"
     eval_batch: int = 16
     json: str = ""
     trust_remote_code: bool = False

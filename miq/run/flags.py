@@ -29,6 +29,7 @@ from miq.options import (
 )
 
 _MI = MIOptions()  # the estimator defaults
+LOADS = ("layers", "whole")  # --load: layer by layer (miq/model/onload.py) or from_pretrained
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,6 +96,12 @@ def _toolkit_flags(b) -> None:
     b.add_argument("--device", type=str, default=None, help="cuda, cuda:1, cpu ... (default cuda when available)")
     b.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="model dtype; auto = float32 on cpu, the checkpoint's dtype on cuda")
+    b.add_argument("--load", choices=LOADS, default="layers",
+                   help="layers: build the model on the meta device and read each decoder layer's weights from the "
+                        "safetensors checkpoint (one file or shards) when compression or evaluation reaches it, "
+                        "releasing them after: host memory holds a few layers, not the model; whole: "
+                        "from_pretrained reads every weight first. Pickled .bin checkpoints and packed folders "
+                        "always load whole")
     b.add_argument("--eval-batch", type=int, default=16, help="windows per layer call during evaluation")
     b.add_argument("--json", type=str, default="", help="write results here (atomically)")
     b.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
