@@ -54,6 +54,60 @@ def test_allocate_bits_equals_brute_force(integer_costs):
             assert total == best_bits
 
 
+@pytest.mark.parametrize("integer_costs", [False, True])
+def test_the_integer_program_equals_brute_force(monkeypatch, integer_costs):
+    """Large tables go to HiGHS: forced here on small instances (some groups keep no weight at all)."""
+    monkeypatch.setattr(al, "DP_MAX_CELLS", 0)
+    rng = np.random.default_rng(10 + int(integer_costs))
+    for _ in range(60):
+        costs, sizes, choices, budget = _random_instance(rng, integer_costs)
+        sizes[rng.random(len(sizes)) < 0.2] = 0
+        if sizes.sum() == 0:
+            sizes[0] = 1
+        bits = al.allocate_bits(costs, sizes, choices, budget).numpy()
+        assert int((sizes * bits).sum()) <= budget * sizes.sum() + 1e-9
+        obj = sum(costs[g, choices.index(b)] for g, b in enumerate(bits))
+        assert obj == pytest.approx(_brute_force(costs, sizes, choices, budget)[0], rel=1e-9, abs=1e-12)
+
+
+def test_the_integer_program_equals_the_dp_at_kept_count_scale(monkeypatch):
+    """Kept counts of a sparse layer (gcd 1, hundreds per row): the DP (exact, slow at this size) and HiGHS
+    find the same optimal cost within the budget."""
+    rng = np.random.default_rng(3)
+    for k in (40, 300):
+        sizes = rng.integers(100, 400, size=k)
+        costs = (rng.lognormal(0, 1, (k, 1)) * sizes[:, None] * 4.0 ** -np.asarray(CHOICES)[None, :]
+                 * (1 + 0.1 * rng.random((k, len(CHOICES)))))
+        budget = float(rng.uniform(2.5, 5.5))
+        dp = al.allocate_bits(costs, sizes, CHOICES, budget).numpy()
+        with monkeypatch.context() as m:
+            m.setattr(al, "DP_MAX_CELLS", 0)
+            ip = al.allocate_bits(costs, sizes, CHOICES, budget).numpy()
+        assert (sizes * ip).sum() <= budget * sizes.sum()
+
+        def cost(bits):
+            return sum(costs[g, CHOICES.index(b)] for g, b in enumerate(bits))
+
+        assert cost(ip) == pytest.approx(cost(dp), rel=1e-9)
+
+
+def test_allocate_charges_kept_weights():
+    """With kept counts, a group's size is its channels' kept weights summed (a plain loop here)."""
+    rng = np.random.default_rng(5)
+    labels = torch.as_tensor(rng.integers(0, 4, size=12))
+    labels[:4] = torch.arange(4)  # no empty group
+    kept = torch.as_tensor(rng.integers(0, 30, size=12))
+    costs = torch.as_tensor(rng.random((4, len(CHOICES))))
+    sizes = np.zeros(4, dtype=np.int64)
+    for c, g in enumerate(labels.tolist()):
+        sizes[g] += int(kept[c])
+    got = al.allocate("hessian", labels, costs, CHOICES, 3.7, kept=kept)
+    assert torch.equal(got, al.allocate_bits(costs, sizes, CHOICES, 3.7))
+    assert float((sizes * got.numpy()).sum()) <= 3.7 * sizes.sum()
+    with pytest.raises(ValueError, match="kept"):
+        al.allocate("hessian", labels, costs, CHOICES, 3.7, kept=kept.float())
+
+
 def test_never_exceeds_budget_at_scale():
     rng = np.random.default_rng(7)
     for _ in range(20):
@@ -107,7 +161,9 @@ def test_allocate_bits_invalid():
     with pytest.raises(ValueError, match=">= 0"):
         al.allocate_bits(costs * np.inf, sizes, [2, 4, 8], 4)
     with pytest.raises(ValueError, match="sizes"):
-        al.allocate_bits(costs, np.array([1, 0]), [2, 4, 8], 4)
+        al.allocate_bits(costs, np.array([0, 0]), [2, 4, 8], 4)
+    with pytest.raises(ValueError, match="sizes"):
+        al.allocate_bits(costs, np.array([-1, 2]), [2, 4, 8], 4)
     with pytest.raises(ValueError, match="sizes"):
         al.allocate_bits(costs, np.array([1.0, 2.0]), [2, 4, 8], 4)
     with pytest.raises(ValueError, match="sizes"):
@@ -260,7 +316,13 @@ def test_allocate_invalid():
         al.allocate("hessian", labels, costs[:, :3], CHOICES, 3.5)
 
 
-def test_table_size_guard(monkeypatch):
-    monkeypatch.setattr(al, "MAX_TABLE_BYTES", 1000)
-    with pytest.raises(MemoryError, match="knapsack table"):
-        al.allocate_bits(np.ones((100, 2)), np.ones(100, dtype=np.int64), [2, 4], 3.0)
+def test_large_tables_go_to_the_integer_program(monkeypatch):
+    """The DP's table is K * (capacity + 1) cells: past DP_MAX_CELLS the 0/1 program solves instead."""
+    used = []
+    for name in ("_knapsack_dp", "_knapsack_milp"):
+        real = getattr(al, name)
+        monkeypatch.setattr(al, name, lambda *a, _n=name, _f=real: used.append(_n) or _f(*a))
+    al.allocate_bits(np.ones((100, 2)), np.ones(100, dtype=np.int64), [2, 4], 3.0)  # capacity 50 after gcd
+    monkeypatch.setattr(al, "DP_MAX_CELLS", 1000)
+    al.allocate_bits(np.ones((100, 2)), np.ones(100, dtype=np.int64), [2, 4], 3.0)
+    assert used == ["_knapsack_dp", "_knapsack_milp"]

@@ -8,10 +8,13 @@ A group of rows gets one bit-width out of ``choices``. Its cost at b bits comes 
        layer with the chosen widths: the knapsack below minimises the true objective.
   rtn  a proxy: the Hessian-weighted round-to-nearest error of the group's dense
        rows, sum_r (w_r - q_b(w_r)) H (w_r - q_b(w_r))ᵀ / 2, blind to the mask and to error feedback.
-Either is optionally scaled by an MI redundancy factor. Every row has the same number of weights, so the
-mean bits over the layer's weights is sum(sizes * bits) / sum(sizes), and picking one width per group to
-minimise the total cost is a multiple-choice knapsack, solved exactly by dynamic programming over the
-(integer) bit budget.
+Either is optionally scaled by an MI redundancy factor. The budget is on what is stored: a code for every
+kept weight (a pruned one stores none), so a group's size is its kept weights and the mean width over the
+layer's kept weights is sum(sizes * bits) / sum(sizes) (dense rows all hold the same count). Picking one
+width per group to minimise the total cost is a multiple-choice knapsack, solved exactly: by dynamic
+programming over the integer bit budget where its table is small (dense and n:m layers, whose sizes share a
+large common factor), else as a 0/1 integer program by HiGHS (``scipy.optimize.milp``, proven optimal:
+relative gap 0), since a sparse layer's kept counts make the DP's capacity millions of bits.
 
 Methods (``--bit-alloc``):
   uniform     every group gets the largest choice <= budget; no costs are computed.
@@ -26,13 +29,15 @@ import math
 
 import numpy as np
 import torch
+from scipy import optimize, sparse
 
 import quant
 from channel_grouping import group_stats
 from miq.options import BIT_ALLOC, DEFAULT_MI_ALPHA, STRATEGIES
 
-# the knapsack's backtracking table is K * (capacity + 1) bytes; refuse rather than swap
-MAX_TABLE_BYTES = 4 << 30
+# above this many cells (K * (capacity + 1) bytes of backtracking table, and ~n numpy operations per cell)
+# the integer program is faster than the DP: ~0.1-0.6 s for K = 50..3072 at OPT-125m's fc1 on 2 cores
+DP_MAX_CELLS = 1 << 24
 
 
 def _check_choices(choices) -> list[int]:
@@ -183,8 +188,8 @@ def _check_costs_sizes(costs, sizes, n_choices: int) -> tuple[np.ndarray, np.nda
         raise ValueError(f"sizes must have shape ({k},), got {sizes_arr.shape}")
     if not np.issubdtype(sizes_arr.dtype, np.integer):
         raise ValueError(f"sizes must be integers, got dtype {sizes_arr.dtype}")
-    if (sizes_arr <= 0).any():
-        raise ValueError("sizes must be > 0 (every group needs at least one row)")
+    if (sizes_arr < 0).any() or sizes_arr.sum() <= 0:
+        raise ValueError("sizes must be >= 0 with a positive total (a group with no kept weight stores no code)")
     n_nan = int(np.isnan(costs).sum())
     if n_nan:
         raise ValueError(f"costs have {n_nan} NaN entries")
@@ -199,19 +204,18 @@ def allocate_bits(costs, sizes, choices, budget: float) -> torch.Tensor:
 
     Minimises sum_g costs[g, c_g] subject to sum_g sizes[g] * choices[c_g] <= budget * sum_g sizes.
 
-    Every group pays sizes * min(choices) anyway, so the DP runs over the extra bits only, with weights
-    and capacity divided by their gcd. dp[c] = least cost of the groups so far using at most c (scaled)
-    extra bits. Time O(K * cap * n) numpy element operations, memory K * (cap + 1) bytes for the uint8
-    argmin table (cap <= (max - min) * sum(sizes) / gcd): K = C = 3072 rows alone with 6 choices is
-    ~57 MB.
-
-    Ties: among optimal allocations the one with the fewest total bits is returned (bits that buy
-    nothing are not spent); if several of those remain, a group takes the smaller width on exactly
-    equal cost, deciding from the last group backwards. Deterministic either way.
+    Every group pays sizes * min(choices) anyway, so the knapsack runs over the extra bits only, with
+    weights and capacity divided by their gcd. Where the DP table fits ``DP_MAX_CELLS`` (K * (cap + 1)):
+    dp[c] = least cost of the groups so far using at most c (scaled) extra bits, O(K * cap * n) numpy
+    element operations. Ties: among optimal allocations the one with the fewest total bits (bits that buy
+    nothing are not spent); if several remain, a group takes the smaller width on exactly equal cost,
+    deciding from the last group backwards. Larger tables (a sparse layer's kept counts have gcd 1, so cap
+    is the budget's extra bits themselves) go to HiGHS's branch and bound with relative gap 0: the same
+    optimal cost, ties broken by the solver, deterministically.
 
     Args:
         costs: [K, n] float >= 0 (torch or numpy).
-        sizes: [K] ints > 0, rows per group.
+        sizes: [K] ints >= 0, the weights each group stores a code for (rows, or kept weights).
         choices: n strictly increasing bit-widths in [1, 16].
         budget: mean bits per weight, min(choices) <= budget <= max(choices); fractional allowed.
 
@@ -221,7 +225,7 @@ def allocate_bits(costs, sizes, choices, budget: float) -> torch.Tensor:
     choices = _check_choices(choices)
     budget = _check_budget(budget, choices)
     costs, sizes_arr = _check_costs_sizes(costs, sizes, len(choices))
-    k, n = costs.shape
+    k = costs.shape[0]
 
     extra = np.asarray(choices, dtype=np.int64) - choices[0]
     weights = sizes_arr[:, None] * extra[None, :]  # [K, n], column 0 is 0
@@ -233,12 +237,15 @@ def allocate_bits(costs, sizes, choices, budget: float) -> torch.Tensor:
     if g > 1:
         weights //= g
         cap //= g
-    if k * (cap + 1) > MAX_TABLE_BYTES:
-        raise MemoryError(
-            f"knapsack table would need {k * (cap + 1) / 2**30:.1f} GiB (K={k}, capacity={cap}); "
-            "use fewer groups"
-        )
+    solve = _knapsack_dp if k * (cap + 1) <= DP_MAX_CELLS else _knapsack_milp
+    picks = solve(costs, weights, cap)
+    return torch.as_tensor(np.asarray(choices, dtype=np.int64)[picks])
 
+
+def _knapsack_dp(costs: np.ndarray, weights: np.ndarray, cap: int) -> np.ndarray:
+    """Column picks [K] minimising sum costs[g, p_g] with sum weights[g, p_g] <= cap (weights [K, n] ints,
+    increasing along n, column 0 zero)."""
+    k, n = costs.shape
     dp = np.zeros(cap + 1)
     arg = np.zeros((k, cap + 1), dtype=np.uint8)
     for gi in range(k):
@@ -260,11 +267,34 @@ def allocate_bits(costs, sizes, choices, budget: float) -> torch.Tensor:
         j = int(arg[gi, c])
         picks[gi] = j
         c -= int(weights[gi, j])
-    return torch.as_tensor(np.asarray(choices, dtype=np.int64)[picks])
+    return picks
+
+
+def _knapsack_milp(costs: np.ndarray, weights: np.ndarray, cap: int) -> np.ndarray:
+    """``_knapsack_dp``'s problem as a 0/1 program: x[g, j] = 1 when group g takes column j, one per group.
+
+    HiGHS checks the capacity row to a tolerance, so the rounded picks are checked in integers, and the
+    capacity is tightened by any excess until they fit (in practice never needed)."""
+    k, n = costs.shape
+    one_each = sparse.kron(sparse.eye(k), np.ones((1, n)), format="csr")
+    scale = max(cap, 1)  # a capacity row of order one, so that the solver's tolerance is relative
+    limit = cap
+    while True:
+        rows = [optimize.LinearConstraint(one_each, 1, 1),
+                optimize.LinearConstraint(weights.reshape(1, -1) / scale, -np.inf, limit / scale)]
+        res = optimize.milp(costs.reshape(-1), constraints=rows, integrality=np.ones(k * n),
+                            bounds=optimize.Bounds(0, 1), options={"mip_rel_gap": 0.0})
+        if res.x is None:
+            raise RuntimeError(f"bit allocation: HiGHS found no solution ({res.message})")
+        picks = res.x.reshape(k, n).argmax(1)
+        used = int(weights[np.arange(k), picks].sum())
+        if used <= cap:
+            return picks
+        limit -= used - cap
 
 
 def allocate(method: str, labels: torch.Tensor, costs: torch.Tensor | None, choices, budget: float,
-             nmi=None, alpha: float | None = 0.0) -> torch.Tensor:
+             nmi=None, alpha: float | None = 0.0, kept: torch.Tensor | None = None) -> torch.Tensor:
     """Bits per group [K] (LongTensor on labels' device) for one layer; per-row bits are bits[labels].
 
     Args:
@@ -277,28 +307,35 @@ def allocate(method: str, labels: torch.Tensor, costs: torch.Tensor | None, choi
             channels (singletons have factor 1).
         alpha: exponent of the redundancy factor for "hessian-mi"; None means DEFAULT_MI_ALPHA. 0 makes
             hessian-mi identical to hessian.
+        kept: [C] ints, the weights of each channel that store a code (the kept ones, from the mask); the
+            budget is the mean width over them. None: every channel holds the same count (dense).
     """
     if method not in BIT_ALLOC:
         raise ValueError(f"unknown bit allocation {method!r}; expected one of {BIT_ALLOC}")
     choices = _check_choices(choices)
     budget = _check_budget(budget, choices)
     labels = _check_labels(labels, len(labels))
-    sizes = torch.bincount(labels.cpu())
-    if (sizes == 0).any():
-        raise ValueError(f"labels leave {int((sizes == 0).sum())} of {len(sizes)} groups empty")
+    count = torch.bincount(labels.cpu())
+    if (count == 0).any():
+        raise ValueError(f"labels leave {int((count == 0).sum())} of {len(count)} groups empty")
+    sizes = count
+    if kept is not None:
+        if tuple(kept.shape) != tuple(labels.shape) or kept.dtype.is_floating_point or bool((kept < 0).any()):
+            raise ValueError(f"kept must be [{len(labels)}] integers >= 0, got {tuple(kept.shape)} {kept.dtype}")
+        sizes = torch.zeros(len(count), dtype=torch.long).index_add_(0, labels.cpu(), kept.cpu().long())
 
     if method == "uniform":
         bits = max(b for b in choices if b <= budget)
-        return torch.full((len(sizes),), bits, dtype=torch.long, device=labels.device)
+        return torch.full((len(count),), bits, dtype=torch.long, device=labels.device)
 
-    if costs is None or tuple(costs.shape) != (len(sizes), len(choices)):
+    if costs is None or tuple(costs.shape) != (len(count), len(choices)):
         got = None if costs is None else tuple(costs.shape)
-        raise ValueError(f"{method} allocation needs costs of shape ({len(sizes)}, {len(choices)}), got {got}")
+        raise ValueError(f"{method} allocation needs costs of shape ({len(count)}, {len(choices)}), got {got}")
     costs = costs.cpu().double()
     if method == "hessian-mi":
         alpha = DEFAULT_MI_ALPHA if alpha is None else alpha
         # all-singleton groups (one row each) and alpha == 0 both give factors of one: no NMI needed
-        if alpha != 0 and bool((sizes > 1).any()):
+        if alpha != 0 and bool((count > 1).any()):
             if nmi is None:
                 raise ValueError("hessian-mi with alpha > 0 and multi-row groups needs the NMI matrix")
             costs = costs * redundancy_factor(nmi, labels.cpu(), alpha)[:, None]

@@ -87,6 +87,7 @@ class LayerPlan:
     trial: TrialResult | None = None  # every width's pass, when widths were allocated
     predicted_loss: float | None = None  # the allocation's objective at its optimum (1/2 dW H dW^T units)
     h_mass: list = field(default_factory=list)  # input axis: each column group's share of diag H
+    charged_bits: int | None = None  # the code bits the allocation charged: kept weights x their widths
 
     @property
     def row_bits(self) -> torch.Tensor:
@@ -151,9 +152,11 @@ def plan_layer(name: str, W: torch.Tensor, H: torch.Tensor, acts: torch.Tensor |
     if done is not None and opts.alloc_cost == "obs":
         losses = done.row_loss if output else done.col_loss
         costs = allocation.obs_group_costs(losses, labels.to(losses.device)).cpu()
-    # the input axis reuses the row allocation with columns in the rows' part (every column holds R weights)
+    # the budget is on stored codes: each row's (or, on the input axis, column's) kept weights under the
+    # trial's mask, which the compressed layer keeps; without a trial every weight counts
+    kept = None if done is None else (~done.mask).sum(1 if output else 0).cpu()
     group_bits = allocation.allocate(opts.bit_alloc, labels, costs, opts.bits_choices, opts.wbits, nmi=nmi,
-                                     alpha=opts.mi_alpha)
+                                     alpha=opts.mi_alpha, kept=kept)
     timing["alloc_s"] = time.time() - t
 
     intra, inter = ([], [])
@@ -162,6 +165,8 @@ def plan_layer(name: str, W: torch.Tensor, H: torch.Tensor, acts: torch.Tensor |
         intra, inter = _finite_list(a), _finite_list(b)
     plan = LayerPlan(labels=labels.long(), group_bits=group_bits.long(), strategy=opts.strategy, axis=opts.mi_axis,
                      nmi=nmi, nmi_intra=intra, nmi_inter=inter, timing=timing, trial=done, h_mass=h_mass)
+    if kept is not None:
+        plan.charged_bits = int((kept.long() * plan.group_bits.cpu()[plan.labels.cpu()]).sum())
     if costs is not None:  # what the allocation counted on (before any MI factor), to set beside what happened
         pick = torch.tensor([opts.bits_choices.index(int(b)) for b in plan.group_bits.tolist()])
         plan.predicted_loss = float(costs[torch.arange(len(pick)), pick].sum())

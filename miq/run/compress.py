@@ -224,7 +224,8 @@ def _record(res: CompressionResult, cfg: RunConfig, st: LayerStats, plan: LayerP
     res.bits.append(bits)
     rec = {"name": st.name, "channels": rows, "in_features": cols, "groups": None if plan is None else
            int(plan.group_bits.numel()), "pruned": int(st.mask.sum()),
-           "timing": {"mi_s": 0.0, "cluster_s": 0.0, "alloc_s": 0.0, "prune_s": st.prune_s}}
+           "code_bits": bits.code_bits, "timing": {"mi_s": 0.0, "cluster_s": 0.0, "alloc_s": 0.0,
+                                                   "prune_s": st.prune_s}}
     if st.loss is not None:
         rec["loss"] = st.loss
     if plan is not None:
@@ -241,6 +242,8 @@ def _record(res: CompressionResult, cfg: RunConfig, st: LayerStats, plan: LayerP
 def compress_magnitude(model, cfg: RunConfig, saved: list | None = None) -> CompressionResult:
     """The --gmp baseline: magnitude pruning per layer, then round-to-nearest per-channel quantization."""
     res = CompressionResult(saved=[] if saved is None else saved)
+        if plan.charged_bits is not None:
+            rec["charged_code_bits"] = plan.charged_bits
     layout = layouts.of(model)
     for i, layer in enumerate(layout.decoder_layers(model)):
         with onload.layer(model, i, keep=True):  # read, compressed and kept when loading layer by layer
