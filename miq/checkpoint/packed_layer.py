@@ -11,6 +11,7 @@ bits), so the float32 product has at most 19 significant bits, is exact, and div
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -28,30 +29,63 @@ def _keeps_perm(q: QuantizedLayer) -> bool:
     return q.perm is not None and q.scale is not None and q.scale.shape[1] == 1
 
 
+@dataclass(frozen=True)
+class GridLayout:
+    """What a quantized layer's metadata streams hold, by count: ``sets`` (P) parameter sets of ``groups``
+    (G) column groups each; the rows' set indices when rows share sets; g_idx when the column groups are not
+    contiguous runs; ``width_indices`` indices into a table of ``widths`` distinct widths where widths vary;
+    the processing order for act-order without column groups. Also how a run predicts its storage before
+    any work (``miq.run.target``), from its flags and the layer's shape."""
+
+    rows: int
+    cols: int
+    sets: int
+    groups: int
+    sym: bool
+    shared_rows: bool = False
+    g_idx: bool = False
+    width_indices: int = 0
+    widths: int = 1
+    perm: bool = False
+
+    def metadata_bits(self) -> float:
+        meta = (16.0 if self.sym else 32.0) * self.sets * self.groups  # fp16 scales (+ fp16 zero-points)
+        meta += self.rows * index_bits(self.sets) if self.shared_rows else 0
+        meta += self.cols * index_bits(self.groups) if self.g_idx else 0
+        meta += self.width_indices * index_bits(self.widths) if self.width_indices else 0
+        return meta + (self.cols * index_bits(self.cols) if self.perm else 0)
+
+
+def mask_bits(rows: int, cols: int, nm: tuple[int, int] | None) -> float:
+    """An unstructured mask's bits (a bitmask), or an aligned n:m mask's (an index per m weights; beyond
+    ``MAX_NM_M`` a bitmask)."""
+    if nm is None or nm[1] > packbits.MAX_NM_M:
+        return float(rows * cols)
+    return float(rows * cols // nm[1] * packbits.nm_index_bits(*nm))
+
+
 def stored_bits(q: QuantizedLayer, nm: tuple[int, int] | None) -> tuple[float, float, float]:
     """(codes, metadata, mask): the bits ``encode`` stores for layer q, each stream unpadded (on disk every
     stream rounds up to a byte). What the bits account charges, decided by the format's own rules; a pruned-only
     layer's kept values count 16 bits each (fp16)."""
     R, C = q.weight.shape
     kept = torch.ones_like(q.weight, dtype=torch.bool) if q.mask is None else ~q.mask
-    mask_bits = 0.0
+    mask = 0.0
     if q.mask is not None:
-        idx = packbits.nm_indices(q.mask, *nm) if nm is not None else None
-        mask_bits = float(R * C) if idx is None else float(idx.numel() * packbits.nm_index_bits(*nm))
+        aligned = nm is not None and packbits.nm_indices(q.mask, *nm) is not None
+        mask = mask_bits(R, C, nm if aligned else None)
     if q.scale is None:
-        return 16.0 * int(kept.sum()), 0.0, mask_bits
+        return 16.0 * int(kept.sum()), 0.0, mask
     sets, first = _parameter_sets(q)
-    P, G = len(first), q.scale.shape[1]
     bits = _bits_of(q.maxq.float()[first])
-    meta = (16.0 if q.sym else 32.0) * P * G
-    meta += 0 if sets is None else R * index_bits(P)
-    meta += 0 if _groupsize(q.g_idx.long(), G) is not None else C * index_bits(G)
     table, _, stored = _width_layout(bits)
-    meta += 0 if stored is None else stored.numel() * index_bits(len(table))
-    meta += C * index_bits(C) if _keeps_perm(q) else 0
+    layout = GridLayout(R, C, len(first), q.scale.shape[1], q.sym, shared_rows=sets is not None,
+                        g_idx=_groupsize(q.g_idx.long(), q.scale.shape[1]) is None,
+                        width_indices=0 if stored is None else stored.numel(), widths=len(table),
+                        perm=_keeps_perm(q))
     row_set = sets if sets is not None else torch.arange(R)
     codes = float((bits[row_set][:, q.g_idx.long()] * kept).sum())
-    return codes, meta, mask_bits
+    return codes, layout.metadata_bits(), mask
 
 
 def _bits_of(maxq: torch.Tensor) -> torch.Tensor:

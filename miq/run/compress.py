@@ -11,6 +11,7 @@ compressed. Every family in ``layouts.py`` takes the same path; only the names d
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 import zlib
@@ -26,6 +27,7 @@ from miq.model.layouts import Layout
 from miq.options import PassOptions, pick
 from miq.plan import trials
 from miq.plan.mi_plan import LayerPlan, PlanOptions, plan_layer
+from miq.run import target
 from miq.run.config import RunConfig
 from quant import QuantizedLayer, Quantizer, rtn_grid
 from sparsegpt_mi import PassResult, SparseGPT, column_groups, layer_error, magnitude_prune
@@ -40,6 +42,7 @@ class CompressionResult:
     timing: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     plot: tuple[str, LayerPlan] | None = None  # the layer the figures show, with its plan
     saved: list[QuantizedLayer] = field(default_factory=list)  # every compressed layer as stored (with --save)
+    ledger: target.Ledger | None = None  # --target-bpw: the bits the layers so far left unspent
 
 
 def selected(cfg: RunConfig, index: int, name: str) -> bool:
@@ -130,6 +133,9 @@ def compress_linear(name: str, g: SparseGPT, cfg: RunConfig, res: CompressionRes
     if cfg.grouped:
         acts = g.sampler.samples() if g.sampler is not None else None
         opts = pick(PlanOptions, cfg)
+        if cfg.target_bpw is not None:
+            res.ledger = res.ledger or target.Ledger(cfg)
+            opts = dataclasses.replace(opts, wbits=res.ledger.budget(g.rows, g.columns))
         plan = plan_layer(name, g.layer.weight.data.float(), g.H, acts, opts, trial=_trial_fn(g, cfg, opts))
         for key in ("mi_s", "cluster_s", "alloc_s"):
             res.timing[key] += plan.timing[key]
@@ -143,6 +149,10 @@ def compress_linear(name: str, g: SparseGPT, cfg: RunConfig, res: CompressionRes
         loss["predicted"] = plan.predicted_loss
     stored = _stored(name, g.result, g.perm, cfg, plan)
     _record(res, cfg, LayerStats(name, g.rows, g.columns, g.result.mask.cpu(), prune_s, loss), plan, stored)
+    if res.ledger is not None:
+        b = res.bits[-1]
+        res.ledger.spend(g.rows, g.columns, b.code_bits + b.metadata_bits + b.mask_bits)
+        res.layers[-1]["wbits_budget"] = opts.wbits
     if g.percdamp_used is not None and g.percdamp_used != cfg.percdamp:
         res.layers[-1]["percdamp_used"] = g.percdamp_used
     res.layers[-1]["timing"]["total_s"] = time.time() - t
@@ -232,6 +242,8 @@ def _record(res: CompressionResult, cfg: RunConfig, st: LayerStats, plan: LayerP
         sizes = torch.bincount(plan.labels, minlength=rec["groups"]).tolist()
         rec.update({"axis": plan.axis, "labels": plan.labels.tolist(), "group_sizes": sizes,
                     "group_bits": plan.group_bits.tolist(), "nmi_intra": plan.nmi_intra, "nmi_inter": plan.nmi_inter})
+        if plan.charged_bits is not None:
+            rec["charged_code_bits"] = plan.charged_bits
         if plan.axis == "input":
             rec["h_mass"] = plan.h_mass
         rec["timing"].update({k: plan.timing[k] for k in ("mi_s", "cluster_s", "alloc_s")})
@@ -242,8 +254,6 @@ def _record(res: CompressionResult, cfg: RunConfig, st: LayerStats, plan: LayerP
 def compress_magnitude(model, cfg: RunConfig, saved: list | None = None) -> CompressionResult:
     """The --gmp baseline: magnitude pruning per layer, then round-to-nearest per-channel quantization."""
     res = CompressionResult(saved=[] if saved is None else saved)
-        if plan.charged_bits is not None:
-            rec["charged_code_bits"] = plan.charged_bits
     layout = layouts.of(model)
     for i, layer in enumerate(layout.decoder_layers(model)):
         with onload.layer(model, i, keep=True):  # read, compressed and kept when loading layer by layer

@@ -88,6 +88,7 @@ class RunConfig:
     mi_normalize: str = _MI.normalize
     mi_estimator: str = _MI.estimator
     mi_alpha: float = 0.0
+    target_bpw: float | None = None  # --wbits is then the kept weights' mean width that meets it (miq/run/target.py)
     analysis_dir: str = "analysis"
     plot_layer: str | None = None
     tasks: str = ""  # comma-separated harness task names and task YAML paths; "" = none (``task_names``)
@@ -99,7 +100,7 @@ class RunConfig:
     # --- what the run does, derived (never stored twice)
     @property
     def quantizing(self) -> bool:
-        return self.wbits != 16
+        return self.wbits != 16 or self.target_bpw is not None
 
     @property
     def pruning(self) -> bool:
@@ -177,7 +178,7 @@ def _bits_choices(text: str) -> tuple[int, ...]:
 def _check_finite(a: argparse.Namespace) -> None:
     """NaN passes every comparison that a range check makes (nan < 0 is False), so reject it by name first."""
     for flag, value in [("--sparsity", a.sparsity), ("--wbits", a.wbits), ("--percdamp", a.percdamp),
-                        ("--mi-alpha", a.mi_alpha)]:
+                        ("--mi-alpha", a.mi_alpha), ("--target-bpw", a.target_bpw)]:
         if value is not None and not math.isfinite(value):
             raise _bad(flag, value, "must be a finite number")
 
@@ -253,12 +254,24 @@ def _check_tasks(cfg: RunConfig) -> None:
                        ".yaml)")
 
 
+def _check_target(a: argparse.Namespace) -> None:
+    """--target-bpw replaces --wbits; whether a model can meet it is known from its shapes (miq/run/target.py)."""
+    if a.target_bpw is None:
+        return
+    if a.wbits != 16:
+        raise _bad("--target-bpw", fmt_num(a.target_bpw), "give either --wbits (the kept weights' mean width) or "
+                   "--target-bpw (the total storage), not both")
+    if not 0 < a.target_bpw < 16:
+        raise _bad("--target-bpw", fmt_num(a.target_bpw), "must be above 0 and below 16 (fp16)")
+
+
 def _check_grouping(a: argparse.Namespace, groups, choices: tuple[int, ...]) -> None:
-    quantizing = a.wbits != 16
+    _check_target(a)
+    quantizing = a.wbits != 16 or a.target_bpw is not None
     if groups != 0:
         if not quantizing:
             raise _bad("--groups", groups, "needs quantization: set --wbits below 16")
-        if not choices[0] <= a.wbits <= choices[-1]:
+        if a.target_bpw is None and not choices[0] <= a.wbits <= choices[-1]:
             raise _bad("--wbits", fmt_num(a.wbits),
                        f"the budget must lie within --bits-choices [{choices[0]}, {choices[-1]}]")
         if a.gmp:

@@ -123,6 +123,10 @@ def _grouping_flags(m) -> None:
     m.add_argument("--alloc-cost", choices=COSTS, default="obs",
                    help="group costs: obs = SparseGPT's own losses at every width (trial passes); "
                         "rtn = Hessian-weighted round-to-nearest error of the dense weights (a proxy)")
+    m.add_argument("--target-bpw", type=float, default=None,
+                   help="instead of --wbits: the total storage to meet, in bits per decoder linear weight (codes of "
+                        "kept weights + scales, zero-points, indices + mask, as `bpw` in the results): the mean "
+                        "width of kept weights is set before any work so that the run stores at most this")
     m.add_argument("--bits-choices", type=str, default=",".join(map(str, DEFAULT_BITS_CHOICES)),
                    help="candidate bit-widths")
     m.add_argument("--mi-samples", type=int, default=8192,

@@ -13,7 +13,7 @@ from miq.errors import NoEffectError
 from miq.options import needs_mi
 
 # --plot-layer without figures: preflight warns (a sweep's --extra gives it to every configuration)
-GROUP_FLAGS = ("strategy", "cluster", "bit_alloc", "alloc_cost", "bits_choices", "mi_alpha")
+GROUP_FLAGS = ("strategy", "cluster", "bit_alloc", "alloc_cost", "bits_choices", "mi_alpha", "target_bpw")
 MI_FLAGS = ("mi_samples", "mi_bins", "mi_binning", "mi_bias", "mi_normalize", "mi_estimator")
 HESSIAN_FLAGS = ("true_sequential", "percdamp", "blocksize")
 TASK_FLAGS = ("tasks_fewshot", "tasks_limit", "tasks_batch")
@@ -26,7 +26,7 @@ def _flag(dest: str) -> str:
 def check(a: argparse.Namespace, groups, defaults: dict) -> tuple[str, ...]:
     """Refuse the first flag that would do nothing (NoEffectError); return warnings for MI flags that do nothing."""
     given = [d for d in defaults if d in vars(a) and getattr(a, d) != defaults[d]]
-    quantizing, pruning = a.wbits != 16, bool(a.sparsity or a.prunen)
+    quantizing, pruning = a.wbits != 16 or a.target_bpw is not None, bool(a.sparsity or a.prunen)
     for d in given:
         why = _why(d, a, groups, quantizing, pruning)
         if why:
@@ -59,6 +59,8 @@ def _why(d: str, a: argparse.Namespace, groups, quantizing: bool, pruning: bool)
         return "with --groups all every channel is its own group: nothing is clustered"
     if groups == "all" and d == "strategy":
         return "with --groups all every row is its own group: there is nothing to share"
+    if a.bit_alloc == "uniform" and d == "target_bpw":
+        return "--bit-alloc uniform gives every group one whole width; meeting a storage target takes an allocation"
     if a.bit_alloc == "uniform" and d == "alloc_cost":
         return "--bit-alloc uniform gives every group the same width and computes no costs"
     if a.bit_alloc != "hessian-mi" and d == "mi_alpha":
