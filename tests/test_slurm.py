@@ -11,13 +11,14 @@ import dataclasses
 import json
 import re
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import md_table
-from test_sweep import FakeRunner, results, wait_for
+from test_sweep import ROOT, FakeRunner, alive, results, wait_for
 
 from miq.experiments import launch, report, slurm, sweep
 
@@ -242,24 +243,45 @@ class FakeSlurmJob:
         return self.states[self.job_id]
 
 
-def test_a_job_still_queued_or_running_is_not_submitted_twice(tmp_path, monkeypatch):
+def test_a_job_still_queued_or_running_is_not_submitted_twice(tmp_path, monkeypatch, capsys):
+    """jobs.json maps configurations to their last Slurm job: one still queued or running (as sacct, through
+    submitit, says) is waited for, not submitted again; the others are submitted."""
     monkeypatch.setattr(slurm, "CLUSTER", "slurm")
     monkeypatch.setattr(slurm.submitit, "SlurmJob", FakeSlurmJob)
-    FakeSlurmJob.states = {"1_0": "RUNNING", "1_1": "PENDING", "1_2": "COMPLETED", "1_3": "CANCELLED by 42",
-                           "1_4": "UNKNOWN", "1_5": "REQUEUED"}
-    batch = slurm.Batch(tmp_path, slurm.SlurmOptions(), 6)
-    task = slurm.Task("dense", 1, ("true",))
-    live = {j for j in FakeSlurmJob.states if batch.in_flight(task, j) is not None}
-    assert live == {"1_0", "1_1", "1_5"}
-    assert batch.in_flight(task, None) is None
+    states = {"1_0": "RUNNING", "1_1": "PENDING", "1_2": "COMPLETED", "1_3": "CANCELLED by 42", "1_4": "UNKNOWN",
+              "1_5": "REQUEUED", "1_6": "TIMEOUT"}
+    monkeypatch.setattr(FakeSlurmJob, "states", states)
+    tasks = [slurm.Task(f"c{i}", i, ("true",)) for i in range(8)]  # c7 was never submitted
+    batch = slurm.Batch(tmp_path, slurm.SlurmOptions(), len(tasks))
+    flying = batch.in_flight(tasks, {f"c{i}": f"1_{i}" for i in range(7)})
+    assert {i: j.job_id for i, j in flying.items()} == {"c0": "1_0", "c1": "1_1", "c5": "1_5"}
 
 
 def test_checkpoint_stops_the_run_and_hands_back_a_fresh_job(tmp_path):
-    import subprocess
-
     job = launch.ConfigJob("dense", ("sleep", "30"), str(tmp_path))
     job._proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
     again = job.checkpoint()
     assert job._proc.wait(timeout=10) == -signal.SIGTERM
     assert again.function == launch.ConfigJob("dense", ("sleep", "30"), str(tmp_path))
     assert again.function._proc is None and again.args == () and again.kwargs == {}
+
+
+def test_stopping_the_waiting_sweep_cancels_its_jobs(tmp_path, fake):
+    """SIGTERM to a sweep waiting for its jobs cancels them: the running configuration is stopped and nothing is
+    recorded for it, as with the local executor."""
+    slow = dataclasses.replace(fake, sleep=60)
+    out = tmp_path / "slurm"
+    code = ("import json, sys; sys.path[:0] = sys.argv[1:3]; import test_sweep; "
+            "from miq.experiments import slurm, sweep; slurm.CLUSTER = 'local'; "
+            "sys.exit(sweep.main(sys.argv[4:], runner=test_sweep.FakeRunner(**json.loads(sys.argv[3]))))")
+    p = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(ROOT / "tests"),
+                          json.dumps(dataclasses.asdict(slow)), "--out", str(out), "--methods", "dense",
+                          "--executor", "slurm"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    wait_for(lambda: slow.pid("dense") and alive(slow.pid("dense")))
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and "cancelled 1 job(s)" in err, err
+    wait_for(lambda: not alive(slow.pid("dense")))
+    assert not list(out.glob("*.json")) and not (out / "performance_report.md").exists()
+    assert "no result recorded" in (out / "dense.log").read_text()

@@ -19,12 +19,14 @@ jobs as local processes, without a cluster).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shlex
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,15 +124,31 @@ def executor(folder: Path, opts: SlurmOptions) -> submitit.AutoExecutor:
     """submitit's executor for the sweep's jobs: one task on one node each, ``gpus_per_job`` GPUs."""
     ex = submitit.AutoExecutor(folder, cluster=CLUSTER, slurm_max_num_timeout=0, local_max_num_timeout=0)
     # the workers unpickle launch.ConfigJob: they import miq from this checkout, wherever sbatch starts them
+    # (not set up so for the local executor: a shell around its process would keep a cancellation from it)
     setup = [f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
     params = {"name": "miq-sweep", "timeout_min": opts.time_min, "gpus_per_node": opts.gpus_per_job,
               "nodes": 1, "tasks_per_node": 1, "stderr_to_stdout": True, "slurm_setup": setup,
-              "local_setup": setup, "slurm_partition": opts.partition, "slurm_mem": opts.mem,
+              "slurm_partition": opts.partition, "slurm_mem": opts.mem,
               "slurm_array_parallelism": opts.array_parallelism}
     if opts.extra:
         params["slurm_additional_parameters"] = dict(opts.extra)
     ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
     return ex
+
+
+@contextlib.contextmanager
+def importable() -> Iterator[None]:
+    """PYTHONPATH holding this checkout while jobs are submitted, for the processes that inherit the sweep's
+    environment (the local executor's; sbatch exports it too): their workers import miq to unpickle the job."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(ROOT) + ("" if old is None else os.pathsep + old)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
 
 
 @dataclass(frozen=True)
@@ -165,20 +183,21 @@ class Batch:
         except (OSError, ValueError):
             return {}
 
-    def in_flight(self, task: Task, job_id: str | None) -> submitit.Job | None:
-        """The Slurm job an earlier submission made for task, when it is still queued or running."""
-        if job_id is None or CLUSTER != "slurm":  # a local job's process belongs to the sweep that started it
-            return None
-        job = submitit.SlurmJob(self.folder, job_id)
-        return job if job.state.upper().split(" ")[0] in ACTIVE else None
+    def in_flight(self, tasks: list[Task], ids: dict[str, str]) -> dict[str, submitit.Job]:
+        """The Slurm jobs earlier submissions made for these tasks that are still queued or running, by id."""
+        if CLUSTER != "slurm":  # a local job's process belongs to the sweep that started it
+            return {}
+        # every job made first, then their states read: submitit asks sacct once for all the jobs it knows
+        jobs = {t.id: submitit.SlurmJob(self.folder, ids[t.id]) for t in tasks if t.id in ids}
+        return {i: job for i, job in jobs.items() if job.state.upper().split(" ")[0] in ACTIVE}
 
     def submit(self, tasks: list[Task]) -> None:
         """Submit every task that has no job in flight already (one array job); record their job ids."""
         self.folder.mkdir(parents=True, exist_ok=True)
         ids = self.recorded()
-        new = []
+        flying, new = self.in_flight(tasks, ids), []
         for t in tasks:
-            if (job := self.in_flight(t, ids.get(t.id))) is not None:
+            if (job := flying.get(t.id)) is not None:
                 say(f"[{t.n}/{self.total}] {t.id} queued or running as Slurm job {job.job_id} (an earlier "
                     "submission): not submitted again")
                 self.jobs[t.id] = (t, job)
@@ -186,7 +205,7 @@ class Batch:
                 new.append(t)
         if new:
             ex = executor(self.folder, self.opts)
-            with ex.batch():
+            with importable(), ex.batch():
                 submitted = [ex.submit(ConfigJob(t.id, t.command, str(self.out))) for t in new]
             for t, job in zip(new, submitted, strict=True):
                 say(f"[{t.n}/{self.total}] {t.id} submitted as job {job.job_id}")
