@@ -6,6 +6,9 @@
 #   ./compare_methods.sh                                   # toy model, offline, a few minutes on a laptop
 #   ./compare_methods.sh --model facebook/opt-125m --calib c4 --eval wikitext2,c4 \
 #       --sparsities "0.5" --groups "16 50" --wbits "3 4" --out results/opt125m --jobs 2
+#   ./compare_methods.sh --model facebook/opt-1.3b --calib c4 --seeds "0 1 2" --out /shared/results/opt1.3b \
+#       --executor slurm --slurm-partition gpu --slurm-time 2:00:00 --slurm-array-parallelism 16
+#                                                          # one Slurm job per configuration (docs/workflow.md)
 #
 # PYTHON: the interpreter (default python3, else python).
 if [[ -z ${PYTHON:-} ]]; then
