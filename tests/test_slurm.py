@@ -9,6 +9,7 @@ preemption signal to its worker, as Slurm does before a preemption, and then wai
 
 import dataclasses
 import json
+import os
 import re
 import signal
 import subprocess
@@ -285,3 +286,31 @@ def test_stopping_the_waiting_sweep_cancels_its_jobs(tmp_path, fake):
     wait_for(lambda: not alive(slow.pid("dense")))
     assert not list(out.glob("*.json")) and not (out / "performance_report.md").exists()
     assert "no result recorded" in (out / "dense.log").read_text()
+
+
+def test_compare_methods_sh_passes_the_executor_flags_on(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(ROOT / "compare_methods.sh"), "--executor", "slurm", "--jobs", "2", "--out",
+                        str(tmp_path / "x")], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("sweep.py: error: --jobs: not with --executor slurm")
+
+
+@pytest.mark.slow
+def test_real_opt_mi_through_submitit(tmp_path, capsys):
+    """The real opt_mi.py on the toy model as submitit jobs: the worker finds miq and opt_mi.py, the results
+    are those opt_mi.py writes, and the report is built from them."""
+    from datautils import synthetic_text
+
+    evalset = tmp_path / "heldout.txt"
+    evalset.write_text(synthetic_text("test")[:3_000])
+    out = tmp_path / "slurm"
+    capsys.readouterr()
+    rc = sweep.main(["--out", str(out), "--methods", "dense sparsegpt", "--nsamples", "8", "--eval", str(evalset),
+                     "--extra", "--seqlen 32", "--executor", "slurm"])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0, stdout + stderr
+    assert set(results(out)) == {"dense", "sparsegpt_s0.5"}
+    assert all(v is not None for ppl in results(out).values() for v in ppl.values())
+    assert (out / "sparsegpt_s0.5.log").read_text().startswith(f"# {sys.executable} {ROOT / 'opt_mi.py'} ")
+    rows = md_table((out / "performance_report.md").read_text(), "Results")
+    assert {r["run"] for r in rows} == {"dense", "sparsegpt_s0.5"}
