@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ from miq.model import loading
 from miq.run.config import RunConfig, is_task_file
 
 INSTALL = "pip install 'lm-eval>=0.4,<0.5' 'accelerate>=1.0'"
+LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas")  # datasets' builders over data files
 METRICS = ("acc", "acc_norm")  # kept under their own names (with their stderr) where a task reports them
 MEMORY = (MemoryError, torch.OutOfMemoryError)  # opt_mi.main says what to lower; not a harness failure
 
@@ -46,7 +48,7 @@ class TaskPlan:
 
     ``names``: the harness's names, in --tasks order (a task file stands for the task or group it defines);
     ``sources``: each as given (a name, or the file's path); ``manager``: the harness's TaskManager, which
-    knows them all (the task files' folders included); ``local``: every task comes from a file.
+    knows them all (the task files' folders included); ``local``: every task is a file over local data.
     """
 
     names: tuple[str, ...]
@@ -105,21 +107,76 @@ def _plain_task(entry) -> bool:
     return str(getattr(kind, "name", kind)).lower() == "task"
 
 
-def _manager(folders: list[str], defaults: bool):
+@functools.cache
+def _harness_tasks():
+    """The index of the harness's own tasks alone: built once per process (it reads thousands of YAML files,
+    seconds; they do not change while it runs)."""
     from lm_eval.tasks import TaskManager
 
+    return TaskManager()
+
+
+def _manager(folders: list[str], defaults: bool):
+    """A TaskManager over the harness's tasks (``defaults``) and the task files' ``folders``."""
+    from lm_eval.tasks import TaskManager
+
+    if defaults and not folders:
+        return _harness_tasks()
     try:
         return TaskManager(include_path=folders or None, include_defaults=defaults)
     except TypeError:  # an older 0.4.x without include_defaults: the harness's tasks are always indexed
         return TaskManager(include_path=folders or None)
 
 
+def _read_yaml(path: str) -> dict:
+    """A task file's own keys (its ``include`` not followed), for what the harness's index does not say; the
+    harness's tags (``!function``) read as None. {} when the file is not a YAML mapping."""
+    import yaml  # a dependency of the harness and of datasets
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.load(f, Loader)  # noqa: S506  (a SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _reads_local_files(cfg: dict) -> bool:
+    """A task whose documents are files on this machine: a local dataset folder, or one of datasets' file
+    builders over local data files. Such tasks run with the hub switched off (``loading.offline_mode``):
+    datasets otherwise tries the network even for local files (it counts the builder's use online)."""
+    path = cfg.get("dataset_path")
+    if isinstance(path, str) and os.path.isdir(path):
+        return True
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+    files = list(files.values()) if isinstance(files, dict) else [files] if isinstance(files, str) else files or []
+    files = [f for x in files for f in (x if isinstance(x, list) else [x])]
+    return path in LOCAL_BUILDERS and bool(files) and not any("://" in str(f) for f in files)
+
+
+def _file_name(given: str, defined: dict, names: dict) -> str:
+    """The task (or group) the file ``given`` defines, as the harness indexed it; ConfigError when it did not."""
+    found = defined.get(Path(given).resolve())
+    if found is not None:
+        return found[0]
+    name = _read_yaml(given).get("task") or _read_yaml(given).get("group")
+    if isinstance(name, str) and name in names:  # the harness keeps one file per name
+        raise ConfigError(f"--tasks {given}: defines task {name}, as {names[name]} does; give each task once")
+    raise ConfigError(f"--tasks {given}: not a task file the harness can read (a YAML with a 'task:' or 'group:' "
+                      "name; see the harness's docs/new_task_guide.md)")
+
+
 def plan(given: list[str]) -> TaskPlan:
     """Check --tasks against the harness (installed, every file a task, every name known) and return the plan.
 
     Task files are included through their folders (the harness's ``include_path``). When every task is a
-    file that defines a plain task, the harness's own tasks are not indexed (that takes seconds); a group
-    file may name them, so then they are.
+    file that defines a plain task over local data files, the harness's own tasks are not indexed (that takes
+    seconds) and the run makes no network access; a group file may name the harness's tasks, so then they
+    are indexed.
     """
     lm_eval = harness()
     files = [g for g in given if is_task_file(g)]
@@ -132,15 +189,16 @@ def plan(given: list[str]) -> TaskPlan:
         manager = _manager(folders, defaults=not local)
         defined = {Path(path).resolve(): (name, entry) for name, entry in _entries(manager).items()
                    if (path := _field(entry, "yaml_path"))}
-        kinds = [_plain_task(defined[Path(f).resolve()][1]) for f in files if Path(f).resolve() in defined]
-        if local and not all(kinds):
+        mine = [defined[k][1] for k in {Path(f).resolve() for f in files} if k in defined]
+        local = local and all(_plain_task(e) and _reads_local_files(_field(e, "cfg") or
+                                                                    _read_yaml(str(_field(e, "yaml_path"))))
+                              for e in mine)
+        if len(files) == len(given) and not local:  # a group, or a hub dataset: the harness's tasks may be named
             manager = _manager(folders, defaults=True)
+    by_name = {name: str(path) for path, (name, _) in defined.items()}
     names = []
     for g in given:
-        name = defined.get(Path(g).resolve(), (None,))[0] if is_task_file(g) else g
-        if name is None:
-            raise ConfigError(f"--tasks {g}: not a task file the harness can read (a YAML with a 'task:' or "
-                              "'group:' name; see the harness's docs/new_task_guide.md)")
+        name = _file_name(g, defined, by_name) if is_task_file(g) else g
         if not is_task_file(g) and name not in manager.all_tasks:
             close = difflib.get_close_matches(name, manager.all_tasks, n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -158,8 +216,9 @@ def prepare(cfg: RunConfig) -> TaskPlan | None:
 
 
 def _hub(p: TaskPlan):
-    """Read the datasets' cache only when the hub does not answer (tasks from files read no hub: no probe)."""
-    return loading.offline_mode() if not p.local and loading.hub_probe() else contextlib.nullcontext()
+    """The hub switched off for tasks over local files (no probe: nothing to reach), and where it does not
+    answer (the datasets' cache only); otherwise datasets download on first use."""
+    return loading.offline_mode() if p.local or loading.hub_probe() else contextlib.nullcontext()
 
 
 def evaluate(model, tokenizer, p: TaskPlan, cfg: RunConfig, dev: torch.device) -> dict:
