@@ -7,6 +7,7 @@ killer does; it leaves a staged file behind, as a killed opt_mi.py would), or pr
 preemption signal to its worker, as Slurm does before a preemption, and then waits to be stopped).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import md_table
+from submitit.core.utils import FailedJobError
 from test_sweep import ROOT, FakeRunner, alive, results, wait_for
 
 from miq.experiments import launch, report, slurm, sweep
@@ -314,3 +316,20 @@ def test_real_opt_mi_through_submitit(tmp_path, capsys):
     assert (out / "sparsegpt_s0.5.log").read_text().startswith(f"# {sys.executable} {ROOT / 'opt_mi.py'} ")
     rows = md_table((out / "performance_report.md").read_text(), "Results")
     assert {r["run"] for r in rows} == {"dense", "sparsegpt_s0.5"}
+
+
+def test_jobs_sbatch_refuses_exit_2_with_its_line(tmp_path, fake, capsys, monkeypatch):
+    class Refusing:
+        @contextlib.contextmanager
+        def batch(self):
+            yield
+
+        def submit(self, job):
+            raise FailedJobError("sbatch: error: invalid partition specified: gpuz\n")
+
+    monkeypatch.setattr(slurm, "executor", lambda folder, opts: Refusing())
+    rc, stdout, stderr = run(capsys, tmp_path / "out", fake, "--executor", "slurm", "--slurm-partition", "gpuz")
+    assert rc == 2 and stderr.strip().splitlines() == [
+        "sweep.py: error: --executor slurm: submitting the jobs failed: sbatch: error: invalid partition specified: "
+        "gpuz"]
+    assert not (tmp_path / "out" / "submitit" / "jobs.json").exists() and fake.invocations() == []

@@ -160,6 +160,10 @@ class Task:
     command: tuple[str, ...]
 
 
+class SubmitError(Exception):
+    """The jobs could not be submitted: ``str(e)`` is the one line the sweep prints before exiting with 2."""
+
+
 @dataclass
 class Tally:
     submitted: int = 0
@@ -205,8 +209,12 @@ class Batch:
                 new.append(t)
         if new:
             ex = executor(self.folder, self.opts)
-            with importable(), ex.batch():
-                submitted = [ex.submit(ConfigJob(t.id, t.command, str(self.out))) for t in new]
+            try:
+                with importable(), ex.batch():
+                    submitted = [ex.submit(ConfigJob(t.id, t.command, str(self.out))) for t in new]
+            except (FailedJobError, OSError) as e:  # sbatch refused them (a partition, an account) or is missing
+                lines = [ln for ln in str(e).splitlines() if ln.strip()] or [repr(e)]
+                raise SubmitError(f"--executor slurm: submitting the jobs failed: {lines[-1]}") from None
             for t, job in zip(new, submitted, strict=True):
                 say(f"[{t.n}/{self.total}] {t.id} submitted as job {job.job_id}")
                 self.jobs[t.id] = (t, job)

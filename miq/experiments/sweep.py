@@ -181,7 +181,11 @@ class Sweeper:
             else:
                 self.not_run(n, cfg, state)
         self.check_signal()
-        batch.submit(tasks)
+        try:
+            batch.submit(tasks)
+        except slurm.SubmitError as e:  # nothing was submitted: a bad --slurm-* value, found by sbatch
+            say(f"sweep.py: error: {e}", err=True)
+            return 2
         self.launched = batch.tally.submitted
         if not self.s.slurm.wait:
             say(f"submitted {batch.tally.submitted} job(s) ({len(batch.jobs)} in flight); rerun the same command to "
