@@ -161,8 +161,9 @@ class Outcome:
 
 @dataclass
 class ConfigJob:
-    """One configuration as a submitit job: ``job()`` runs ``command`` and records how it ended in ``out``;
-    ``checkpoint()`` is submitit's hook on preemption (the job is then requeued and starts over)."""
+    """One configuration as a submitit job: calling it runs ``command`` and records how it ended in ``out``
+    (the worker pickles the Outcome back to the sweep); ``checkpoint()`` is submitit's hook on preemption (the
+    job is then requeued and starts over)."""
 
     id: str
     command: tuple[str, ...]

@@ -126,7 +126,7 @@ def executor(folder: Path, opts: SlurmOptions) -> submitit.AutoExecutor:
     # the workers unpickle launch.ConfigJob: they import miq from this checkout, wherever sbatch starts them
     # (not set up so for the local executor: a shell around its process would keep a cancellation from it)
     setup = [f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
-    params = {"name": "miq-sweep", "timeout_min": opts.time_min, "gpus_per_node": opts.gpus_per_job,
+    params = {"name": "miq-sweep", "timeout_min": opts.time_min, "gpus_per_node": opts.gpus_per_job or None,
               "nodes": 1, "tasks_per_node": 1, "stderr_to_stdout": True, "slurm_setup": setup,
               "slurm_partition": opts.partition, "slurm_mem": opts.mem,
               "slurm_array_parallelism": opts.array_parallelism}
