@@ -70,8 +70,9 @@ MATRICES: dict[str, dict[str, str]] = {
 
 def usage() -> str:
     lines = ["usage: sweep.py [--FLAG VALUE ...] [--retry-failed]  (compare_methods.sh takes the same)", ""]
-    lines += [f"  {flag + ' ' + meta:<19}{textwrap.fill(text, 100, subsequent_indent=' ' * 21)}"
-              for flag, (meta, _, text) in FLAGS.items()]
+    for flag, (meta, _, text) in FLAGS.items():  # a name too long for the column puts its text below it
+        name = f"{flag} {meta}" + ("\n" + " " * 21 if len(flag) + len(meta) >= 18 else "")
+        lines.append(f"  {name:<19}{textwrap.fill(text, 100, subsequent_indent=' ' * 21)}")
     return "\n".join(lines + [f"  {'--retry-failed':<19}run configurations that have an <id>.failed.json again",
                               f"  {'--no-wait':<19}slurm: submit and exit; build the report later with "
                               "python -m miq.experiments.report OUT"])
