@@ -251,6 +251,8 @@ def test_a_sweep_passes_tasks_to_every_configuration(cloze, tmp_path):
         assert (cfg.task_names(), cfg.tasks_limit) == ([cloze[0]], 4)
     with pytest.raises(sweep_args.UsageError, match="--tasks pika"):
         sweep_args.parse_args(["--tasks", "pika", "--out", str(tmp_path / "o")])
+    with pytest.raises(sweep_args.UsageError, match="--extra: --tasks-limit acts on the harness's tasks"):
+        sweep_args.parse_args(["--extra", "--tasks-limit 4", "--out", str(tmp_path / "o")])
 
 
 ACC = {  # configuration -> per seed (acc on task a, acc on task b)

@@ -191,6 +191,8 @@ def validate(raw: dict[str, str], retry: bool) -> Sweep:
         task_names = [t.strip() for t in raw["--tasks"].split(",") if t.strip()]
         if task_names:  # installed, every name known: before the first job, not in every configuration's log
             tasks.plan(task_names)
+        elif given := [a for a in extra if a.startswith("--tasks")]:  # would be dropped from every configuration
+            raise ConfigError(f"--extra: {given[0]} acts on the harness's tasks; give the sweep --tasks")
     except ConfigError as e:
         raise UsageError(str(e)) from None
     toy = raw["--model"] in TOY_NAMES
