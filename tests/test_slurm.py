@@ -333,3 +333,36 @@ def test_jobs_sbatch_refuses_exit_2_with_its_line(tmp_path, fake, capsys, monkey
         "sweep.py: error: --executor slurm: submitting the jobs failed: sbatch: error: invalid partition specified: "
         "gpuz"]
     assert not (tmp_path / "out" / "submitit" / "jobs.json").exists() and fake.invocations() == []
+
+
+@dataclass
+class InFlight:
+    """A job an earlier submission left queued or running, as submitit's SlurmJob reads it: done once the
+    configuration's result is there."""
+
+    job_id: str
+    result_path: Path
+
+    def done(self) -> bool:
+        return self.result_path.exists()
+
+    def result(self) -> launch.Outcome:
+        return launch.Outcome("done", 0, 0.0)
+
+
+def test_rerun_waits_for_the_jobs_still_in_flight_instead_of_submitting_them_again(tmp_path, fake, capsys,
+                                                                                  monkeypatch):
+    slow = dataclasses.replace(fake, sleep=4)  # still running when the rerun starts
+    out = tmp_path / "slurm"
+    rc, stdout, _ = run(capsys, out, slow, "--executor", "slurm", "--no-wait")
+    assert rc == 0 and stdout.count("submitted as job") == 3
+
+    def in_flight(self, tasks, ids):  # sacct's answer: every recorded job without its result is still running
+        return {t.id: InFlight(ids[t.id], out / f"{t.id}.json") for t in tasks if not (out / f"{t.id}.json").exists()}
+
+    monkeypatch.setattr(slurm.Batch, "in_flight", in_flight)
+    rc, stdout, stderr = run(capsys, out, slow, "--executor", "slurm")
+    assert rc == 0, stdout + stderr
+    assert "submitted as job" not in stdout and "not submitted again" in stdout
+    assert set(results(out)) == IDS and sorted(slow.invocations()) == sorted(IDS)
+    assert (out / "performance_report.md").exists()
