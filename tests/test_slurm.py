@@ -318,7 +318,7 @@ def test_real_opt_mi_through_submitit(tmp_path, capsys):
     assert {r["run"] for r in rows} == {"dense", "sparsegpt_s0.5"}
 
 
-def test_jobs_sbatch_refuses_exit_2_with_its_line(tmp_path, fake, capsys, monkeypatch):
+def test_sbatch_refusing_the_jobs_exits_2_with_its_line(tmp_path, fake, capsys, monkeypatch):
     class Refusing:
         @contextlib.contextmanager
         def batch(self):
