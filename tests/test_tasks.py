@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import opt_mi
 from miq import synthetic
-from miq.errors import ConfigError, NoEffectError
+from miq.errors import ConfigError, DataError, NoEffectError
 from miq.experiments import methods, report, sweep_args, tasks_table
 from miq.experiments.results import Run, units
 from miq.experiments.verdict import judge
@@ -136,6 +136,22 @@ def test_harness_accuracy_equals_the_direct_computation(name, cloze, no_network)
     assert not no_network
 
 
+def test_a_task_the_harness_cannot_run_is_one_line(toy_path, cloze, monkeypatch):
+    """A dataset that cannot be read (here: the harness raising as datasets does offline) names the tasks."""
+    import lm_eval
+
+    def unreadable(**kwargs):
+        raise FileNotFoundError("Couldn't find a dataset script\nat ...")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", unreadable)
+    src, tokenizer = loading.open_source(toy_path)
+    model = loading.load_model(src, "float32", torch.device("cpu"))
+    cfg = config.parse([toy_path, "synthetic", "--tasks", cloze[0]])
+    with pytest.raises(DataError, match=r"^--tasks .*cloze.yaml: the harness could not run them \(Couldn't find a "
+                                        r"dataset script\)$"):
+        tasks.evaluate(model, tokenizer, tasks.prepare(cfg), cfg, torch.device("cpu"))
+
+
 FAST = ["--nsamples", "8", "--seqlen", "32", "--analysis-dir", ""]
 
 
@@ -222,6 +238,11 @@ def test_the_harness_checks_names_and_files_offline(cloze, tmp_path, no_network)
     bad.write_text("dataset_path: json\n")  # no task name
     with pytest.raises(ConfigError, match="not a task file the harness can read"):
         tasks.plan([str(bad)])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "moved.yaml").write_text(TASK_YAML.format(data=tmp_path / "gone.jsonl"))
+    with pytest.raises(ConfigError, match=r"moved.yaml: its data file .*gone.jsonl does not exist"):
+        tasks.plan([str(elsewhere / "moved.yaml")])
     twin = tmp_path / "twin.yaml"
     twin.write_text(Path(cloze[0]).read_text())
     with pytest.raises(ConfigError, match="defines task miq_cloze, as .* does; give each task once"):

@@ -145,6 +145,13 @@ def _read_yaml(path: str) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
+def _data_files(cfg: dict) -> list[str]:
+    """The task's ``dataset_kwargs.data_files`` flattened (a path, a list, or {split: path or list})."""
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+    files = list(files.values()) if isinstance(files, dict) else [files] if isinstance(files, str) else files or []
+    return [str(f) for x in files for f in (x if isinstance(x, list) else [x])]
+
+
 def _reads_local_files(cfg: dict) -> bool:
     """A task whose documents are files on this machine: a local dataset folder, or one of datasets' file
     builders over local data files. Such tasks run with the hub switched off (``loading.offline_mode``):
@@ -152,10 +159,18 @@ def _reads_local_files(cfg: dict) -> bool:
     path = cfg.get("dataset_path")
     if isinstance(path, str) and os.path.isdir(path):
         return True
-    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
-    files = list(files.values()) if isinstance(files, dict) else [files] if isinstance(files, str) else files or []
-    files = [f for x in files for f in (x if isinstance(x, list) else [x])]
-    return path in LOCAL_BUILDERS and bool(files) and not any("://" in str(f) for f in files)
+    files = _data_files(cfg)
+    return path in LOCAL_BUILDERS and bool(files) and not any("://" in f for f in files)
+
+
+def _check_data_files(given: str, cfg: dict) -> None:
+    """Every local data file a task file names exists (patterns with * ? [ are left to datasets): found now,
+    not when the harness opens it after compression. Relative paths are the working directory's, as for
+    datasets."""
+    for f in _data_files(cfg):
+        if "://" not in f and not any(c in f for c in "*?[") and not os.path.isfile(f):
+            raise ConfigError(f"--tasks {given}: its data file {f} does not exist (data_files are read relative "
+                              "to the working directory, not to the task file)")
 
 
 def _file_name(given: str, defined: dict, names: dict) -> str:
@@ -199,6 +214,9 @@ def plan(given: list[str]) -> TaskPlan:
     names = []
     for g in given:
         name = _file_name(g, defined, by_name) if is_task_file(g) else g
+        if is_task_file(g):
+            entry = defined[Path(g).resolve()][1]
+            _check_data_files(g, _field(entry, "cfg") or _read_yaml(g))
         if not is_task_file(g) and name not in manager.all_tasks:
             close = difflib.get_close_matches(name, manager.all_tasks, n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
