@@ -12,6 +12,10 @@ PPL is the mean over seeds, and two of them are compared on the PPL differences 
 the other only when the mean paired difference exceeds twice its standard error; otherwise the decision is
 "no significant difference". A configuration with one seed is compared on its single PPL.
 
+Where the runs ran zero-shot tasks (``--tasks``), each comparison also carries the same two configurations
+compared on mean task accuracy (``Comparison.on_tasks``, ``tasks_table.compare``), for the report's tasks
+section; the decisions and counts above stay those of perplexity.
+
 Everything here is a pure function of the runs and returns frozen dataclasses, so tests check the decisions
 directly; ``report.py`` turns them into the verdict's text.
 """
