@@ -39,7 +39,6 @@ from miq.run.config import RunConfig, is_task_file
 INSTALL = "pip install 'lm-eval>=0.4,<0.5' 'accelerate>=1.0'"
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas")  # datasets' builders over data files
 METRICS = ("acc", "acc_norm")  # kept under their own names (with their stderr) where a task reports them
-MEMORY = (MemoryError, torch.OutOfMemoryError)  # opt_mi.main says what to lower; not a harness failure
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,7 +92,8 @@ def quiet() -> Iterator[None]:
 
 
 def _entries(manager) -> dict:
-    """{name: index entry} of the manager (an Entry object in lm-eval 0.4.9+, a dict before)."""
+    """{name: index entry} of the manager (an Entry object in lm-eval 0.4.13; older 0.4 releases kept dicts
+    with the same keys, "type" for "kind")."""
     return dict(getattr(manager, "task_index", {}) or {})
 
 
@@ -253,9 +253,8 @@ def evaluate(model, tokenizer, p: TaskPlan, cfg: RunConfig, dev: torch.device) -
             lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=cfg.tasks_batch)
             out = lm_eval.simple_evaluate(model=lm, tasks=list(p.names), num_fewshot=cfg.tasks_fewshot,
                                           limit=cfg.tasks_limit, task_manager=p.manager, log_samples=False)
-    except MEMORY:
-        raise
-    except (OSError, ValueError, KeyError) as e:  # datasets (download, offline, parsing), task files
+    except (OSError, ValueError, KeyError) as e:  # datasets (download, offline, parsing), task files; out of
+        # memory is no such error (a MemoryError or a RuntimeError): opt_mi.main says what to lower
         where = "cached datasets only (the hub does not answer); " if not p.local and loading.hub_probe() else ""
         raise DataError(f"--tasks {','.join(p.sources)}: the harness could not run them ({where}"
                         f"{loading.first_line(e)})") from None
