@@ -22,6 +22,7 @@ For a model loaded whole there is no ``Onloader``, and ``layer`` and ``modules``
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import tempfile
 from collections.abc import Iterator
@@ -35,6 +36,24 @@ from miq.errors import ModelError
 from miq.model import layouts
 
 ATTR = "_miq_onloader"  # the model's attribute holding its Onloader
+CHECK_CHUNK = 1 << 22  # values checked for NaN/inf at a time (16 MB of float32)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _libc()
+
+
+def trim() -> None:
+    """Give freed heap memory back to the system: glibc keeps what a released layer's work freed mapped (it
+    counts as resident, about a layer's worth per layer otherwise), where ``malloc_trim`` returns it."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def of(model: nn.Module) -> Onloader | None:
@@ -164,8 +183,9 @@ class Onloader:
         return out
 
     def _checked(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        # in chunks: isfinite over a whole embedding allocates about three times its size at once
         if name not in self.checked and t.is_floating_point():
-            bad = t.numel() - int(torch.isfinite(t).sum())
+            bad = sum(c.numel() - int(torch.isfinite(c).sum()) for c in t.reshape(-1).split(CHECK_CHUNK))
             if bad:
                 raise ModelError(f"MODEL {self.name}: tensor {name} holds {bad} NaN or inf value(s) of "
                                  f"{t.numel()}; the weights are damaged")
@@ -252,6 +272,7 @@ def layer(model: nn.Module, index: int, keep: bool = False) -> Iterator[None]:
             o.keep(index)
     finally:
         o.release(names)
+        trim()
 
 
 @contextlib.contextmanager
@@ -267,6 +288,7 @@ def modules(model: nn.Module, mods: list[nn.Module]) -> Iterator[None]:
         yield
     finally:
         o.release(names)
+        trim()
 
 
 def zeros(model: nn.Module, weight: str) -> int:
