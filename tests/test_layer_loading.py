@@ -84,7 +84,8 @@ def _same_runs(model: str, tmp_path, *flags: str) -> dict:
     ("toy-llama", ["--sparsity", "0.5", "--wbits", "3.5", "--groups", "4", "--mi-samples", "256"]),
     ("toy", ["--gmp", "--sparsity", "0.5", "--wbits", "4", "--save-format", "compressed-tensors"]),
     ("toy-llama", ["--wbits", "4", "--save-format", "dense"]),
-], ids=["opt-sparsegpt-packed", "llama-mi-packed", "opt-gmp-ct", "llama-rtn-dense"])
+    ("toy-llama", ["--sparsity", "0.5", "--wbits", "4", "--dtype", "bfloat16"]),
+], ids=["opt-sparsegpt-packed", "llama-mi-packed", "opt-gmp-ct", "llama-rtn-dense", "llama-bf16"])
 def test_toys_identical_to_whole_loading(model, flags, tmp_path):
     r = _same_runs(model, tmp_path, *flags)
     assert r["layers"] and all(v is not None for v in r["ppl"].values())
