@@ -257,38 +257,44 @@ class SparseGPT:
         self.sampler = RowSampler(total_rows, k, seed)
         self.sample_inputs = inputs
 
-    def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
-        """inp [batch, seq, in] or [tokens, in] (counted as one sequence, as the reference); out [..., rows]."""
-        if not torch.isfinite(inp).all():
-            raise LayerInputError(f"layer {self.name}: calibration inputs hold NaN or inf")
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor, last: list | None = None) -> None:
+        """inp [batch, seq, in] or [tokens, in] (one sequence, as the reference); out [..., rows]. ``last``: the
+        previous call's [(inp, count), x x^T]: the next linear fed that very tensor (q, k, v) adds it, bit for bit."""
         if self.sampler is not None:
             x = inp if self.sample_inputs else out
             self.sampler.add(x.reshape(-1, x.shape[-1]))
-        if inp.dim() == 2:
-            inp = inp.unsqueeze(0)
-        tmp = inp.shape[0]
-        inp = inp.reshape(-1, inp.shape[-1]).t()
+        tmp = 1 if inp.dim() == 2 else inp.shape[0]
         self.H *= self.nsamples / (self.nsamples + tmp)
         self.nsamples += tmp
-        inp = math.sqrt(2 / self.nsamples) * inp.float()
-        self.H += inp.matmul(inp.t())
+        if last and last[0][0] is inp and last[0][1] == self.nsamples:
+            inc = last[1]
+        else:
+            x = math.sqrt(2 / self.nsamples) * inp.reshape(-1, inp.shape[-1]).t().float()
+            inc = x.matmul(x.t())
+            # a NaN or inf input reaches the diagonal (x_j^2): checked there, in O(in) rather than O(tokens x in)
+            if not torch.isfinite(inc.diagonal()).all():
+                raise LayerInputError(f"layer {self.name}: calibration inputs hold NaN or inf (or overflow squared)")
+            if last is not None:
+                last[:] = [(inp, self.nsamples), inc]
+        self.H += inc
 
     def _damped(self, H: torch.Tensor, percdamp: float) -> torch.Tensor:
-        """H + damp * mean(diag H) * I, the damping x10 until H and its inverse have Cholesky factors."""
+        """H + damp * mean(diag H) * I, the damping x10 until H and its inverse have Cholesky factors. In place
+        (a retry damps the saved diagonal again): a copy would be one more [in, in] at the layer's peak."""
         diag = torch.arange(self.columns, device=self.dev)
         mean_diag = torch.mean(torch.diag(H))
+        undamped = H[diag, diag]
         for attempt in range(5):
             damp = percdamp * (10**attempt)
-            Hd = H.clone()
-            Hd[diag, diag] += damp * mean_diag
-            U = _upper_factor(Hd)
+            H[diag, diag] = undamped + damp * mean_diag
+            U = _upper_factor(H)
             if U is not None:
                 if attempt:
                     print(f"warning: {self.name}: Hessian not positive definite, damping raised to "
                           f"{damp:g} x mean(diag H)")
                 self.percdamp_used = damp
                 self._factors[None] = U  # the natural order's factor: factor(None) need not compute it again
-                return Hd
+                return H
         raise torch.linalg.LinAlgError(
             f"layer {self.name}: Cholesky of the damped Hessian failed even at percdamp={damp:g}")
 
@@ -365,7 +371,8 @@ class SparseGPT:
 
     def finish(self, res: PassResult) -> None:
         """Write a pass's weights into the layer and keep its bookkeeping."""
-        self.layer.weight.data = res.W.reshape(self.layer.weight.shape).to(self.layer.weight.data.dtype)
+        # into the loaded storage: a new tensor would leave the old pages (of a memory-mapped checkpoint) resident
+        self.layer.weight.data.copy_(res.W.reshape(self.layer.weight.shape))
         self.result = res
         self.error = res.loss
         self.n_param_sets = res.n_param_sets
@@ -384,7 +391,8 @@ def _upper_factor(Hd: torch.Tensor) -> torch.Tensor | None:
     L, info = torch.linalg.cholesky_ex(Hd)
     if info != 0:
         return None
-    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    L = torch.cholesky_inverse(L)  # rebound: the factor is freed before U is allocated, one [in, in] less
+    U, info = torch.linalg.cholesky_ex(L, upper=True)
     return U if info == 0 and torch.isfinite(U).all() else None
 
 

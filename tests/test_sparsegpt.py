@@ -139,6 +139,48 @@ def test_nonfinite_inputs_name_the_layer():
         gpt.add_batch(x, layer(x))
 
 
+def test_linears_fed_one_tensor_share_its_increment_bit_for_bit():
+    """q, k and v see the very same input tensor: the second and third add the first's x x^T (``last``), and
+    their Hessians equal those of linears accumulating alone, bit for bit. Another tensor at the same count,
+    or the same tensor at another count, gets its own increment."""
+    layer, X = _layer_and_inputs(rows=8, cols=32, n=5, seqlen=16)
+    alone, shared, last = SparseGPT(layer, "alone"), [SparseGPT(layer, n) for n in "qkv"], []
+    reused = 0
+    for j in range(X.shape[0]):
+        x = X[j : j + 1].clone()
+        alone.add_batch(x.clone(), None)
+        for g in shared:
+            before = last[1] if last else None
+            g.add_batch(x, None, last)
+            reused += last[1] is before
+    assert reused == 2 * X.shape[0] and all(torch.equal(g.H, alone.H) for g in shared)
+
+    def own(windows_before):
+        g = SparseGPT(layer, "own")
+        for _ in range(windows_before):
+            g.add_batch(X[0:1], None)
+        return g
+
+    y = X[1:2].clone()
+    last = []
+    own(0).add_batch(X[0:1].clone(), None, last)  # last: another tensor at count 1
+    a, b = own(0), own(0)
+    a.add_batch(y, None, last)
+    b.add_batch(y, None)
+    assert torch.equal(a.H, b.H)
+    a, b = own(2), own(2)  # y again, now at count 3
+    a.add_batch(y, None, last)
+    b.add_batch(y, None)
+    assert torch.equal(a.H, b.H)
+
+
+def test_compressed_weights_go_into_the_loaded_storage():
+    layer, X = _layer_and_inputs(rows=8, cols=32, n=4, seqlen=16)
+    ptr = layer.weight.data_ptr()
+    W0, _, W = _run(layer, X, sparsity=0.5)
+    assert layer.weight.data_ptr() == ptr and not torch.equal(W, W0) and float((W == 0).float().mean()) == 0.5
+
+
 def test_row_sampler_is_exact_uniform_subset():
     total, k = 1000, 37
     s = RowSampler(total, k, seed=3)

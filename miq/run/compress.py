@@ -116,7 +116,9 @@ def _accumulate(cfg: RunConfig, subset: dict[str, nn.Linear], layer: nn.Module, 
         for n, g in gpts.items():  # a seed per layer name: the same sample whatever else is selected
             g.sample(total_rows, cfg.mi_samples, cfg.seed + zlib.crc32(n.encode()) % 2**31,
                      inputs=cfg.mi_axis == "input")
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: gpts[n].add_batch(inp[0].data, out.data))
+    # the tensor itself, not .data (a new object per call): linears fed the same one share its x x^T (``last``)
+    last: list = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: gpts[n].add_batch(inp[0], out.data, last))
              for n, m in subset.items()]
     try:
         layerwalk.run_layer(layer, inps, kwargs)
