@@ -118,3 +118,15 @@ def test_opt_mi_export_then_from_pretrained_ppl(toy_path, tmp_path, small_eval):
     tokens = datautils.get_eval_tokens(small_eval, 32, AutoTokenizer.from_pretrained(str(save)))
     ppl = layerwalk.full_forward_perplexity(model, tokens, 32, torch.device("cpu"))
     assert ppl == pytest.approx(r["ppl"][small_eval], rel=1e-4)
+
+
+def test_opt_mi_reopens_its_compressed_tensors_folder(toy_path, tmp_path, small_eval):
+    """opt_mi.py DIR on a compressed-tensors folder: from_pretrained reads it whole (its tensors are the
+    quantizer's, not the architecture's), and the perplexity is the saving run's."""
+    save = tmp_path / "ct"
+    first = [toy_path, "synthetic", *FAST, "--eval", small_eval, "--wbits", "4", "--sym", *CT, "--save", str(save),
+             "--json", str(tmp_path / "a.json")]
+    assert opt_mi.main(first) == 0
+    assert opt_mi.main([str(save), "synthetic", *FAST, "--eval", small_eval, "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text())["ppl"][small_eval] for n in "ab")
+    assert b == pytest.approx(a, rel=1e-5)

@@ -195,8 +195,9 @@ def check_weights(src: ModelSource, model) -> None:
     skeleton): every tensor the architecture expects is in the checkpoint, with the shape config.json implies,
     and every tensor in the checkpoint is used (ties as transformers makes them). Headers only: cheap, before
     any work; pickled checkpoints are checked when loaded (``load_model``)."""
-    if not src.local or _packed(src.path):  # a packed folder's manifest was checked on opening it
-        return
+    if not src.local or _packed(src.path) or quantized_checkpoint(src):
+        return  # a packed folder's manifest was checked on opening it; a quantized one's tensors are the
+        # quantizer's (weight_packed, weight_scale ...), which from_pretrained checks against its scheme
     present = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(src.path, f))]
     if not present:
         raise ModelError(f"MODEL {src.name}: no weights in the folder (model.safetensors or pytorch_model.bin)")
@@ -277,7 +278,7 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device, load: str = "who
         model = packed.load_compressed(src.path, None if torch_dtype == "auto" else torch_dtype, src.manifest)
         model.config.use_cache = False
         return model
-    folder = _safetensors_folder(src) if load == "layers" else None
+    folder = _safetensors_folder(src) if load == "layers" and not quantized_checkpoint(src) else None
     if folder is not None:
         return load_lazily(src, folder, torch_dtype)
     try:
@@ -297,6 +298,12 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device, load: str = "who
     model.eval()
     model.config.use_cache = False
     return model
+
+
+def quantized_checkpoint(src: ModelSource) -> bool:
+    """A checkpoint stored quantized for transformers' own quantizers (compressed-tensors, as --save-format
+    compressed-tensors writes): only from_pretrained, whole, knows how to read its tensors."""
+    return getattr(src.config, "quantization_config", None) is not None
 
 
 def _safetensors_folder(src: ModelSource) -> str | None:
