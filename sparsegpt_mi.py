@@ -97,8 +97,8 @@ def obs_pass(
     ref = rows if mask_rows is None else mask_rows
     reps = rows // ref
     gid = cols.gid.to(W.device) if cols is not None else torch.zeros(columns, dtype=torch.long, device=W.device)
-    starts = torch.ones(columns, dtype=torch.bool)
-    starts[1:] = (gid[1:] != gid[:-1]).cpu()
+    groups = gid.tolist()  # read at every column: Python lists, not tensor indexing
+    starts = [True] + [a != b for a, b in zip(groups[1:], groups[:-1], strict=True)]
     grid = GridRecorder(rows, int(gid.max()) + 1, W.device) if q is not None else None
     if grid is not None and cols is None:
         grid.record(0, q)
@@ -133,7 +133,7 @@ def obs_pass(
                 tmp = W1[:ref, i : i + prunem] ** 2 / (torch.diag(Hinv1)[i : i + prunem].reshape((1, -1))) ** 2
                 mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1].repeat(reps, 1), True)
             if q is not None and cols is not None and starts[i1 + i]:
-                g = int(gid[i1 + i])
+                g = groups[i1 + i]
                 if cols.static is not None:  # GPTQ's static groups: parameters fixed before the pass
                     q.scale, q.zero, q.maxq = (t[:, g : g + 1] for t in cols.static)
                 else:  # found on the group's run of columns from here, as they stand now
