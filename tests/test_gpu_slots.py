@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from test_sweep import FakeRunner, results
 
+from miq import atomic
 from miq.experiments import gpu_slots, sweep
 
 METHODS = ("--methods", "dense magnitude sparsegpt uniform g128 perchannel")  # 6 configurations
@@ -40,8 +41,8 @@ class Recording:
 
     def __call__(self, args: list[str]) -> list[str]:
         script = Path(self.fake.dir, "recorder.py")
-        script.parent.mkdir(parents=True, exist_ok=True)
-        script.write_text(RECORDER)
+        if not script.exists():  # written once, atomically: a recorder starting meanwhile must not read it half
+            atomic.write_text(script, RECORDER)  # written (an empty script exits 0 having run nothing)
         return [sys.executable, str(script), str(self.events), "--", *self.fake(args)]
 
     @property
