@@ -85,7 +85,7 @@ def test_the_integer_program_equals_the_dp_at_kept_count_scale(monkeypatch):
             ip = al.allocate_bits(costs, sizes, CHOICES, budget).numpy()
         assert (sizes * ip).sum() <= budget * sizes.sum()
 
-        def cost(bits):
+        def cost(bits, costs=costs):
             return sum(costs[g, CHOICES.index(b)] for g, b in enumerate(bits))
 
         assert cost(ip) == pytest.approx(cost(dp), rel=1e-9)

@@ -46,7 +46,8 @@ def test_methods_hold_the_budget_and_the_levels(toy_path, tmp_path, extra):
         sizes, bits, labels = layer["group_sizes"], layer["group_bits"], layer["labels"]
         n = layer["in_features"] if layer["axis"] == "input" else layer["channels"]
         assert len(labels) == n and sum(sizes) == n and len(sizes) == 4
-        assert sum(s * b for s, b in zip(sizes, bits, strict=True)) <= 3.5 * n + 1e-9  # the budget
+        kept = layer["channels"] * layer["in_features"] - layer["pruned"]
+        assert layer["charged_code_bits"] == layer["code_bits"] <= 3.5 * kept  # the budget, on kept weights
         W = weights[f"{layer['name']}.weight"]
         for g in range(4):  # every (row, group) holds at most 2^bits values (pruned zeros included)
             part = W[:, torch.tensor(labels) == g] if layer["axis"] == "input" else W[torch.tensor(labels) == g]

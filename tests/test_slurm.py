@@ -23,6 +23,7 @@ from conftest import md_table
 from submitit.core.utils import FailedJobError
 from test_sweep import ROOT, FakeRunner, alive, results, wait_for
 
+from miq import atomic
 from miq.experiments import launch, report, slurm, sweep
 
 METHODS = ("--methods", "dense sparsegpt uniform")  # 3 configurations
@@ -60,8 +61,8 @@ class Dying:
 
     def __call__(self, args: list[str]) -> list[str]:
         script = Path(self.fake.dir, "wrapper.py")
-        script.parent.mkdir(parents=True, exist_ok=True)
-        script.write_text(WRAPPER)
+        if not script.exists():  # once and atomically: a job starting meanwhile must not read it half written
+            atomic.write_text(script, WRAPPER)
         return [sys.executable, str(script), self.fake.dir, self.mode, self.hit, "--", *self.fake(args)]
 
     def died(self) -> bool:
