@@ -8,7 +8,7 @@ For each shape [rows, cols] (768 x 768: attention, 3072 x 768: fc1, 768 x 3072: 
 (correlated inputs with a few heavy channels, 128 x 128 calibration tokens), it times side by side, best of
 --repeat:
 - one SparseGPT pass at 50% + 3 bits (``fasterprune``): the reference's cost;
-- the obs allocation: ``trial`` over the 6 default widths (one stacked pass) + the knapsack;
+- the obs allocation: ``trial`` over the 6 default widths (one stacked pass) + the knapsack on kept weights;
 - the rtn proxy costs (``allocation.group_costs``) + the knapsack;
 - the MI stage: ``pairwise_mi`` over 8192 sampled output rows of the layer.
 Ratios are to the SparseGPT pass. The Hessian is accumulated once; each timed pass starts from a copy.
@@ -88,7 +88,8 @@ def bench_shape(rows: int, cols: int, dev: torch.device, repeat: int) -> dict:
     def obs():
         t = trials.trial(fresh(), CHOICES, 3, options.PassOptions(sparsity=0.5))
         costs = allocation.obs_group_costs(t.row_loss, torch.arange(rows, device=dev))
-        allocation.allocate_bits(costs, torch.ones(rows, dtype=torch.long), CHOICES, 3.5)
+        # as runs do: each row charged its kept weights (a sparse layer's table goes to the integer program)
+        allocation.allocate_bits(costs, (~t.mask).sum(1).cpu(), CHOICES, 3.5)
 
     def rtn():
         labels = torch.arange(rows, device=dev)
