@@ -5,18 +5,16 @@ sequences, then prune column by column with OBS updates driven by the upper Chol
 choosing an adaptive mask per block of columns. Quantization (``self.quantizer``) happens inside the column
 loop so that its error is propagated too. The loop is ``obs_pass``, kept line for line comparable with the
 reference's ``fasterprune``. Additions:
-- GPTQ-style ``groupsize`` (quantization parameters recomputed every ``groupsize`` columns);
-- the grid actually used (scale, zero, maxq per row and column group) and the pruning mask, returned;
-- per-row and per-column OBS losses, and the layer error 1/2 (W0 - W) H (W0 - W)^T they add up to;
-- ``run_pass(reps=S)``: the layer stacked S times, masks chosen on the first copy's rows (the trial passes of
-  ``miq.plan.trials``, one per candidate width);
-- a seeded uniform sample of the layer's output rows for the MI method, damping retries when Cholesky
-  fails, and finite-input checks naming the layer.
+GPTQ-style ``groupsize``; the grid used (scale, zero, maxq per row and column group) and the mask, returned;
+per-row and per-column OBS losses, and the layer error 1/2 (W0 - W) H (W0 - W)^T they add up to;
+``run_pass(reps=S)``: the layer stacked S times, masks chosen on the first copy's rows (``miq.plan.trials``);
+a seeded sample of the layer's output rows for the MI method, damping retries, finite-input checks.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -278,29 +276,31 @@ class SparseGPT:
                 last[:] = [(inp, self.nsamples), inc]
         self.H += inc
 
-    def _damped(self, H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    def _damped(self, H: torch.Tensor, percdamp: float, order: Callable | None = None) -> torch.Tensor:
         """H + damp * mean(diag H) * I, the damping x10 until H and its inverse have Cholesky factors. In place
-        (a retry damps the saved diagonal again): a copy would be one more [in, in] at the layer's peak."""
+        (a retry damps the saved diagonal again): a copy would be one more [in, in] at the layer's peak. The
+        factors are checked and kept in the order ``order(H)`` the first pass takes (None: natural)."""
         diag = torch.arange(self.columns, device=self.dev)
         mean_diag = torch.mean(torch.diag(H))
         undamped = H[diag, diag]
         for attempt in range(5):
             damp = percdamp * (10**attempt)
             H[diag, diag] = undamped + damp * mean_diag
-            U = _upper_factor(H)
+            perm = None if order is None else order(H)
+            U = _upper_factor(H if perm is None else H[perm][:, perm])
             if U is not None:
                 if attempt:
                     print(f"warning: {self.name}: Hessian not positive definite, damping raised to "
                           f"{damp:g} x mean(diag H)")
                 self.percdamp_used = damp
-                self._factors[None] = U  # the natural order's factor: factor(None) need not compute it again
+                self._factors[None if perm is None else tuple(perm.tolist())] = U  # factor() need not redo it
                 return H
         raise torch.linalg.LinAlgError(
             f"layer {self.name}: Cholesky of the damped Hessian failed even at percdamp={damp:g}")
 
-    def prepare(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, percdamp: float, order: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(W0, Hd): the layer's float weights with dead columns zeroed and the damped Hessian, in the
-        layer's own column order. Computed once; every pass of the layer shares them."""
+        layer's own column order. Computed once; every pass of the layer shares them (``order``: _damped's)."""
         if self._prepared is None:
             W = self.layer.weight.data.clone().float()
             H = self.H
@@ -308,7 +308,7 @@ class SparseGPT:
             dead = torch.diag(H) == 0
             H[dead, dead] = 1
             W[:, dead] = 0
-            self._prepared = (W, self._damped(H, percdamp))
+            self._prepared = (W, self._damped(H, percdamp, order))
         return self._prepared
 
     def factor(self, perm: torch.Tensor | None) -> torch.Tensor:
@@ -350,7 +350,7 @@ class SparseGPT:
         if q is not None and g_idx is None and not q.ready():
             # as the reference: per-row parameters from the weights as loaded, before dead columns are zeroed
             q.find_params(self.layer.weight.data.float().repeat(reps, 1), weight=True)
-        W0, Hd = self.prepare(opts.percdamp)
+        W0, Hd = self.prepare(opts.percdamp, lambda H: processing_order(H, g_idx, opts.act_order))
         perm = processing_order(Hd, g_idx, opts.act_order)
         cols = None
         if g_idx is not None:
