@@ -59,8 +59,7 @@ NOTES = {  # what differs in what the two compute, row by row (both: float32 Hes
     "gptq": "grids: ours min-max per row on the weights as loaded, scales rounded to fp16; theirs the same "
             "observer, scales float32; Hessian: ours rescaled per window (reference), theirs summed then divided",
     "gptq-g128-ao": "both: columns by descending diag H, group grids fixed before the pass on the weights as "
-                    "loaded; ours fp16 scales, a stable sort, damping decided on the natural order (two Cholesky "
-                    "factorisations per linear); theirs float32 scales, argsort, one factorisation",
+                    "loaded; ours fp16 scales and a stable sort, theirs float32 scales and argsort",
     "sparse+gptq": "ours joint: one OBS pass per layer prunes and quantizes with one Hessian; theirs two "
                    "passes (SparseGPT, then GPTQ on the pruned weights, two Hessians from the same inputs), "
                    "and GPTQ's updates may refill pruned weights (see zeros)",
