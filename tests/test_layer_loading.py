@@ -189,3 +189,27 @@ def test_store_files_are_removed(sharded, tmp_path, monkeypatch, small_eval):
     _run(sharded, tmp_path, "layers", "--sparsity", "0.5", "--eval", small_eval)
     assert len(folders) == 1 and next(iter(folders)).startswith(str(tmp_path))
     assert not list(tmp_path.glob("miq-layers-*"))
+
+
+def test_only_compressed_layers_are_kept_and_a_full_tmpdir_is_one_line(sharded, tmp_path, monkeypatch, small_eval,
+                                                                       capsys):
+    """Layers the selection leaves alone are not written to the Store (read from the checkpoint again at
+    evaluation, with the same result); a Store that cannot be written is one line and exit 2."""
+    kept = []
+    real_put = onload.Store.put
+    monkeypatch.setattr(onload.Store, "put", lambda store, i, t: kept.append(i) or real_put(store, i, t))
+    lazy, _ = _run(sharded, tmp_path, "layers", "--sparsity", "0.5", "--maxlayer", "2", "--eval", small_eval)
+    whole, _ = _run(sharded, tmp_path, "whole", "--sparsity", "0.5", "--maxlayer", "2", "--eval", small_eval)
+    assert kept == [0, 1] and lazy["ppl"] == whole["ppl"]
+
+    def full(store, i, t):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onload, "save_file", lambda *a, **k: full(None, 0, None))
+    capsys.readouterr()
+    out = tmp_path / "full.json"
+    code = opt_mi.main([str(sharded), "synthetic", "--nsamples", "4", "--seqlen", "32", "--analysis-dir", "",
+                        "--eval", small_eval, "--sparsity", "0.5", "--json", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "No space left" in err[0] and "--load whole" in err[0]
+    assert not out.exists()

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from miq.model import layouts, onload
 
-Visit = Callable[[int, nn.Module, torch.Tensor], None]
+Visit = Callable[[int, nn.Module, torch.Tensor], bool]  # True when it changed the layer's weights
 LayerKwargs = list[dict]  # the keyword arguments of each decoder layer, as the model passed them
 
 
@@ -137,15 +137,15 @@ def walk(
     size one and broadcast, so the result is the same up to float summation order.
 
     A model loaded layer by layer (``onload``) has each layer read when its turn comes and released after;
-    a visited layer (it may have been compressed) is kept in the Store first, where evaluation reads it.
+    a layer the visit changed (compressed) is kept in the Store first, where evaluation reads it.
     """
     layers = decoder_layers(model)
     outs = torch.empty_like(inps)
     for i in tqdm(range(len(layers)), desc=desc, leave=False, disable=None):
-        with onload.layer(model, i, keep=visit is not None):
+        with onload.layer(model, i) as held:
             layer = layers[i].to(dev)
             if visit is not None:
-                visit(i, layer, inps)
+                held.keep = visit(i, layer, inps)
             for j in range(0, inps.shape[0], batch):
                 outs[j : j + batch] = layer(inps[j : j + batch], **layer_kwargs[i])
             if dev.type != "cpu":

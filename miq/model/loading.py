@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import torch
+from safetensors import safe_open
 
 from miq.checkpoint import formats, packed
 from miq.errors import ModelError
@@ -329,7 +330,6 @@ def _checkpoint_dtype(folder: str, config) -> torch.dtype:
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if stored is not None:
         return getattr(torch, stored) if isinstance(stored, str) else stored
-    from safetensors import safe_open
 
     for stored_name, file in sorted(onload.checkpoint_files(folder).items()):
         with safe_open(os.path.join(folder, file), "pt") as f:

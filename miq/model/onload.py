@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -83,7 +85,6 @@ def params_on_meta() -> Iterator[None]:
 def checkpoint_files(folder: str) -> dict[str, str]:
     """{stored tensor name: file} of a safetensors checkpoint: ``model.safetensors``, or the shards that
     ``model.safetensors.index.json`` maps (``{}`` when the folder has neither)."""
-    import json
 
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(os.path.join(folder, "model.safetensors")):
@@ -109,7 +110,13 @@ class Store:
     def put(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         if self._dir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="miq-layers-")
-        save_file(tensors, self._path(index))
+        try:
+            save_file(tensors, self._path(index))
+        except OSError as e:  # a full or unwritable $TMPDIR: one line, as every user-facing error
+            need = sum(t.numel() * t.element_size() for t in tensors.values())
+            raise ModelError(f"--load layers: could not keep compressed layer {index} in {self._dir.name} "
+                             f"({e.strerror or e}); each compressed layer takes about {need >> 20} MB there: "
+                             "free space under $TMPDIR, point TMPDIR elsewhere, or use --load whole") from None
         self.layers.add(index)
 
     def get(self, index: int, names: list[str]) -> dict[str, torch.Tensor]:
@@ -256,19 +263,28 @@ class Onloader:
         self.load([n for n in self.sources if self.layer_of(n) is None])
 
 
+@dataclass
+class Held:
+    """What ``layer``'s block says of the layer it held: whether it changed it (then it is kept)."""
+
+    keep: bool
+
+
 @contextlib.contextmanager
-def layer(model: nn.Module, index: int, keep: bool = False) -> Iterator[None]:
-    """Decoder layer ``index`` resident for the block, released after; ``keep``: the block changed its
-    weights (compression), so the layer goes to the Store first, where later reads find it."""
+def layer(model: nn.Module, index: int, keep: bool = False) -> Iterator[Held]:
+    """Decoder layer ``index`` resident for the block, released after. ``keep`` (or the block setting the
+    yielded ``Held.keep``): the block changed its weights (compression), so the layer goes to the Store
+    first, where later reads find it; a layer nothing changed is read from the checkpoint again."""
+    held = Held(keep)
     o = of(model)
     if o is None:
-        yield
+        yield held
         return
     names = o.layer_names[index]
     o.load(names, layer=index)
     try:
-        yield
-        if keep:
+        yield held
+        if held.keep:
             o.keep(index)
     finally:
         o.release(names)

@@ -97,12 +97,14 @@ def compress_sparsegpt(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.de
     plot_layer = cfg.plot_layer or layout.default_plot_layer(model)
     inps, layer_kwargs = layerwalk.capture_inputs(model, calib, dev)
 
-    def visit(i: int, layer: nn.Module, inps: torch.Tensor) -> None:
-        for group in linear_groups(cfg, layout, i, layer):
+    def visit(i: int, layer: nn.Module, inps: torch.Tensor) -> bool:
+        groups = linear_groups(cfg, layout, i, layer)
+        for group in groups:
             for name, g in _accumulate(cfg, group, layer, inps, layer_kwargs[i], calib.numel()).items():
                 plan = compress_linear(name, g, cfg, res)
                 if plan is not None and name == plot_layer:
                     res.plot = (name, plan)
+        return bool(groups)  # a layer the selection leaves alone is read from the checkpoint again
 
     layerwalk.walk(model, inps, layer_kwargs, dev, visit=visit, desc="compress")
     return res
@@ -258,8 +260,9 @@ def compress_magnitude(model, cfg: RunConfig, saved: list | None = None) -> Comp
     res = CompressionResult(saved=[] if saved is None else saved)
     layout = layouts.of(model)
     for i, layer in enumerate(layout.decoder_layers(model)):
-        with onload.layer(model, i, keep=True):  # read, compressed and kept when loading layer by layer
-            _magnitude_layer(res, cfg, selected_linears(cfg, layout, i, layer))
+        linears = selected_linears(cfg, layout, i, layer)  # by name: the weights may still be on meta
+        with onload.layer(model, i, keep=bool(linears)):  # read, compressed and kept, layer by layer
+            _magnitude_layer(res, cfg, linears)
     return res
 
 

@@ -28,9 +28,11 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
+import yaml
 
 from miq.errors import ConfigError, DataError
 from miq.model import loading
@@ -71,7 +73,6 @@ def harness():
 
 def _version(lm_eval) -> str:
     try:
-        from importlib.metadata import version
 
         return version("lm_eval")
     except Exception:  # an unusual install (a source tree on the path): the attribute, or nothing
@@ -131,7 +132,6 @@ def _manager(folders: list[str], defaults: bool):
 def _read_yaml(path: str) -> dict:
     """A task file's own keys (its ``include`` not followed), for what the harness's index does not say; the
     harness's tags (``!function``) read as None. {} when the file is not a YAML mapping."""
-    import yaml  # a dependency of the harness and of datasets
 
     class Loader(yaml.SafeLoader):
         pass
@@ -178,7 +178,8 @@ def _file_name(given: str, defined: dict, names: dict) -> str:
     found = defined.get(Path(given).resolve())
     if found is not None:
         return found[0]
-    name = _read_yaml(given).get("task") or _read_yaml(given).get("group")
+    spec = _read_yaml(given)
+    name = spec.get("task") or spec.get("group")
     if isinstance(name, str) and name in names:  # the harness keeps one file per name
         raise ConfigError(f"--tasks {given}: defines task {name}, as {names[name]} does; give each task once")
     raise ConfigError(f"--tasks {given}: not a task file the harness can read (a YAML with a 'task:' or 'group:' "
