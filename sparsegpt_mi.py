@@ -241,19 +241,17 @@ class SparseGPT:
         self.nsamples = 0
         self.quantizer: Quantizer | None = None
         self.sampler: RowSampler | None = None
-        self.sample_inputs = False
+        self.sample_inputs = False  # sample the layer's inputs (input axis) instead of its outputs
         self.percdamp_used: float | None = None
         self.error: float | None = None
         self.n_param_sets = 0
         self.result: PassResult | None = None
         self.perm: torch.Tensor | None = None  # the processing order of the last pass (None: natural)
-        self._prepared: tuple | None = None
-        self._factors: dict = {}
+        self._prepared, self._factors = None, {}  # (W0, Hd) once prepared; U per processing order
 
     def sample(self, total_rows: int, k: int, seed: int, inputs: bool = False) -> None:
         """Keep a uniform sample of ``k`` of the ``total_rows`` output rows (or input rows) add_batch will see."""
-        self.sampler = RowSampler(total_rows, k, seed)
-        self.sample_inputs = inputs
+        self.sampler, self.sample_inputs = RowSampler(total_rows, k, seed), inputs
 
     def add_batch(self, inp: torch.Tensor, out: torch.Tensor, last: list | None = None) -> None:
         """inp [batch, seq, in] or [tokens, in] (one sequence, as the reference); out [..., rows]. ``last``: the
@@ -267,6 +265,8 @@ class SparseGPT:
         if last and last[0][0] is inp and last[0][1] == self.nsamples:
             inc = last[1]
         else:
+            if last:  # another input: the cached increment goes before this one is made, not after
+                last.clear()
             x = math.sqrt(2 / self.nsamples) * inp.reshape(-1, inp.shape[-1]).t().float()
             inc = x.matmul(x.t())
             # a NaN or inf input reaches the diagonal (x_j^2): checked there, in O(in) rather than O(tokens x in)
