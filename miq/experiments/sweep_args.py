@@ -95,10 +95,9 @@ class Sweep:
     extra: tuple[str, ...]
     retry_failed: bool
     matrix: methods.SweepOptions
-    executor: str = "local"
     jobs_per_gpu: int = 1
     gpus: tuple[str, ...] = ()  # local: the GPUs handed out to configurations (none: CPU)
-    slurm: SlurmOptions | None = None  # with --executor slurm
+    slurm: SlurmOptions | None = None  # with --executor slurm (None: the local pool)
     tasks: str = ""  # --tasks, passed to every configuration
 
 
@@ -140,7 +139,7 @@ def executor_options(raw: dict[str, str], given: set[str], extra: list[str]) -> 
             raise UsageError(f"{min(wrong)}: not with --executor slurm (Slurm runs the jobs; "
                              "--slurm-array-parallelism sets how many at a time)")
         try:
-            return {"executor": executor, "slurm": slurm.options(raw, extra, wait="--no-wait" not in given)}
+            return {"slurm": slurm.options(raw, extra, wait="--no-wait" not in given)}
         except ConfigError as e:
             raise UsageError(str(e)) from None
     if wrong := given & {*SLURM_FLAGS, "--no-wait"}:
@@ -151,7 +150,7 @@ def executor_options(raw: dict[str, str], given: set[str], extra: list[str]) -> 
         raise UsageError(f"--jobs {jobs}: this machine has {len(gpus)} GPU(s) ({','.join(gpus)}) and "
                          f"--jobs-per-gpu {per_gpu} lets {len(gpus) * per_gpu} configuration(s) run at a time; "
                          "lower --jobs or raise --jobs-per-gpu")
-    return {"executor": executor, "jobs_per_gpu": per_gpu, "gpus": tuple(gpus)}
+    return {"jobs_per_gpu": per_gpu, "gpus": tuple(gpus)}
 
 
 def _check(values: list[str], pattern: str, message: str) -> None:
