@@ -22,6 +22,7 @@ from torch import nn
 
 from miq.errors import LayerInputError
 from miq.options import PassOptions
+from miq.sampling import RowSampler
 from quant import GridRecorder, Quantizer, quantize, static_grid
 
 
@@ -108,28 +109,32 @@ def obs_pass(
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
+        # the block transposed, [count, R]: block column i is row W1[i], contiguous. A column of a row-major
+        # block is strided, and these per-column steps were most of a pass (3x in a trial's stacked rows)
+        W1 = W[:, i1:i2].t().contiguous()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Losses1 = torch.zeros_like(W1)
+        outer = torch.empty_like(W1)  # the rank-one updates' products, in one buffer rather than one each
         Hinv1 = Hinv[i1:i2, i1:i2]
 
         if fixed is not None:
-            mask1 = fixed[:, i1:i2].clone()
+            mask1 = fixed[:, i1:i2].t().contiguous()
         elif prunen == 0 and sparsity > 0:
             # adaptive mask: the block's k smallest OBS saliencies w^2 / [H^-1]_ii (the reference's
             # `tmp <= sorted[k]` prunes k + 1, one weight per block beyond the target)
-            tmp = W1[:ref] ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
-            mask1 = smallest(tmp, int(tmp.numel() * sparsity)).repeat(reps, 1)
+            tmp = W[:ref, i1:i2] ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
+            mask1 = smallest(tmp, int(tmp.numel() * sparsity)).repeat(reps, 1).t().contiguous()
         else:  # n:m masks are chosen column by column below; sparsity 0 prunes nothing
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
         for i in range(count):
-            w = W1[:, i]
+            w = W1[i]
             d = Hinv1[i, i]
             if fixed is None and prunen != 0 and i % prunem == 0:
-                tmp = W1[:ref, i : i + prunem] ** 2 / (torch.diag(Hinv1)[i : i + prunem].reshape((1, -1))) ** 2
-                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1].repeat(reps, 1), True)
+                tmp = W1[i : i + prunem, :ref].t() ** 2 / (torch.diag(Hinv1)[i : i + prunem].reshape((1, -1))) ** 2
+                mask1[i : i + prunem].t().scatter_(
+                    1, torch.topk(tmp, prunen, dim=1, largest=False)[1].repeat(reps, 1), True)
             if q is not None and cols is not None and starts[i1 + i]:
                 g = groups[i1 + i]
                 if cols.static is not None:  # GPTQ's static groups: parameters fixed before the pass
@@ -139,23 +144,23 @@ def obs_pass(
                     _fit_group(q, cols, g, _current_columns(W, W1, Err1, Hinv, i1, i2, i, run))
                 grid.record(g, q)
 
-            qw = w.clone()
-            qw[mask1[:, i]] = 0
+            qw = w.masked_fill(mask1[i], 0)
             if q is not None:
                 qw = quantize(qw.unsqueeze(1), q.scale, q.zero, q.maxq).flatten()
 
-            Q1[:, i] = qw
-            Losses1[:, i] = (w - qw) ** 2 / d**2
+            Q1[i] = qw
+            Losses1[i] = (w - qw) ** 2 / d**2
             err1 = (w - qw) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
+            W1[i:] -= torch.mm(Hinv1[i, i:].unsqueeze(1), err1.unsqueeze(0), out=outer[: count - i])
+            Err1[i] = err1
 
-        W[:, i1:i2] = Q1
-        mask[:, i1:i2] = mask1
+        W[:, i1:i2] = Q1.t()
+        mask[:, i1:i2] = mask1.t()
+        Losses1 = Losses1.t().contiguous()  # [R, count], summed as the reference sums it
         Losses += torch.sum(Losses1, 1) / 2
         col_loss[:, i1:i2] = Losses1.reshape(reps, ref, count).sum(1) / 2
         # lazy batch update: the block's errors reach all later columns in one matmul
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+        W[:, i2:] -= Err1.t().contiguous().matmul(Hinv[i1:i2, i2:])
 
     if W.device.type == "cuda":
         torch.cuda.synchronize()
@@ -174,13 +179,14 @@ def _fit_group(q: Quantizer, cols: ColumnGrid, g: int, W: torch.Tensor) -> None:
 
 
 def _current_columns(W, W1, Err1, Hinv, i1, i2, i, size) -> torch.Tensor:
-    """Columns [i1+i, i1+i+size) as they stand now, with the current block's pending updates."""
+    """Columns [i1+i, i1+i+size) as they stand now, with the current block's pending updates (W1, Err1: the
+    block transposed, [count, R])."""
     c0, c1 = i1 + i, min(i1 + i + size, W.shape[1])
-    inblock = W1[:, i : min(c1, i2) - i1]
+    inblock = W1[i : min(c1, i2) - i1].t()
     if c1 <= i2:
         return inblock
     # columns past the block have not yet received this block's errors (applied lazily at its end)
-    beyond = W[:, i2:c1] - Err1[:, :i].matmul(Hinv[i1 : i1 + i, i2:c1])
+    beyond = W[:, i2:c1] - Err1[:i].t().matmul(Hinv[i1 : i1 + i, i2:c1])
     return torch.cat([inblock, beyond], dim=1)[:, : c1 - c0]
 
 
@@ -198,34 +204,6 @@ def processing_order(H: torch.Tensor, g_idx: torch.Tensor | None, act_order: boo
     if g_idx is not None and bool((g_idx[1:] < g_idx[:-1]).any()):
         return torch.sort(g_idx.to(H.device), stable=True)[1]
     return None
-
-
-class RowSampler:
-    """Uniform sample without replacement of ``k`` out of ``total`` rows that arrive in order, in chunks.
-
-    The kept indices are drawn up front from a seeded generator, so the sample is exact, reproducible and
-    bounded by ``k`` rows whatever the chunk sizes.
-    """
-
-    def __init__(self, total: int, k: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        k = min(k, total)
-        self.keep = torch.sort(torch.randperm(total, generator=g)[:k]).values
-        self.seen = 0
-        self.rows: list[torch.Tensor] = []
-
-    def add(self, x: torch.Tensor) -> None:
-        """x [rows, C]: rows numbered seen .. seen + rows - 1."""
-        lo, hi = self.seen, self.seen + x.shape[0]
-        a, b = torch.searchsorted(self.keep, torch.tensor([lo, hi])).tolist()
-        if b > a:
-            idx = (self.keep[a:b] - lo).to(x.device)
-            self.rows.append(x[idx].detach().float().cpu())
-        self.seen = hi
-
-    def samples(self) -> torch.Tensor:
-        """[k, C] float32 on CPU."""
-        return torch.cat(self.rows) if self.rows else torch.empty(0)
 
 
 class SparseGPT:

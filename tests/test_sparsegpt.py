@@ -13,8 +13,9 @@ from scipy import stats
 from torch import nn
 
 from miq.errors import LayerInputError
+from miq.sampling import RowSampler
 from quant import Quantizer, quantize
-from sparsegpt_mi import RowSampler, SparseGPT, magnitude_prune
+from sparsegpt_mi import SparseGPT, magnitude_prune
 
 
 def _layer_and_inputs(rows=48, cols=256, n=12, seqlen=64, seed=0):
