@@ -7,6 +7,7 @@ import torch
 import quant
 from miq import options
 from miq.plan import allocation as al
+from miq.plan import knapsack
 
 CHOICES = list(options.DEFAULT_BITS_CHOICES)
 
@@ -54,41 +55,77 @@ def test_allocate_bits_equals_brute_force(integer_costs):
             assert total == best_bits
 
 
+def _weights_cap(sizes, choices, budget):
+    """allocate_bits' knapsack: extra bits over the smallest width, before the gcd."""
+    weights = np.asarray(sizes)[:, None] * (np.asarray(choices) - choices[0])[None, :]
+    return weights, int(np.floor((budget - choices[0]) * np.sum(sizes) + 1e-9))
+
+
 @pytest.mark.parametrize("integer_costs", [False, True])
-def test_the_integer_program_equals_brute_force(monkeypatch, integer_costs):
-    """Large tables go to HiGHS: forced here on small instances (some groups keep no weight at all)."""
+def test_the_core_search_and_the_integer_program_equal_brute_force(monkeypatch, integer_costs):
+    """Large tables go to knapsack.core (and HiGHS past its limit): both forced here on small instances,
+    some groups keeping no weight at all. Integer costs make ties real: core then spends the fewest bits."""
     monkeypatch.setattr(al, "DP_MAX_CELLS", 0)
     rng = np.random.default_rng(10 + int(integer_costs))
-    for _ in range(60):
+    for _ in range(200):
         costs, sizes, choices, budget = _random_instance(rng, integer_costs)
         sizes[rng.random(len(sizes)) < 0.2] = 0
         if sizes.sum() == 0:
             sizes[0] = 1
+        best, best_bits = _brute_force(costs, sizes, choices, budget)
         bits = al.allocate_bits(costs, sizes, choices, budget).numpy()
         assert int((sizes * bits).sum()) <= budget * sizes.sum() + 1e-9
         obj = sum(costs[g, choices.index(b)] for g, b in enumerate(bits))
-        assert obj == pytest.approx(_brute_force(costs, sizes, choices, budget)[0], rel=1e-9, abs=1e-12)
+        assert obj == pytest.approx(best, rel=1e-12, abs=0)
+        if integer_costs:
+            assert int((sizes * bits).sum()) == best_bits
+        weights, cap = _weights_cap(sizes, choices, budget)
+        picks = knapsack.milp(costs, weights, cap)
+        assert weights[np.arange(len(sizes)), picks].sum() <= cap
+        assert costs[np.arange(len(sizes)), picks].sum() == pytest.approx(best, rel=1e-9, abs=1e-12)
 
 
-def test_the_integer_program_equals_the_dp_at_kept_count_scale(monkeypatch):
-    """Kept counts of a sparse layer (gcd 1, hundreds per row): the DP (exact, slow at this size) and HiGHS
-    find the same optimal cost within the budget."""
+def _kept_count_instance(rng, k, degenerate=False):
+    """Costs shaped like a layer's (each row's scale times 4^-bits), sizes like a sparse layer's kept counts.
+    ``degenerate``: exactly proportional rows, so that many columns tie at the multiplier."""
+    sizes = rng.integers(100, 400, size=k)
+    noise = 1.0 if degenerate else 1 + 0.1 * rng.random((k, len(CHOICES)))
+    scale = np.ones((k, 1)) if degenerate else rng.lognormal(0, 1, (k, 1))
+    return scale * sizes[:, None] * 4.0 ** -np.asarray(CHOICES)[None, :] * noise, sizes
+
+
+def test_the_core_search_equals_the_dp_and_the_integer_program_at_kept_count_scale(monkeypatch):
+    """Kept counts of a sparse layer (gcd 1, hundreds per row): the DP (exact, slow at this size), the core
+    search and HiGHS find the same optimal cost within the budget."""
     rng = np.random.default_rng(3)
-    for k in (40, 300):
-        sizes = rng.integers(100, 400, size=k)
-        costs = (rng.lognormal(0, 1, (k, 1)) * sizes[:, None] * 4.0 ** -np.asarray(CHOICES)[None, :]
-                 * (1 + 0.1 * rng.random((k, len(CHOICES)))))
-        budget = float(rng.uniform(2.5, 5.5))
+    for k, budget, degenerate in ((40, 3.5, False), (300, 2.7, False), (300, 4.4, False), (120, 3.2, True)):
+        costs, sizes = _kept_count_instance(rng, k, degenerate)
         dp = al.allocate_bits(costs, sizes, CHOICES, budget).numpy()
         with monkeypatch.context() as m:
             m.setattr(al, "DP_MAX_CELLS", 0)
-            ip = al.allocate_bits(costs, sizes, CHOICES, budget).numpy()
-        assert (sizes * ip).sum() <= budget * sizes.sum()
+            core = al.allocate_bits(costs, sizes, CHOICES, budget).numpy()
+        weights, cap = _weights_cap(sizes, CHOICES, budget)
+        ip = np.asarray(CHOICES)[knapsack.milp(costs, weights, cap)]
 
         def cost(bits, costs=costs):
             return sum(costs[g, CHOICES.index(b)] for g, b in enumerate(bits))
 
-        assert cost(ip) == pytest.approx(cost(dp), rel=1e-9)
+        for bits in (core, ip):
+            assert (sizes * bits).sum() <= budget * sizes.sum()
+            assert cost(bits) == pytest.approx(cost(dp), rel=1e-12)
+
+
+def test_the_core_search_equals_the_integer_program_at_layer_scale():
+    """fc1-sized tables (3072 rows), too large for the DP here: the core search and HiGHS agree, at
+    budgets across the range."""
+    rng = np.random.default_rng(4)
+    for budget in (2.4, 3.5, 5.1):
+        costs, sizes = _kept_count_instance(rng, 3072)
+        weights, cap = _weights_cap(sizes, CHOICES, budget)
+        rows = np.arange(len(sizes))
+        core, ip = knapsack.core(costs, weights, cap), knapsack.milp(costs, weights, cap)
+        assert weights[rows, core].sum() <= cap
+        assert costs[rows, core].sum() == pytest.approx(costs[rows, ip].sum(), rel=1e-12)
 
 
 def test_allocate_charges_kept_weights():
@@ -316,13 +353,17 @@ def test_allocate_invalid():
         al.allocate("hessian", labels, costs[:, :3], CHOICES, 3.5)
 
 
-def test_large_tables_go_to_the_integer_program(monkeypatch):
-    """The DP's table is K * (capacity + 1) cells: past DP_MAX_CELLS the 0/1 program solves instead."""
-    used = []
-    for name in ("_knapsack_dp", "_knapsack_milp"):
-        real = getattr(al, name)
-        monkeypatch.setattr(al, name, lambda *a, _n=name, _f=real: used.append(_n) or _f(*a))
-    al.allocate_bits(np.ones((100, 2)), np.ones(100, dtype=np.int64), [2, 4], 3.0)  # capacity 50 after gcd
+def test_large_tables_go_to_the_core_search_and_past_its_limit_to_the_integer_program(monkeypatch):
+    """The DP's table is K * (capacity + 1) cells: past DP_MAX_CELLS knapsack.core solves instead, and
+    HiGHS when core's search outgrows its state limit."""
+    used, real = [], {name: getattr(knapsack, name) for name in ("dp", "core", "milp")}
+    for name, f in real.items():
+        monkeypatch.setattr(knapsack, name, lambda *a, _n=name, _f=f, **kw: used.append(_n) or _f(*a, **kw))
+    costs = np.random.default_rng(0).random((100, 2))
+    sizes = np.ones(100, dtype=np.int64)
+    al.allocate_bits(costs, sizes, [2, 4], 3.0)  # capacity 50 after gcd
     monkeypatch.setattr(al, "DP_MAX_CELLS", 1000)
-    al.allocate_bits(np.ones((100, 2)), np.ones(100, dtype=np.int64), [2, 4], 3.0)
-    assert used == ["_knapsack_dp", "_knapsack_milp"]
+    al.allocate_bits(costs, sizes, [2, 4], 3.0)
+    monkeypatch.setattr(knapsack, "core", lambda *a: used.append("core") or real["core"](*a, max_states=0))
+    al.allocate_bits(costs, sizes, [2, 4], 3.0)
+    assert used == ["dp", "core", "core", "milp"]

@@ -11,10 +11,10 @@ A group of rows gets one bit-width out of ``choices``. Its cost at b bits comes 
 Either is optionally scaled by an MI redundancy factor. The budget is on what is stored: a code for every
 kept weight (a pruned one stores none), so a group's size is its kept weights and the mean width over the
 layer's kept weights is sum(sizes * bits) / sum(sizes) (dense rows all hold the same count). Picking one
-width per group to minimise the total cost is a multiple-choice knapsack, solved exactly: by dynamic
-programming over the integer bit budget where its table is small (dense and n:m layers, whose sizes share a
-large common factor), else as a 0/1 integer program by HiGHS (``scipy.optimize.milp``, proven optimal:
-relative gap 0), since a sparse layer's kept counts make the DP's capacity millions of bits.
+width per group to minimise the total cost is a multiple-choice knapsack, solved exactly (``knapsack``): by
+dynamic programming over the integer bit budget where its table is small (dense and n:m layers, whose sizes
+share a large common factor), else, since a sparse layer's kept counts make the DP's capacity millions of
+bits, by a Lagrangian reduction and an exact search over the few groups it leaves open.
 
 Methods (``--bit-alloc``):
   uniform     every group gets the largest choice <= budget; no costs are computed.
@@ -29,14 +29,14 @@ import math
 
 import numpy as np
 import torch
-from scipy import optimize, sparse
 
 import quant
 from channel_grouping import group_stats
 from miq.options import BIT_ALLOC, DEFAULT_MI_ALPHA, STRATEGIES
+from miq.plan import knapsack
 
 # above this many cells (K * (capacity + 1) bytes of backtracking table, and ~n numpy operations per cell)
-# the integer program is faster than the DP: ~0.1-0.6 s for K = 50..3072 at OPT-125m's fc1 on 2 cores
+# the DP gives way to knapsack.core
 DP_MAX_CELLS = 1 << 24
 
 
@@ -206,12 +206,10 @@ def allocate_bits(costs, sizes, choices, budget: float) -> torch.Tensor:
 
     Every group pays sizes * min(choices) anyway, so the knapsack runs over the extra bits only, with
     weights and capacity divided by their gcd. Where the DP table fits ``DP_MAX_CELLS`` (K * (cap + 1)):
-    dp[c] = least cost of the groups so far using at most c (scaled) extra bits, O(K * cap * n) numpy
-    element operations. Ties: among optimal allocations the one with the fewest total bits (bits that buy
-    nothing are not spent); if several remain, a group takes the smaller width on exactly equal cost,
-    deciding from the last group backwards. Larger tables (a sparse layer's kept counts have gcd 1, so cap
-    is the budget's extra bits themselves) go to HiGHS's branch and bound with relative gap 0: the same
-    optimal cost, ties broken by the solver, deterministically.
+    ``knapsack.dp``, O(K * cap * n) numpy element operations. Larger tables (a sparse layer's kept counts
+    have gcd 1, so cap is the budget's extra bits themselves) go to ``knapsack.core``, and to HiGHS's
+    branch and bound (``knapsack.milp``) if its search grows too large. Ties: among optimal allocations the
+    one with the fewest total bits (bits that buy nothing are not spent; HiGHS: as it breaks them).
 
     Args:
         costs: [K, n] float >= 0 (torch or numpy).
@@ -237,60 +235,13 @@ def allocate_bits(costs, sizes, choices, budget: float) -> torch.Tensor:
     if g > 1:
         weights //= g
         cap //= g
-    solve = _knapsack_dp if k * (cap + 1) <= DP_MAX_CELLS else _knapsack_milp
-    picks = solve(costs, weights, cap)
+    if k * (cap + 1) <= DP_MAX_CELLS:
+        picks = knapsack.dp(costs, weights, cap)
+    else:
+        picks = knapsack.core(costs, weights, cap)
+        if picks is None:
+            picks = knapsack.milp(costs, weights, cap)
     return torch.as_tensor(np.asarray(choices, dtype=np.int64)[picks])
-
-
-def _knapsack_dp(costs: np.ndarray, weights: np.ndarray, cap: int) -> np.ndarray:
-    """Column picks [K] minimising sum costs[g, p_g] with sum weights[g, p_g] <= cap (weights [K, n] ints,
-    increasing along n, column 0 zero)."""
-    k, n = costs.shape
-    dp = np.zeros(cap + 1)
-    arg = np.zeros((k, cap + 1), dtype=np.uint8)
-    for gi in range(k):
-        best = dp + costs[gi, 0]
-        for j in range(1, n):
-            w = int(weights[gi, j])
-            if w > cap:  # weights grow with j
-                break
-            cand = dp[: cap + 1 - w] + costs[gi, j]
-            better = cand < best[w:]  # strict: equal cost keeps the smaller width
-            np.copyto(best[w:], cand, where=better)
-            np.copyto(arg[gi, w:], j, where=better)
-        dp = best
-
-    # dp is non-increasing in capacity; start from the smallest capacity that reaches the optimum
-    c = int(np.flatnonzero(dp == dp[cap])[0])
-    picks = np.zeros(k, dtype=np.int64)
-    for gi in range(k - 1, -1, -1):
-        j = int(arg[gi, c])
-        picks[gi] = j
-        c -= int(weights[gi, j])
-    return picks
-
-
-def _knapsack_milp(costs: np.ndarray, weights: np.ndarray, cap: int) -> np.ndarray:
-    """``_knapsack_dp``'s problem as a 0/1 program: x[g, j] = 1 when group g takes column j, one per group.
-
-    HiGHS checks the capacity row to a tolerance, so the rounded picks are checked in integers, and the
-    capacity is tightened by any excess until they fit (in practice never needed)."""
-    k, n = costs.shape
-    one_each = sparse.kron(sparse.eye(k), np.ones((1, n)), format="csr")
-    scale = max(cap, 1)  # a capacity row of order one, so that the solver's tolerance is relative
-    limit = cap
-    while True:
-        rows = [optimize.LinearConstraint(one_each, 1, 1),
-                optimize.LinearConstraint(weights.reshape(1, -1) / scale, -np.inf, limit / scale)]
-        res = optimize.milp(costs.reshape(-1), constraints=rows, integrality=np.ones(k * n),
-                            bounds=optimize.Bounds(0, 1), options={"mip_rel_gap": 0.0})
-        if res.x is None:
-            raise RuntimeError(f"bit allocation: HiGHS found no solution ({res.message})")
-        picks = res.x.reshape(k, n).argmax(1)
-        used = int(weights[np.arange(k), picks].sum())
-        if used <= cap:
-            return picks
-        limit -= used - cap
 
 
 def allocate(method: str, labels: torch.Tensor, costs: torch.Tensor | None, choices, budget: float,
