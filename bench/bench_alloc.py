@@ -3,6 +3,7 @@
     python bench/bench_alloc.py                  # OPT-125m layer shapes, CPU
     python bench/bench_alloc.py --device cuda    # the same on a GPU
     python bench/bench_alloc.py --testbed        # + per-layer totals of real runs on ../shared/testbed
+    python bench/bench_alloc.py --oracle         # + the widths an exact width-skipping trial must compute
 
 For each shape [rows, cols] (768 x 768: attention, 3072 x 768: fc1, 768 x 3072: fc2) on a synthetic layer
 (correlated inputs with a few heavy channels, 128 x 128 calibration tokens), it times side by side, best of
@@ -12,6 +13,12 @@ For each shape [rows, cols] (768 x 768: attention, 3072 x 768: fc1, 768 x 3072: 
 - the rtn proxy costs (``allocation.group_costs``) + the knapsack;
 - the MI stage: ``pairwise_mi`` over 8192 sampled output rows of the layer.
 Ratios are to the SparseGPT pass. The Hessian is accumulated once; each timed pass starts from a copy.
+
+``--oracle`` asks whether the trial could skip widths and stay exact. A candidate (row, width) can be left
+out once a lower bound on its OBS loss proves the knapsack would not take it; the bounds a pass gives for
+free are its partial sums (the loss over the columns done so far, which only grows). An oracle that knows
+the final multiplier and optimum stops each candidate at the first block where its partial loss proves it
+unused; the figure is the rows' mean count of widths' work it still does (the trial does 6).
 """
 
 from __future__ import annotations
@@ -33,11 +40,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 from miq import options  # noqa: E402
-from miq.plan import allocation, trials  # noqa: E402
+from miq.plan import allocation, knapsack, trials  # noqa: E402
 from mutual_info import pairwise_mi  # noqa: E402
 from quant import Quantizer  # noqa: E402
-from sparsegpt_mi import SparseGPT  # noqa: E402
+from sparsegpt_mi import SparseGPT, obs_pass  # noqa: E402
 
 CHOICES = list(options.DEFAULT_BITS_CHOICES)
 SHAPES = [(768, 768), (3072, 768), (768, 3072)]
@@ -108,6 +117,36 @@ def bench_shape(rows: int, cols: int, dev: torch.device, repeat: int) -> dict:
     return out
 
 
+def oracle_widths(rows: int, cols: int, dev: torch.device, budget: float = 3.5) -> float:
+    """Mean widths of row work per row that an exact trial skipping widths by partial-loss bounds needs at
+    least (module docstring): the same stacked pass as ``trial``, stopped at every block boundary."""
+    g = layer_with_hessian(rows, cols, dev)
+    W0, _ = g.prepare(0.01)
+    U = g.factor(None)
+    order = [3] + [b for b in CHOICES if b != 3]
+    back = [order.index(b) for b in CHOICES]
+    ends = list(range(128, cols, 128)) + [cols]
+    partial = []
+    for m in ends:
+        q = Quantizer()
+        q.configure(torch.cat([torch.full((rows,), b) for b in order]), perchannel=True, sym=False)
+        q.find_params(g.layer.weight.data.float().repeat(len(order), 1), weight=True)
+        res = obs_pass(W0.repeat(len(order), 1)[:, :m].clone(), U[:m, :m], q, 0.5, mask_rows=rows)
+        partial.append(res.row_loss.reshape(len(order), rows)[back].T.double().cpu().numpy())
+    costs, kept = partial[-1], (~res.mask[:rows]).sum(1).cpu().numpy()
+    weights = kept[:, None] * (np.asarray(CHOICES) - CHOICES[0])[None, :]
+    cap = int((budget - CHOICES[0]) * kept.sum())
+    r = np.arange(rows)
+    picks, lam = knapsack.core(costs, weights, cap), knapsack.multiplier(costs, weights, cap)
+    reduced = costs + lam * weights
+    gap = costs[r, picks].sum() - (reduced.min(1).sum() - lam * cap)
+    work = np.ones_like(costs)
+    for k in range(len(ends) - 1, -1, -1):  # partial losses only grow: the earliest proving block wins
+        work[partial[k] + lam * weights - reduced.min(1, keepdims=True) > gap] = ends[k] / cols
+    work[r, picks] = 1.0
+    return float(work.sum() / rows)
+
+
 def testbed_runs(device: str) -> list[tuple[str, float, float, float]]:
     """(run, SparseGPT s, alloc s, MI s) summed over layers, from real opt_mi.py runs on the testbed."""
     tb = ROOT.parent / "shared" / "testbed" / "tiny-opt-dev"
@@ -136,6 +175,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--testbed", action="store_true", help="also time real runs on ../shared/testbed")
+    p.add_argument("--oracle", action="store_true", help="also count the widths an exact width-skipping trial needs")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); on a machine shared with other jobs use 1: "
                         "OpenMP threads that wait on each other made a pass 40x slower here under load")
@@ -152,6 +192,11 @@ def main() -> None:
         r = bench_shape(rows, cols, dev, args.repeat)
         print(f"{rows:>5}x{cols:<4} | {r['sparsegpt']:11.3f} | {r['obs']:11.3f} | {r['obs'] / r['sparsegpt']:12.2f}x"
               f" | {r['rtn']:11.3f} | {r['mi']:7.2f} | {r['obs'] / r['mi']:5.2f}x")
+    if args.oracle:
+        print("\nwidths of row work an exact trial needs at least, skipping by partial losses (the trial does "
+              f"{len(CHOICES)}):")
+        for rows, cols in SHAPES:
+            print(f"{rows:>5}x{cols:<4} | {oracle_widths(rows, cols, dev):.2f}")
     if args.testbed:
         print("\ntestbed (tiny-opt-dev, 32 x 256 calibration tokens, 50% sparsity), seconds summed over layers:")
         print(f"{'run':>24} | {'SparseGPT pass s':>16} | {'alloc s':>8} | {'MI s':>6}")
