@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rss import peak_rss  # bench/rss.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -54,15 +56,6 @@ def build(folder: Path, layers: int, hidden: int, shard: str) -> int:
     model.save_pretrained(folder, max_shard_size=shard)
     tokenizer.save_pretrained(folder)
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-
-
-def peak_rss() -> int:
-    """This process's peak resident set in bytes (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def child(args: list[str], out: str) -> None:

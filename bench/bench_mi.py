@@ -15,7 +15,6 @@ import argparse
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ import torch
 from sklearn.metrics import mutual_info_score
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rss import peak_rss  # bench/rss.py, beside this script
+
 from mutual_info import discretize, pairwise_mi  # noqa: E402
 
 
@@ -44,10 +45,6 @@ def structured_acts(n: int, c: int, seed: int = 0) -> torch.Tensor:
     x[:, 2::7] = torch.round(2 * x[:, 2::7]) / 2  # coarse values: many ties
     x[:, c // 2] = 0.25  # a dead channel
     return x
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def compare(c: int, n: int, bins: int, n_pairs: int, repeats: int, seed: int = 0) -> None:
@@ -84,12 +81,12 @@ def compare(c: int, n: int, bins: int, n_pairs: int, repeats: int, seed: int = 0
 def single(c: int, n: int, bins: int) -> None:
     """One pairwise_mi call, reported with this process's peak RSS (run in a subprocess)."""
     acts = structured_acts(n, c)
-    rss_before = peak_rss_gib()
+    rss_before = peak_rss() / 2**30
     t0 = time.perf_counter()
     res = pairwise_mi(acts, bins=bins, binning="quantile")
     dt = time.perf_counter() - t0
     finite = bool(torch.isfinite(res.mi).all())
-    print(f"C={c:5d} N={n} bins={bins}: pairwise_mi {dt:7.2f} s | peak RSS {peak_rss_gib():.2f} GiB"
+    print(f"C={c:5d} N={n} bins={bins}: pairwise_mi {dt:7.2f} s | peak RSS {peak_rss() / 2**30:.2f} GiB"
           f" (process incl. torch and the float32 acts, {rss_before:.2f} GiB before the call)"
           f" | finite={finite}", flush=True)
 

@@ -33,13 +33,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from rss import peak_rss  # bench/rss.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -102,16 +103,6 @@ def prepare_data(model_dir: Path, nsamples: int, seqlen: int, eval_windows: int,
 
 
 # ---- the child: one toolkit, one row, in its own process
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (MB). Linux's VmHWM belongs to the exec'd image alone; ru_maxrss also
-    counts the forking parent's peak (kept across fork and exec), so it is the fallback only."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 
 def _load(model_dir: str):
     import torch
@@ -199,7 +190,7 @@ def child(job: dict) -> dict:
     fn(model, data["calib"], job)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    out = {"wall_s": time.perf_counter() - t, "rss_mb": peak_rss_mb()}
+    out = {"wall_s": time.perf_counter() - t, "rss_mb": peak_rss() / 2**20}
     if dev.type == "cuda":
         out["gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     weights = _linear_weights(model)

@@ -41,3 +41,8 @@ class PublishError(Exception):
 
 
 USER_ERRORS = (ConfigError, DataError, ModelError, PlanError, LayerInputError)
+
+
+def bad_value(flag: str, value, allowed: str) -> ConfigError:
+    """The one line bad input gets: the flag, the value as given, and what is allowed."""
+    return ConfigError(f"{flag} {value}: {allowed}")

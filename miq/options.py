@@ -76,3 +76,9 @@ def pick(cls, source):
 def fmt_num(x: float) -> str:
     """A bit width, budget or sparsity as given: 4.0 -> "4", 3.5 -> "3.5"; nan and inf as themselves."""
     return str(int(x)) if math.isfinite(x) and x == int(x) else str(x)
+
+
+def fmt_fixed(v: float | None, digits: int = 4) -> str:
+    """A measured value at fixed decimals, so summaries and reports print the same digits and a reader (or a
+    test) can parse them back; "n/a" for a missing or non-finite value."""
+    return "n/a" if v is None or not math.isfinite(float(v)) else f"{float(v):.{digits}f}"

@@ -28,7 +28,7 @@ from miq.experiments import frontier, methods, plots, tasks_table
 from miq.experiments.results import BASELINE_FAMILIES, Run, counted_control, eval_sets, load_dir, units
 from miq.experiments.stats import SIGNIFICANCE
 from miq.experiments.verdict import BPW_TOL, Cell, Comparison, Verdict, judge
-from miq.options import fmt_num
+from miq.options import fmt_fixed, fmt_num
 
 BIT_KEYS = ("code_bpw", "metadata_bpw", "mask_bpw", "bpw")  # the table's bit columns, in order
 
@@ -37,15 +37,15 @@ BIT_KEYS = ("code_bpw", "metadata_bpw", "mask_bpw", "bpw")  # the table's bit co
 
 
 def fmt_ppl(v: float | None) -> str:
-    return "n/a" if v is None or not math.isfinite(float(v)) else f"{float(v):.3f}"
+    return fmt_fixed(v, 3)
 
 
 def fmt_bpw(v: float | None) -> str:
-    return "n/a" if v is None else f"{float(v):.4f}"
+    return fmt_fixed(v, 4)
 
 
 def fmt_s(v: float | None) -> str:
-    return "n/a" if v is None else f"{float(v):.2f}"
+    return fmt_fixed(v, 2)
 
 
 def fmt_k(g: int | str) -> str:

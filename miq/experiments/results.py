@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from miq.experiments import methods
+from miq.experiments.stats import sample_std
 from miq.options import fmt_num
 from miq.run.config import RunConfig, from_json
 
@@ -173,8 +174,7 @@ class Unit:
         v = [r.ppl_of(evalset) for r in self.runs]
         if not all(math.isfinite(x) for x in v):
             return math.inf
-        mean = sum(v) / len(v)
-        return math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+        return sample_std(v)
 
     def sort_key(self) -> tuple:
         return (self.sparsity_key, self.wbits, self.bpw, self.method, self.id)

@@ -34,7 +34,7 @@ import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from miq import atomic
-from miq.errors import ConfigError
+from miq.errors import ConfigError, bad_value
 from miq.experiments.launch import ConfigJob, Outcome, fmt_dur, say
 
 CLUSTER = "slurm"
@@ -63,22 +63,19 @@ class SlurmOptions:
     wait: bool = True
 
 
-def _bad(flag: str, value: str, allowed: str) -> ConfigError:
-    return ConfigError(f"{flag} {value!r}: {allowed}")
-
-
 def parse_time(text: str) -> int:
     """Minutes from "90", "1:30:00" (H:MM:SS) or "1-12:00:00" (days-H:MM:SS), rounded up to whole minutes."""
     m = re.fullmatch(r"(?:(\d+)-)?(\d+):([0-5]\d):([0-5]\d)|(\d+)", text.strip())
     if not m:
-        raise _bad("--slurm-time", text, "minutes (e.g. 240) or HH:MM:SS (e.g. 4:00:00), optionally D-HH:MM:SS")
+        raise bad_value("--slurm-time", repr(text),
+                        "minutes (e.g. 240) or HH:MM:SS (e.g. 4:00:00), optionally D-HH:MM:SS")
     if m[5] is not None:
         minutes = int(m[5])
     else:
         seconds = (int(m[1] or 0) * 24 + int(m[2])) * 3600 + int(m[3]) * 60 + int(m[4])
         minutes = -(-seconds // 60)
     if minutes < 1:
-        raise _bad("--slurm-time", text, "at least one minute")
+        raise bad_value("--slurm-time", repr(text), "at least one minute")
     return minutes
 
 
@@ -89,11 +86,13 @@ def parse_extra(items: Sequence[str]) -> tuple[tuple[str, str | bool], ...]:
         key, eq, value = item.partition("=")
         key = key.strip().removeprefix("--").replace("_", "-")
         if not re.fullmatch(r"[a-z][a-z0-9-]*", key) or (eq and not value):
-            raise _bad("--slurm-extra", item, "an sbatch option as KEY=VALUE (e.g. account=myproj, constraint=a100) "
-                       "or KEY alone (e.g. exclusive)")
+            raise bad_value("--slurm-extra", repr(item),
+                            "an sbatch option as KEY=VALUE (e.g. account=myproj, constraint=a100) or KEY alone "
+                            "(e.g. exclusive)")
         if key in OWN:
             who = OWN[key]
-            raise _bad("--slurm-extra", item, f"{key} is set by {who}" + ("" if who == "submitit" else ": use it"))
+            raise bad_value("--slurm-extra", repr(item),
+                            f"{key} is set by {who}" + ("" if who == "submitit" else ": use it"))
         out[key] = value if eq else True
     return tuple(out.items())
 
@@ -105,12 +104,12 @@ def options(raw: dict[str, str], extra: Sequence[str], wait: bool) -> SlurmOptio
         if v == "":
             return None
         if not re.fullmatch(r"\d+", v) or int(v) < least:
-            raise _bad(flag, v, f"an integer >= {least}")
+            raise bad_value(flag, repr(v), f"an integer >= {least}")
         return int(v)
 
     mem = raw["--slurm-mem"] or None
     if mem is not None and not re.fullmatch(r"[1-9][0-9]*[KMGT]?", mem):
-        raise _bad("--slurm-mem", mem, "memory per job as sbatch takes it, e.g. 64G or 64000M")
+        raise bad_value("--slurm-mem", repr(mem), "memory per job as sbatch takes it, e.g. 64G or 64000M")
     if CLUSTER == "slurm" and (missing := [c for c in ("sbatch", "srun") if shutil.which(c) is None]):
         raise ConfigError(f"--executor slurm: {' and '.join(missing)} not on PATH; run the sweep where Slurm jobs "
                           "are submitted (a login node)")

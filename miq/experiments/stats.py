@@ -43,6 +43,14 @@ class Paired:
     se: float
 
 
+def sample_std(v: list[float]) -> float:
+    """The sample standard deviation (n - 1 in the denominator); 0 for fewer than two values."""
+    if len(v) < 2:
+        return 0.0
+    mean = sum(v) / len(v)
+    return math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1))
+
+
 def paired(mi: Configuration, ref: Configuration, s: str) -> Paired | None:
     """The paired differences over the seeds both have (finite PPLs only); None with fewer than two."""
     a, b = mi.seed_ppl(s), ref.seed_ppl(s)
@@ -50,7 +58,7 @@ def paired(mi: Configuration, ref: Configuration, s: str) -> Paired | None:
     if len(d) < 2:
         return None
     mean = sum(d) / len(d)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+    sd = sample_std(d)
     return Paired(len(d), mean, sd / math.sqrt(len(d)))
 
 

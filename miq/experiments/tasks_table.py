@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from miq.experiments.stats import Decision, Paired, decide_runs
+from miq.experiments.stats import Decision, Paired, decide_runs, sample_std
+from miq.options import fmt_fixed
 
 
 def _runs(conf) -> list:
@@ -110,19 +111,12 @@ def compare(mi, ref) -> TaskComparison | None:
 # the report's section
 
 
-def _spread(v: list[float]) -> float:
-    if len(v) < 2:
-        return 0.0
-    mean = sum(v) / len(v)
-    return math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1))
-
-
 def _cell(values: list[float | None]) -> str:
     """mean +- sample std over seeds (the value alone for one seed); n/a when a seed lacks it."""
     if not values or None in values:
         return "n/a"
     mean = sum(values) / len(values)
-    return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} +- {_spread(values):.4f}"
+    return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} +- {sample_std(values):.4f}"
 
 
 def _table(confs: list, names: list[str]) -> list[str]:
@@ -141,7 +135,7 @@ def _table(confs: list, names: list[str]) -> list[str]:
 
 def outcome(t: TaskComparison) -> str:
     """'better by 0.0140 +- 0.0030 SE over 3 seeds' and the like."""
-    acc = f"mean accuracy {_fmt(t.mi_accuracy)} vs {_fmt(t.reference_accuracy)}"
+    acc = f"mean accuracy {fmt_fixed(t.mi_accuracy)} vs {fmt_fixed(t.reference_accuracy)}"
     if t.decision == "no comparison":
         return f"{acc}: no comparison (not the same tasks, examples per prompt and limit on both sides)"
     if t.paired is not None:
@@ -150,10 +144,6 @@ def outcome(t: TaskComparison) -> str:
             return f"{acc}: no significant difference ({d:+.4f} +- {se:.4f} SE over {n} seeds)"
         return f"{acc}: {t.decision} by {abs(d):.4f} +- {se:.4f} SE over {n} seeds"
     return f"{acc}: {t.decision}"
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
 
 
 def _comparisons(verdict) -> list:

@@ -20,7 +20,7 @@ from typing import Literal
 
 from miq.checkpoint import formats
 from miq.data_names import validate_name
-from miq.errors import ConfigError, DataError
+from miq.errors import ConfigError, DataError, bad_value
 from miq.options import (
     DEFAULT_BITS_CHOICES,
     DEFAULT_EVAL,
@@ -147,10 +147,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _bad(flag: str, value, allowed: str) -> ConfigError:
-    return ConfigError(f"{flag} {value}: {allowed}")
-
-
 def _groups(text: str) -> int | Literal["all"]:
     g = text.strip().lower()
     if g == "all":
@@ -160,7 +156,7 @@ def _groups(text: str) -> int | Literal["all"]:
     except ValueError:
         k = -1
     if k < 0:
-        raise _bad("--groups", text, "must be an integer K >= 0 or 'all'")
+        raise bad_value("--groups", text, "must be an integer K >= 0 or 'all'")
     return k
 
 
@@ -170,8 +166,8 @@ def _bits_choices(text: str) -> tuple[int, ...]:
     except ValueError:
         choices = []
     if not choices or choices != sorted(set(choices)) or not all(1 <= c <= 8 for c in choices):
-        raise _bad("--bits-choices", repr(text), "need comma-separated increasing integers in 1..8 (the widths the "
-                   "packed format and the bits account store), e.g. 2,3,4")
+        raise bad_value("--bits-choices", repr(text), "need comma-separated increasing integers in 1..8 (the "
+                        "widths the packed format and the bits account store), e.g. 2,3,4")
     return tuple(choices)
 
 
@@ -180,28 +176,28 @@ def _check_finite(a: argparse.Namespace) -> None:
     for flag, value in [("--sparsity", a.sparsity), ("--wbits", a.wbits), ("--percdamp", a.percdamp),
                         ("--mi-alpha", a.mi_alpha), ("--target-bpw", a.target_bpw)]:
         if value is not None and not math.isfinite(value):
-            raise _bad(flag, value, "must be a finite number")
+            raise bad_value(flag, value, "must be a finite number")
 
 
 def _check_ranges(a: argparse.Namespace) -> None:
     _check_finite(a)
     if not 0 <= a.seed <= SEED_MAX:
-        raise _bad("--seed", a.seed, f"must be in 0..{SEED_MAX} (the range numpy and scikit-learn seeds take)")
+        raise bad_value("--seed", a.seed, f"must be in 0..{SEED_MAX} (the range numpy and scikit-learn seeds take)")
     if not 0 <= a.sparsity < 1:
-        raise _bad("--sparsity", a.sparsity, "must be in [0, 1)")
+        raise bad_value("--sparsity", a.sparsity, "must be in [0, 1)")
     if (a.prunen == 0) != (a.prunem == 0):
-        raise _bad("--prunen/--prunem", f"{a.prunen}:{a.prunem}", "set both (N < M) or neither")
+        raise bad_value("--prunen/--prunem", f"{a.prunen}:{a.prunem}", "set both (N < M) or neither")
     if a.prunen and not 0 < a.prunen < a.prunem:
-        raise _bad("--prunen/--prunem", f"{a.prunen}:{a.prunem}", "need 0 < N < M")
+        raise bad_value("--prunen/--prunem", f"{a.prunen}:{a.prunem}", "need 0 < N < M")
     if a.prunen and a.sparsity:
-        raise _bad("--sparsity", a.sparsity, "use either --sparsity or --prunen/--prunem, not both")
+        raise bad_value("--sparsity", a.sparsity, "use either --sparsity or --prunen/--prunem, not both")
     if not (2 <= a.wbits <= 8 or a.wbits == 16):
-        raise _bad("--wbits", fmt_num(a.wbits), "must be in 2..8, or 16 for no quantization")
+        raise bad_value("--wbits", fmt_num(a.wbits), "must be in 2..8, or 16 for no quantization")
     if a.groupsize <= 0 and a.groupsize != -1:
-        raise _bad("--groupsize", a.groupsize, "must be a positive number of columns, or -1 for none")
+        raise bad_value("--groupsize", a.groupsize, "must be a positive number of columns, or -1 for none")
     _check_counts(a)
     if not PERCDAMP_MIN <= a.percdamp <= PERCDAMP_MAX:
-        raise _bad("--percdamp", a.percdamp, f"must be in [{PERCDAMP_MIN:g}, {PERCDAMP_MAX:g}]")
+        raise bad_value("--percdamp", a.percdamp, f"must be in [{PERCDAMP_MIN:g}, {PERCDAMP_MAX:g}]")
     if a.gmp and not (a.sparsity or a.prunen or a.wbits != 16):
         raise ConfigError("--gmp: nothing to prune or quantize; add --sparsity, --prunen/--prunem or --wbits")
 
@@ -218,21 +214,21 @@ def _check_counts(a: argparse.Namespace) -> None:
         if value is None:
             continue
         if value < low:
-            raise _bad(flag, value, f"must be at least {low}")
+            raise bad_value(flag, value, f"must be at least {low}")
         if value > COUNT_MAX:
-            raise _bad(flag, value, f"must be at most {COUNT_MAX}")
+            raise bad_value(flag, value, f"must be at most {COUNT_MAX}")
 
 
 def _check_device(text: str | None) -> None:
     """The syntax of --device (is it a device at all); whether this machine has it is checked in preflight."""
     if text is not None and not DEVICE.fullmatch(text):
-        raise _bad("--device", repr(text), "must be cpu, cuda or cuda:N")
+        raise bad_value("--device", repr(text), "must be cpu, cuda or cuda:N")
 
 
 def _check_eval(cfg: RunConfig) -> None:
     """Every eval set exists (name or file), and there is at least one: a run that evaluates nothing is a slip."""
     if not cfg.eval_names():
-        raise _bad("--eval", repr(cfg.eval), "names no eval set; give at least one (a name or a file)")
+        raise bad_value("--eval", repr(cfg.eval), "names no eval set; give at least one (a name or a file)")
 
 
 def is_task_file(name: str) -> bool:
@@ -245,13 +241,13 @@ def _check_tasks(cfg: RunConfig) -> None:
     knows the names is checked before any work too (``miq.run.tasks.prepare``), as that needs the harness."""
     names = cfg.task_names()
     if cfg.tasks.strip() and not names:
-        raise _bad("--tasks", repr(cfg.tasks), "names no task; give harness task names or task YAML files")
+        raise bad_value("--tasks", repr(cfg.tasks), "names no task; give harness task names or task YAML files")
     for i, name in enumerate(names):
         if name in names[:i]:
-            raise _bad("--tasks", name, "is named twice")
+            raise bad_value("--tasks", name, "is named twice")
         if is_task_file(name) and not os.path.isfile(name):
-            raise _bad("--tasks", name, "no such task file (a task YAML; harness task names hold no '/' and no "
-                       ".yaml)")
+            raise bad_value("--tasks", name, "no such task file (a task YAML; harness task names hold no '/' and no "
+                            ".yaml)")
 
 
 def _check_target(a: argparse.Namespace) -> None:
@@ -259,10 +255,10 @@ def _check_target(a: argparse.Namespace) -> None:
     if a.target_bpw is None:
         return
     if a.wbits != 16:
-        raise _bad("--target-bpw", fmt_num(a.target_bpw), "give either --wbits (the kept weights' mean width) or "
-                   "--target-bpw (the total storage), not both")
+        raise bad_value("--target-bpw", fmt_num(a.target_bpw), "give either --wbits (the kept weights' mean width) or "
+                        "--target-bpw (the total storage), not both")
     if not 0 < a.target_bpw < 16:
-        raise _bad("--target-bpw", fmt_num(a.target_bpw), "must be above 0 and below 16 (fp16)")
+        raise bad_value("--target-bpw", fmt_num(a.target_bpw), "must be above 0 and below 16 (fp16)")
 
 
 def _check_grouping(a: argparse.Namespace, groups, choices: tuple[int, ...]) -> None:
@@ -270,24 +266,24 @@ def _check_grouping(a: argparse.Namespace, groups, choices: tuple[int, ...]) -> 
     quantizing = a.wbits != 16 or a.target_bpw is not None
     if groups != 0:
         if not quantizing:
-            raise _bad("--groups", groups, "needs quantization: set --wbits below 16")
+            raise bad_value("--groups", groups, "needs quantization: set --wbits below 16")
         if a.target_bpw is None and not choices[0] <= a.wbits <= choices[-1]:
-            raise _bad("--wbits", fmt_num(a.wbits),
-                       f"the budget must lie within --bits-choices [{choices[0]}, {choices[-1]}]")
+            raise bad_value("--wbits", fmt_num(a.wbits),
+                            f"the budget must lie within --bits-choices [{choices[0]}, {choices[-1]}]")
         if a.gmp:
-            raise _bad("--groups", groups, "MI grouping runs inside SparseGPT; it is not available with --gmp")
+            raise bad_value("--groups", groups, "MI grouping runs inside SparseGPT; it is not available with --gmp")
         if a.mi_axis == "input" and a.groupsize > 0:
-            raise _bad("--groupsize", a.groupsize, "--mi-axis input makes the column groups; drop --groupsize "
-                       "(--cluster contiguous with K = in_features / G gives GPTQ's groups)")
+            raise bad_value("--groupsize", a.groupsize, "--mi-axis input makes the column groups; drop --groupsize "
+                            "(--cluster contiguous with K = in_features / G gives GPTQ's groups)")
         if a.mi_axis == "input" and groups == "all":
-            raise _bad("--groups", "all", "on --mi-axis input every column its own group would store a scale per "
-                       "weight; give a number of column groups K")
+            raise bad_value("--groups", "all", "on --mi-axis input every column its own group would store a scale per "
+                            "weight; give a number of column groups K")
         if a.mi_axis == "input" and a.strategy == "shared":
-            raise _bad("--strategy", "shared", "shares a grid between rows; on --mi-axis input every (row, "
-                       "column group) has its own scale/zero")
+            raise bad_value("--strategy", "shared", "shares a grid between rows; on --mi-axis input every (row, "
+                            "column group) has its own scale/zero")
     elif quantizing and a.wbits != int(a.wbits):
-        raise _bad("--wbits", fmt_num(a.wbits),
-                   "fractional budgets need --groups (uniform quantization uses whole bits)")
+        raise bad_value("--wbits", fmt_num(a.wbits),
+                        "fractional budgets need --groups (uniform quantization uses whole bits)")
 
 
 def from_namespace(a: argparse.Namespace) -> RunConfig:
@@ -300,11 +296,11 @@ def from_namespace(a: argparse.Namespace) -> RunConfig:
     if alpha is None:
         alpha = DEFAULT_MI_ALPHA if a.bit_alloc == "hessian-mi" else 0.0
     if alpha < 0:
-        raise _bad("--mi-alpha", alpha, "must be >= 0")
+        raise bad_value("--mi-alpha", alpha, "must be >= 0")
     if a.gmp and a.act_order:
         raise ConfigError("--act-order: orders SparseGPT's column loop; magnitude pruning (--gmp) has none")
     if a.mi_axis == "input" and groups == 0:
-        raise _bad("--mi-axis", "input", "groups input columns: give --groups K (and --wbits below 16)")
+        raise bad_value("--mi-axis", "input", "groups input columns: give --groups K (and --wbits below 16)")
     _check_device(a.device)
     warnings = no_effect.check(a, groups, _DEFAULTS)
     cfg = RunConfig(**{**vars(a), "groups": groups, "bits_choices": choices, "mi_alpha": float(alpha),

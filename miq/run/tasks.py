@@ -36,6 +36,7 @@ import yaml
 
 from miq.errors import ConfigError, DataError
 from miq.model import loading
+from miq.options import fmt_fixed
 from miq.run.config import RunConfig, is_task_file
 
 INSTALL = "pip install 'lm-eval>=0.4,<0.5' 'accelerate>=1.0'"
@@ -305,16 +306,12 @@ def record(out: dict, p: TaskPlan, cfg: RunConfig) -> dict:
             "limit": cfg.tasks_limit, "batch": cfg.tasks_batch, "results": results}
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
-
-
 def summary_line(block: dict) -> str:
     """The summary's line: accuracy +- stderr per task (acc_norm too where reported), then the settings."""
     parts = []
     for name, e in block["results"].items():
-        acc = f"acc {_fmt(e.get('acc'))} +- {_fmt(e.get('acc_stderr'))}" if "acc" in e else "no acc"
-        norm = f", acc_norm {_fmt(e['acc_norm'])}" if "acc_norm" in e else ""
+        acc = f"acc {fmt_fixed(e.get('acc'))} +- {fmt_fixed(e.get('acc_stderr'))}" if "acc" in e else "no acc"
+        norm = f", acc_norm {fmt_fixed(e['acc_norm'])}" if "acc_norm" in e else ""
         parts.append(f"{name} {acc}{norm}")
     shots = sorted({str(e.get("n_shot")) for e in block["results"].values()})
     limit = f", first {block['limit']} documents" if block.get("limit") else ""
