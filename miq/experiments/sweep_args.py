@@ -124,14 +124,17 @@ def parse_args(argv: Sequence[str]) -> Sweep | None:
     if raw["--matrix"] not in MATRICES:
         raise UsageError(f"--matrix {raw['--matrix']}: one of {', '.join(MATRICES)}")
     raw.update({f: v for f, v in MATRICES[raw["--matrix"]].items() if f not in given})
-    sweep = validate(raw, "--retry-failed" in switches)
-    return dataclasses.replace(sweep, **executor_options(raw, given | switches, extra))
+    # the executor's flags first: they are checked in microseconds, --tasks (in validate) builds the
+    # harness's task index, which takes seconds
+    executor = executor_options(raw, given | switches, extra)
+    return dataclasses.replace(validate(raw, "--retry-failed" in switches), **executor)
 
 
 def executor_options(raw: dict[str, str], given: set[str], extra: list[str]) -> dict:
     """The Sweep fields of --executor and the flags that go with it; a flag of the other executor is refused
     (it would change nothing)."""
     executor = raw["--executor"]
+    _check([raw["--jobs"]], "[1-9][0-9]*", "--jobs {}: must be a positive integer")
     if executor not in ("local", "slurm"):
         raise UsageError(f"--executor {executor}: one of local, slurm")
     if executor == "slurm":
@@ -162,7 +165,6 @@ def _check(values: list[str], pattern: str, message: str) -> None:
 def validate(raw: dict[str, str], retry: bool) -> Sweep:
     sparsities, wbits, ks, chosen, seeds = (raw[f].split() for f in
                                             ("--sparsities", "--wbits", "--groups", "--methods", "--seeds"))
-    _check([raw["--jobs"]], "[1-9][0-9]*", "--jobs {}: must be a positive integer")
     _check([raw["--nsamples"]], "|[1-9][0-9]*", "--nsamples {}: must be a positive integer")
     _check(sparsities, r"0\.?|0?\.[0-9]+|[1-9][0-9]*:[1-9][0-9]*", "--sparsities: {} is not in [0, 1) or N:M")
     _check(wbits, r"[0-9]+(\.[0-9]+)?", "--wbits: {} is not a number")
