@@ -355,15 +355,20 @@ def test_allocate_invalid():
 
 def test_large_tables_go_to_the_core_search_and_past_its_limit_to_the_integer_program(monkeypatch):
     """The DP's table is K * (capacity + 1) cells: past DP_MAX_CELLS knapsack.core solves instead, and
-    HiGHS when core's search outgrows its state limit."""
+    HiGHS when core's search outgrows its work limit; all three give the same optimal cost."""
     used, real = [], {name: getattr(knapsack, name) for name in ("dp", "core", "milp")}
     for name, f in real.items():
         monkeypatch.setattr(knapsack, name, lambda *a, _n=name, _f=f, **kw: used.append(_n) or _f(*a, **kw))
-    costs = np.random.default_rng(0).random((100, 2))
-    sizes = np.ones(100, dtype=np.int64)
-    al.allocate_bits(costs, sizes, [2, 4], 3.0)  # capacity 50 after gcd
-    monkeypatch.setattr(al, "DP_MAX_CELLS", 1000)
-    al.allocate_bits(costs, sizes, [2, 4], 3.0)
-    monkeypatch.setattr(knapsack, "core", lambda *a: used.append("core") or real["core"](*a, max_states=0))
-    al.allocate_bits(costs, sizes, [2, 4], 3.0)
+    costs, sizes = _kept_count_instance(np.random.default_rng(0), 30)
+    sizes //= 50  # 2..7 kept weights per row: a DP table of about 2,000 cells
+
+    def cost(bits):
+        return sum(costs[g, CHOICES.index(b)] for g, b in enumerate(bits.tolist()))
+
+    found = [cost(al.allocate_bits(costs, sizes, CHOICES, 3.5))]
+    monkeypatch.setattr(al, "DP_MAX_CELLS", 100)
+    found.append(cost(al.allocate_bits(costs, sizes, CHOICES, 3.5)))
+    monkeypatch.setattr(knapsack, "core", lambda *a: used.append("core") or real["core"](*a, max_work=0))
+    found.append(cost(al.allocate_bits(costs, sizes, CHOICES, 3.5)))
+    assert found == pytest.approx([found[0]] * 3, rel=1e-12)
     assert used == ["dp", "core", "core", "milp"]

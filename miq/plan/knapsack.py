@@ -12,7 +12,7 @@ minimise the summed cost with the summed weight <= capacity. Each returns the pi
   reduced cost c + lam w - min_j(c + lam w) is <= UB - L (Pisinger's reduction for this problem, see
   Kellerer, Pferschy & Pisinger, "Knapsack Problems", 2004, ch. 11). Most groups keep one column; the
   few left are searched exactly over their Pareto-optimal (weight, cost) partial sums. Milliseconds where
-  the integer program took a second; None if the search grows past ``max_states`` (then ``milp``).
+  the integer program took a second; None if the search grows past ``max_work`` (then ``milp``).
 - ``milp``: the same problem as a 0/1 program for HiGHS (``scipy.optimize.milp``, relative gap 0): the
   fallback, and an independent check in the tests.
 """
@@ -78,9 +78,10 @@ def multiplier(costs: np.ndarray, weights: np.ndarray, cap: int) -> float:
     return float(cand[lo])
 
 
-def core(costs: np.ndarray, weights: np.ndarray, cap: int, max_states: int = 1 << 20) -> np.ndarray | None:
+def core(costs: np.ndarray, weights: np.ndarray, cap: int, max_work: int = 1 << 22) -> np.ndarray | None:
     """Picks by Lagrangian reduction and an exact search over the groups it leaves open (module docstring).
-    Ties: the least total weight among optimal picks."""
+    Ties: the least total weight among optimal picks. None once the search has weighed ``max_work`` partial
+    sums (groups whose costs tie exactly at the multiplier make it a subset-sum search; HiGHS is faster there)."""
     k = len(costs)
     rows = np.arange(k)
     lam = multiplier(costs, weights, cap)
@@ -101,6 +102,8 @@ def core(costs: np.ndarray, weights: np.ndarray, cap: int, max_states: int = 1 <
     reduced -= reduced.min(1, keepdims=True)
     # float sums in another order may differ in the last bits: the margin keeps columns, never drops them
     margin = 1e-9 * (abs(upper) + abs(lower)) + 1e-300
+    if upper - lower <= margin:  # the start meets the lower bound: optimal (and with lam > 0 it fills cap)
+        return base
     allowed = reduced <= upper - lower + margin
     allowed[rows, base] = True
     open_ = np.flatnonzero(allowed.sum(1) > 1)
@@ -121,7 +124,7 @@ def core(costs: np.ndarray, weights: np.ndarray, cap: int, max_states: int = 1 <
 
     # Pareto-optimal partial sums over the open groups: weight up, cost strictly down
     sw, sc, srd = np.zeros(1, dtype=np.int64), np.zeros(1), np.zeros(1)
-    trail = []
+    trail, work = [], 0
     for t, g in enumerate(open_):
         cols = np.flatnonzero(allowed[g] & (reduced[g] <= upper - lower + margin))
         w = (sw[:, None] + weights[g, cols][None, :]).ravel()
@@ -129,6 +132,9 @@ def core(costs: np.ndarray, weights: np.ndarray, cap: int, max_states: int = 1 <
         rd = (srd[:, None] + reduced[g, cols][None, :]).ravel()
         parent = np.repeat(np.arange(len(sw)), len(cols))
         item = np.tile(cols, len(sw))
+        work += len(w)
+        if work > max_work:
+            return None
         fits = w + rest_w[t] <= room
         if fits.any():
             upper = min(upper, fixed_cost + float((c[fits] + rest_c[t]).min()))
@@ -140,8 +146,6 @@ def core(costs: np.ndarray, weights: np.ndarray, cap: int, max_states: int = 1 <
         keep[1:] = c[1:] < np.minimum.accumulate(c)[:-1]
         sw, sc, srd = w[keep], c[keep], rd[keep]
         trail.append((parent[keep], item[keep]))
-        if len(sw) > max_states:
-            return None
     s = len(sw) - 1  # the heaviest state left is the cheapest, and every state left fits
     for t in range(len(open_) - 1, -1, -1):
         parent, item = trail[t]
