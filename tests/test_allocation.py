@@ -372,3 +372,19 @@ def test_large_tables_go_to_the_core_search_and_past_its_limit_to_the_integer_pr
     found.append(cost(al.allocate_bits(costs, sizes, CHOICES, 3.5)))
     assert found == pytest.approx([found[0]] * 3, rel=1e-12)
     assert used == ["dp", "core", "core", "milp"]
+
+
+def test_core_and_milp_stay_exact_when_the_multiplier_times_capacity_dwarfs_the_costs():
+    """1,000 groups whose upgrade saves half its weight's worth and costs nothing after it (lam * cap is
+    ~1e8 against an optimum of 0.55), and three small groups that share the 2 bits left: the optimum takes
+    the two 1-bit upgrades (0.3 + 0.05 + 0.2). A gap computed as upper - lower cancelled there and lost it;
+    HiGHS with its capacity row scaled to one let picks run over cap and, tightened, lost it too."""
+    r = np.random.default_rng(1).integers(1000, 100000, size=1000)
+    costs = np.concatenate([np.stack([r * 0.5, 0 * r], 1), [[0.3, 0.0], [0.3, 0.05], [0.3, 0.2]]])
+    weights = np.concatenate([np.stack([0 * r, r], 1), [[0, 2], [0, 1], [0, 1]]])
+    cap = int(r.sum()) + 2
+    rows = np.arange(len(costs))
+    for picks in (knapsack.core(costs, weights, cap), knapsack.milp(costs, weights, cap)):
+        assert weights[rows, picks].sum() <= cap
+        assert picks[:-3].tolist() == [1] * 1000 and picks[-3:].tolist() == [0, 1, 1]
+        assert costs[rows, picks].sum() == pytest.approx(0.55, rel=1e-12)

@@ -97,15 +97,16 @@ def core(costs: np.ndarray, weights: np.ndarray, cap: int, max_work: int = 1 << 
         if save[g, j] <= 0:
             break
         base[g], room = j, room - int(dw[g, j])
-    upper = float(costs[rows, base].sum())
-    lower = float(reduced.min(1).sum()) - lam * cap
+    start, upper = base.copy(), float(costs[rows, base].sum())
     reduced -= reduced.min(1, keepdims=True)
-    # float sums in another order differ in the last bits (~K * 1e-16 relative): the margin keeps columns, and
-    # the start counts as optimal when it is within it of the bound
-    margin = 1e-11 * (abs(upper) + abs(lower)) + 1e-300
-    if upper - lower <= margin:  # the start meets the lower bound: optimal (and with lam > 0 it fills cap)
+    # cost(x) = L + sum of x's reduced costs + lam * (cap - weight(x)) for the Lagrangian bound L, so the
+    # start's gap to L is a sum of terms >= 0 (not upper - L, which cancels when lam * cap >> upper)
+    gap = float(reduced[rows, base].sum()) + lam * room
+    if gap == 0:  # the start meets the bound: optimal (and with lam > 0 it fills cap)
         return base
-    allowed = reduced <= upper - lower + margin
+    # reduced costs carry rounding of order 1e-16 * (c + lam w) each: the margin keeps columns, never drops them
+    margin = 1e-12 * k * (float(np.abs(costs).max()) + lam * float(weights.max()))
+    allowed = reduced <= gap + margin
     allowed[rows, base] = True
     open_ = np.flatnonzero(allowed.sum(1) > 1)
     # the groups with the closest alternative first: completing their states with the start's columns
@@ -127,7 +128,7 @@ def core(costs: np.ndarray, weights: np.ndarray, cap: int, max_work: int = 1 << 
     sw, sc, srd = np.zeros(1, dtype=np.int64), np.zeros(1), np.zeros(1)
     trail, work = [], 0
     for t, g in enumerate(open_):
-        cols = np.flatnonzero(allowed[g] & (reduced[g] <= upper - lower + margin))
+        cols = np.flatnonzero(allowed[g] & (reduced[g] <= gap + margin))
         w = (sw[:, None] + weights[g, cols][None, :]).ravel()
         c = (sc[:, None] + costs[g, cols][None, :]).ravel()
         rd = (srd[:, None] + reduced[g, cols][None, :]).ravel()
@@ -137,9 +138,11 @@ def core(costs: np.ndarray, weights: np.ndarray, cap: int, max_work: int = 1 << 
         if work > max_work:
             return None
         fits = w + rest_w[t] <= room
-        if fits.any():
-            upper = min(upper, fixed_cost + float((c[fits] + rest_c[t]).min()))
-        ok = (w + light_after[t] <= room) & (rd <= upper - lower + margin)
+        if fits.any():  # a cheaper complete solution narrows the gap by what it saves
+            found = fixed_cost + float((c[fits] + rest_c[t]).min())
+            if found < upper:
+                gap, upper = gap - (upper - found), found
+        ok = (w + light_after[t] <= room) & (rd <= gap + margin)
         w, c, rd, parent, item = w[ok], c[ok], rd[ok], parent[ok], item[ok]
         order = np.lexsort((c, w))
         w, c, rd, parent, item = w[order], c[order], rd[order], parent[order], item[order]
@@ -152,20 +155,23 @@ def core(costs: np.ndarray, weights: np.ndarray, cap: int, max_work: int = 1 << 
         parent, item = trail[t]
         picks[open_[t]] = item[s]
         s = parent[s]
-    return picks
+    # the start is among the states unless something cheaper is; a guard against rounding all the same
+    return picks if costs[rows, picks].sum() <= costs[rows, start].sum() else start
 
 
 def milp(costs: np.ndarray, weights: np.ndarray, cap: int) -> np.ndarray:
-    """Picks by HiGHS, x[g, j] = 1 when group g takes column j, one per group. HiGHS checks the capacity row
-    to a tolerance, so the rounded picks are checked in integers, and the capacity is tightened by any
-    excess until they fit (in practice never needed). Ties: as the solver breaks them, deterministically."""
+    """Picks by HiGHS, x[g, j] = 1 when group g takes column j, one per group. Ties: as the solver breaks
+    them, deterministically. The capacity row keeps the integer weights and its bound is cap + 1/2: HiGHS
+    meets rows to an absolute tolerance (1e-7), and between cap and cap + 1 no integer weight lies, so no
+    solution is cut off and none over cap gets in. (Scaling the row to order one made the tolerance relative:
+    a 5e7-bit capacity let picks run 5 bits over.) Picks over cap all the same (x off integers by the
+    solver's 1e-6) are re-solved with the bound lowered by the excess."""
     k, n = costs.shape
     one_each = sparse.kron(sparse.eye(k), np.ones((1, n)), format="csr")
-    scale = max(cap, 1)  # a capacity row of order one, so that the solver's tolerance is relative
-    limit = cap
+    limit = cap + 0.5
     while True:
         rows = [optimize.LinearConstraint(one_each, 1, 1),
-                optimize.LinearConstraint(weights.reshape(1, -1) / scale, -np.inf, limit / scale)]
+                optimize.LinearConstraint(weights.reshape(1, -1).astype(np.float64), -np.inf, limit)]
         res = optimize.milp(costs.reshape(-1), constraints=rows, integrality=np.ones(k * n),
                             bounds=optimize.Bounds(0, 1), options={"mip_rel_gap": 0.0})
         if res.x is None:
