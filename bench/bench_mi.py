@@ -6,7 +6,7 @@
 The sklearn loop (`mutual_info_score` on the same bin codes) is timed on a random sample of pairs and
 extrapolated to all C(C-1)/2 pairs; `pairwise_mi` is timed end to end (discretisation included). The two
 are timed alternately and the best of each is kept. The large case runs in a fresh subprocess so that its
-peak RSS (ru_maxrss) is its own.
+peak RSS (VmHWM) is its own.
 """
 
 from __future__ import annotations

@@ -163,6 +163,7 @@ def _check(values: list[str], pattern: str, message: str) -> None:
 
 
 def validate(raw: dict[str, str], retry: bool) -> Sweep:
+    """The matrix, data and output flags checked (``executor_options`` has checked --jobs)."""
     sparsities, wbits, ks, chosen, seeds = (raw[f].split() for f in
                                             ("--sparsities", "--wbits", "--groups", "--methods", "--seeds"))
     _check([raw["--nsamples"]], "|[1-9][0-9]*", "--nsamples {}: must be a positive integer")

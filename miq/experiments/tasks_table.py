@@ -116,7 +116,7 @@ def _cell(values: list[float | None]) -> str:
     if not values or None in values:
         return "n/a"
     mean = sum(values) / len(values)
-    return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} +- {sample_std(values):.4f}"
+    return fmt_fixed(mean) if len(values) == 1 else f"{fmt_fixed(mean)} +- {fmt_fixed(sample_std(values))}"
 
 
 def _table(confs: list, names: list[str]) -> list[str]:
