@@ -97,7 +97,7 @@ def bench_shape(rows: int, cols: int, dev: torch.device, repeat: int) -> dict:
     def obs():
         t = trials.trial(fresh(), CHOICES, 3, options.PassOptions(sparsity=0.5))
         costs = allocation.obs_group_costs(t.row_loss, torch.arange(rows, device=dev))
-        # as runs do: each row charged its kept weights (a sparse layer's table goes to the integer program)
+        # as runs do: each row charged its kept weights (a sparse layer's table goes to knapsack.core)
         allocation.allocate_bits(costs, (~t.mask).sum(1).cpu(), CHOICES, 3.5)
 
     def rtn():
@@ -139,10 +139,12 @@ def oracle_widths(rows: int, cols: int, dev: torch.device, budget: float = 3.5) 
     r = np.arange(rows)
     picks, lam = knapsack.core(costs, weights, cap), knapsack.multiplier(costs, weights, cap)
     reduced = costs + lam * weights
-    gap = costs[r, picks].sum() - (reduced.min(1).sum() - lam * cap)
+    least = reduced.min(1, keepdims=True)
+    # the optimum's distance to the Lagrangian bound, as knapsack.core sums it (terms >= 0, no cancellation)
+    gap = (reduced - least)[r, picks].sum() + lam * (cap - weights[r, picks].sum())
     work = np.ones_like(costs)
     for k in range(len(ends) - 1, -1, -1):  # partial losses only grow: the earliest proving block wins
-        work[partial[k] + lam * weights - reduced.min(1, keepdims=True) > gap] = ends[k] / cols
+        work[partial[k] + lam * weights - least > gap] = ends[k] / cols
     work[r, picks] = 1.0
     return float(work.sum() / rows)
 
