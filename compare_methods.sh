@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the method matrix and build the report: miq/experiments/sweep.py does it, with the same flags (see
+# Run the method matrix and build the report: miq/sweep/cli.py does it, with the same flags (see
 # --help or its docstring for the contract: resumable, failures recorded, SIGINT/SIGTERM stop everything it
 # started).
 #
@@ -17,4 +17,4 @@ if [[ -z ${PYTHON:-} ]]; then
 fi
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PYTHON" -m miq.experiments.sweep "$@"
+exec "$PYTHON" -m miq.sweep "$@"

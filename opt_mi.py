@@ -43,14 +43,14 @@ from collections.abc import Iterator
 import torch
 
 import datautils
-from miq import bitstats
+from miq import bitstats, methods
 from miq.errors import USER_ERRORS, DataError, PublishError
-from miq.experiments import methods
 from miq.model import layerwalk, loading
 from miq.model.loading import ModelSource, load_model, open_source
 from miq.run import outputs, preflight, saving, tasks
 from miq.run.compress import compress, decoder_linear_weights, mask_sparsity, zero_fraction
 from miq.run.config import RunConfig, parse
+from miq.staging import Staging
 
 OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
 
@@ -81,7 +81,7 @@ def _naming(what: str) -> Iterator[None]:
 
 def run(cfg: RunConfig) -> dict:
     """One run end to end; returns the result dict that --json writes. Outputs are published together at the
-    end (outputs.Staging): an error or an interrupt anywhere leaves none of them."""
+    end (Staging): an error or an interrupt anywhere leaves none of them."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     cfg, src, tokenizer, dev, task_plan = prepare(cfg)
@@ -114,7 +114,7 @@ def run(cfg: RunConfig) -> dict:
     timing = {"model_s": model_s, "calibration_s": calibration_s, "compress_s": compress_s, "eval_s": eval_s,
               **({"tasks_s": time.time() - t} if task_results else {})}
     try:
-        with outputs.Staging() as stage:
+        with Staging() as stage:
             disk = saving.write(stage.folder(cfg.save), model, tokenizer, res, cfg) if cfg.save else None
             out = {
                 "config": {**cfg.as_dict(), "model_path": src.path},

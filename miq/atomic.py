@@ -3,13 +3,14 @@
 A killed run (or a sweep stopped mid-configuration) therefore never leaves a half-written result, report or
 figure; a rerun sees the file missing and redoes it. A writer killed mid-write leaves its temporary file
 behind: whoever killed it removes it with ``remove_leftovers``, and ``remove_stale`` removes those of any
-writer that is gone. ``outputs.Staging`` names its staging files and folders the same way (``temp_name``).
+writer that is gone. ``staging.Staging`` names its staging files and folders the same way (``temp_name``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import os
 import re
 import shutil
@@ -19,6 +20,14 @@ def temp_name(name: str, pid: int | str) -> str:
     """The temporary name of ``name`` for process ``pid``: hidden, and named after the writing process, so
     that concurrent writers never share one and a leftover tells whose it was."""
     return f".{name}.{pid}.tmp"
+
+
+def write_png(fig, path, dpi: float | None = None) -> None:
+    """Write the matplotlib figure ``fig`` as a PNG to ``path`` atomically: no half-written figure, whatever
+    interrupts us (run figures and report figures alike)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi if dpi is not None else "figure")
+    write_bytes(path, buf.getvalue())
 
 
 def write_bytes(path, data: bytes) -> None:

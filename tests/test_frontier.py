@@ -8,9 +8,10 @@ import random
 
 import pytest
 
-from miq.experiments import frontier, methods
-from miq.experiments.report import build
-from miq.experiments.results import Run, load_dir, units
+from miq import methods
+from miq.report import frontier
+from miq.report.markdown import build
+from miq.report.results import Run, load_dir, units
 from miq.run import config
 
 

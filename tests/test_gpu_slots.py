@@ -13,7 +13,8 @@ import pytest
 from test_sweep import FakeRunner, results
 
 from miq import atomic
-from miq.experiments import gpu_slots, sweep
+from miq.sweep import cli as sweep
+from miq.sweep import gpu_slots
 
 METHODS = ("--methods", "dense magnitude sparsegpt uniform g128 perchannel")  # 6 configurations
 ORDER = ["dense", "magnitude_s0.5", "sparsegpt_s0.5", "uniform_s0.5_w4", "g128_s0.5_w4", "perchannel_s0.5_w4"]

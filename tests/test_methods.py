@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from miq.experiments import methods, sweep_args
+from miq import methods
 from miq.run.config import parse
+from miq.sweep import args as sweep_args
 
 # (opt_mi.py flags, label, family): the names every report and sweep has used; a change here renames results
 LABELS = [

@@ -3,8 +3,8 @@ estimator's flags where no MI is computed, warned about and recorded; the method
 
 import pytest
 
+from miq import methods
 from miq.errors import ConfigError
-from miq.experiments import methods
 from miq.run.config import parse
 
 T = ["toy", "synthetic"]

@@ -16,7 +16,8 @@ import matplotlib.image as mpimg
 import pytest
 from conftest import check_table_matches, md_table
 
-from miq.experiments import plots, report
+from miq.report import markdown as report
+from miq.report import plots
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "report"
@@ -200,11 +201,11 @@ def test_environment_differences_are_flagged(src):
 
 
 def test_cli(src, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "miq.experiments.report", str(src)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "miq.report", str(src)], capture_output=True, text=True,
                        cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert (src / "performance_report.md").is_file()
-    r = subprocess.run([sys.executable, "-m", "miq.experiments.report", str(tmp_path / "nope")], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "miq.report", str(tmp_path / "nope")], cwd=ROOT,
                        capture_output=True,
                        text=True)
     assert r.returncode == 2 and "not a directory" in r.stderr
@@ -235,7 +236,7 @@ def test_figures_name_eval_sets_by_base_name(src, monkeypatch):
             j["ppl"] = {"/abs/data/c4_heldout.jsonl": j["ppl"]["synthetic"]}
             p.write_text(json.dumps(j))
     texts = []
-    monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi=None: texts.extend(
+    monkeypatch.setattr(plots.atomic, "write_png", lambda fig, path, dpi=None: texts.extend(
         t for ax in fig.axes for t in (ax.get_title(), ax.get_ylabel())))
     build(src)
     assert len(texts) == 6  # PPL vs bpw, PPL vs K and the frontier: a title and a y label each
@@ -279,5 +280,5 @@ def test_a_full_disk_is_one_line_and_exit_1(src, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(atomic, "write_bytes", full)
     assert report.main([str(src), "--out", str(tmp_path / "r.md")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["report.py: error: could not write the report (No space left on device)"]
+    assert err == ["miq.report: error: could not write the report (No space left on device)"]
     assert not (tmp_path / "r.md").exists()

@@ -4,7 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
-from miq.experiments.results import Run, load_dir
+from miq.report.results import Run, load_dir
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "report"
 

@@ -24,7 +24,9 @@ from submitit.core.utils import FailedJobError
 from test_sweep import ROOT, FakeRunner, alive, results, wait_for
 
 from miq import atomic
-from miq.experiments import launch, report, slurm, sweep
+from miq.report import markdown as report
+from miq.sweep import cli as sweep
+from miq.sweep import launch, slurm
 
 METHODS = ("--methods", "dense sparsegpt uniform")  # 3 configurations
 IDS = {"dense", "sparsegpt_s0.5", "uniform_s0.5_w4"}
@@ -143,7 +145,7 @@ def test_preempted_job_is_requeued_by_submitit_and_finishes(tmp_path, fake, caps
 def test_no_wait_submits_and_exits_then_the_report_is_built_later(tmp_path, fake, capsys):
     out = tmp_path / "slurm"
     rc, stdout, _ = run(capsys, out, fake, "--executor", "slurm", "--no-wait")
-    assert rc == 0 and f"python -m miq.experiments.report {out}" in stdout
+    assert rc == 0 and f"python -m miq.report {out}" in stdout
     assert not (out / "performance_report.md").exists()
     assert set(json.loads((out / "submitit" / "jobs.json").read_text())) == IDS  # configuration -> job id
     wait_for(lambda: set(results(out)) == IDS)  # the jobs run on after the sweep has exited
@@ -276,7 +278,7 @@ def test_stopping_the_waiting_sweep_cancels_its_jobs(tmp_path, fake):
     slow = dataclasses.replace(fake, sleep=60)
     out = tmp_path / "slurm"
     code = ("import json, sys; sys.path[:0] = sys.argv[1:3]; import test_sweep; "
-            "from miq.experiments import slurm, sweep; slurm.CLUSTER = 'local'; "
+            "from miq.sweep import slurm; from miq.sweep import cli as sweep; slurm.CLUSTER = 'local'; "
             "sys.exit(sweep.main(sys.argv[4:], runner=test_sweep.FakeRunner(**json.loads(sys.argv[3]))))")
     p = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(ROOT / "tests"),
                           json.dumps(dataclasses.asdict(slow)), "--out", str(out), "--methods", "dense",

@@ -1,4 +1,4 @@
-"""outputs.Staging: a run's outputs are published together or not at all; stale staging of killed runs goes."""
+"""Staging: a run's outputs are published together or not at all; stale staging of killed runs goes."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from miq import atomic
-from miq.run import outputs
+from miq.staging import Staging
 
 
 def tree(root) -> dict[str, str | None]:
@@ -21,7 +21,7 @@ def tree(root) -> dict[str, str | None]:
     return out
 
 
-def stage_all(stage: outputs.Staging, root) -> None:
+def stage_all(stage: Staging, root) -> None:
     """A JSON in new folders, a model folder, and a figure in an existing folder."""
     with open(stage.file(root / "a" / "b" / "r.json"), "w") as f:
         f.write("new json")
@@ -42,7 +42,7 @@ def root(tmp_path):
 
 
 def test_publish_replaces_every_target_and_leaves_no_staging(root):
-    with outputs.Staging() as stage:
+    with Staging() as stage:
         stage_all(stage, root)
         assert not (root / "a" / "b" / "r.json").exists(), "published before the end"
     assert tree(root) == {"a": None, "a/b": None, "a/b/r.json": "new json", "model": None,
@@ -51,7 +51,7 @@ def test_publish_replaces_every_target_and_leaves_no_staging(root):
 
 def test_an_error_leaves_nothing_new_and_the_old_outputs_as_they_were(root):
     before = tree(root)
-    with pytest.raises(KeyboardInterrupt), outputs.Staging() as stage:
+    with pytest.raises(KeyboardInterrupt), Staging() as stage:
         stage_all(stage, root)
         raise KeyboardInterrupt
     assert tree(root) == before  # the folders created for r.json are gone too
@@ -68,7 +68,7 @@ def test_a_failed_rename_undoes_the_ones_before(root, monkeypatch):
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(OSError), outputs.Staging() as stage:
+    with pytest.raises(OSError), Staging() as stage:
         stage_all(stage, root)
     assert failed and tree(root) == before
 
@@ -82,7 +82,7 @@ def test_stale_staging_of_a_dead_process_is_removed_and_a_live_ones_kept(root):
     (root / atomic.temp_name("model.old", dead.pid)).write_text("x")
     live = root / atomic.temp_name("model", 1)  # init: alive
     live.write_text("someone else's")
-    with outputs.Staging() as stage:
+    with Staging() as stage:
         stage.folder(root / "model")
     assert not stale.exists() and live.exists()
     assert sorted(p.name for p in root.iterdir()) == sorted([live.name, "model", "figs"])

@@ -25,9 +25,10 @@ from pathlib import Path
 import pytest
 from conftest import check_table_matches
 
-from miq import atomic
-from miq.experiments import methods, sweep, sweep_args
+from miq import atomic, methods
 from miq.run import config
+from miq.sweep import args as sweep_args
+from miq.sweep import cli as sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IDS = {"dense", "magnitude_s0.5", "sparsegpt_s0.5", "uniform_s0.5_w4", "g128_s0.5_w4",
@@ -133,7 +134,7 @@ def run(capsys):
 def start(out: Path, runner: FakeRunner, *args: str) -> subprocess.Popen:
     """The sweep in a process of its own (and its own process group), for signals."""
     code = ("import json, sys; sys.path[:0] = sys.argv[1:3]; import test_sweep; "
-            "from miq.experiments import sweep; "
+            "from miq.sweep import cli as sweep; "
             "sys.exit(sweep.main(sys.argv[4:], runner=test_sweep.FakeRunner(**json.loads(sys.argv[3]))))")
     return subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(ROOT / "tests"),
                              json.dumps(dataclasses.asdict(runner)), "--out", str(out), *args], cwd=ROOT,

@@ -22,13 +22,15 @@ from conftest import compress_toy, md_table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import opt_mi
-from miq import synthetic
+from miq import methods, synthetic
 from miq.errors import ConfigError, DataError, NoEffectError
-from miq.experiments import methods, report, sweep_args, tasks_table
-from miq.experiments.results import Run, units
-from miq.experiments.verdict import judge
 from miq.model import loading, toy
+from miq.report import markdown as report
+from miq.report import tasks_table
+from miq.report.results import Run, units
+from miq.report.verdict import judge
 from miq.run import config, tasks
+from miq.sweep import args as sweep_args
 
 DOCS = 24  # cloze documents in the task file
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "report"

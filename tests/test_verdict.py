@@ -10,8 +10,9 @@ import math
 
 import pytest
 
-from miq.experiments import methods, verdict
-from miq.experiments.results import (
+from miq import methods
+from miq.report import verdict
+from miq.report.results import (
     BASELINE_FAMILIES,
     CONTROL_FAMILIES,
     MI_FAMILIES,
@@ -19,8 +20,8 @@ from miq.experiments.results import (
     control_families,
     counted_control,
 )
-from miq.experiments.stats import decide
-from miq.experiments.verdict import judge
+from miq.report.stats import decide
+from miq.report.verdict import judge
 from miq.run import config
 
 

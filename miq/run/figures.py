@@ -4,8 +4,6 @@ sizes, widths and MI; written straight to PNG files (matplotlib, headless "Agg" 
 
 from __future__ import annotations
 
-import io
-
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
@@ -19,13 +17,6 @@ def _to_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, possibly on a GPU
         x = x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def save_png(fig: Figure, path, dpi: float | None = None) -> None:
-    """Write ``fig`` as a PNG to ``path`` atomically: no half-written figure, whatever interrupts us."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi if dpi is not None else "figure")
-    atomic.write_bytes(path, buf.getvalue())
 
 
 def plot_nmi_heatmap(nmi, labels, path, title: str | None = None):
@@ -62,7 +53,7 @@ def plot_nmi_heatmap(nmi, labels, path, title: str | None = None):
     ax.set_title(title if title is not None else f"NMI, {len(m)} channels in {n_groups} groups")
     fig.colorbar(im, ax=ax, label="NMI", extend="max" if vmax < nmi.max() else "neither")
     fig.tight_layout()
-    save_png(fig, path)
+    atomic.write_png(fig, path)
     return path
 
 
@@ -112,5 +103,5 @@ def plot_grouping_result(group_sizes, group_bits, nmi_intra, nmi_inter, path, ti
         ax3.text(0.5, 0.5, "no MI computed for this grouping", transform=ax3.transAxes, ha="center")
     axes[-1].set_xticks(x if k <= 64 else x[:: max(1, k // 32)])
     fig.tight_layout()
-    save_png(fig, path)
+    atomic.write_png(fig, path)
     return path

@@ -26,15 +26,15 @@ import os
 
 from miq.checkpoint import export_ct, formats, packed
 from miq.model import onload
-from miq.run import outputs
 from miq.run.compress import CompressionResult
 from miq.run.config import RunConfig
+from miq.staging import Staging
 
 
 def save(model, tokenizer, res: CompressionResult, cfg: RunConfig, out: str) -> dict | None:
     """Write the model to ``out`` in ``cfg.save_format``, staged beside it and renamed into place (no
     half-written model on failure). Returns the on-disk sizes ({"bytes_on_disk", "bpw_on_disk"}) or None."""
-    with outputs.Staging() as stage:
+    with Staging() as stage:
         return write(stage.folder(out), model, tokenizer, res, cfg)
 
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from miq.experiments.results import BASELINE_FAMILIES, MI_FAMILIES, Run, control_families, counted_control, units
-from miq.experiments.stats import Decision, Paired, decide_runs
-from miq.experiments.tasks_table import TaskComparison, compare
+from miq.report.results import BASELINE_FAMILIES, MI_FAMILIES, Run, control_families, counted_control, units
+from miq.report.stats import Decision, Paired, decide_runs
+from miq.report.tasks_table import TaskComparison, compare
 
 # A baseline counts as "equal bits" when it spends at least the MI run's bpw minus this: bpw is printed
 # with 4 decimals and two methods at the same budget can differ in the last digits of metadata.

@@ -1,7 +1,7 @@
 """Run the method matrix of ``methods.py`` with ``opt_mi.py``, one process per configuration, then the report.
 
-    python -m miq.experiments.sweep                  # toy model, offline, a few minutes on a laptop
-    python -m miq.experiments.sweep --model facebook/opt-125m --calib c4 --eval wikitext2,c4 \\
+    python -m miq.sweep                  # toy model, offline, a few minutes on a laptop
+    python -m miq.sweep --model facebook/opt-125m --calib c4 --eval wikitext2,c4 \\
         --sparsities "0.5" --groups "16 50" --wbits "3 4" --out results/opt125m --jobs 2
 
 ``compare_methods.sh`` runs this with the same flags. Contract:
@@ -22,7 +22,7 @@
 - no configuration outlives the sweep (a rerun must never run one twice at once): each runs in a process group
   of its own, which the sweep terminates and waits for when it stops, and (Linux) is SIGTERMed by the kernel
   if the sweep dies of anything else, SIGKILL included;
-- otherwise the sweep ends with the report (``python -m miq.experiments.report OUT``) and exits 1 when any
+- otherwise the sweep ends with the report (``python -m miq.report OUT``) and exits 1 when any
   configuration has failed (or, with --executor slurm, a job was killed before finishing);
 - bad arguments (an --out that cannot be written included): exit 2 with one line on stderr, nothing run;
 - on a machine with GPUs each running configuration sees one GPU of its own (CUDA_VISIBLE_DEVICES; at most
@@ -32,7 +32,7 @@
 configuration to run is one job, which writes its result, log and failure note itself; a job Slurm kills
 records nothing and runs again on the next submission, as does a configuration whose job is neither queued nor
 running any more; SIGINT/SIGTERM while waiting cancel the jobs; ``--no-wait`` submits and exits 0, the report
-then being built with ``python -m miq.experiments.report OUT``.
+then being built with ``python -m miq.report OUT``.
 
 ``main(argv, runner)``: ``runner`` turns opt_mi.py's arguments into the command that runs a configuration
 (default ``opt_mi_command``); tests swap in a fake.
@@ -52,12 +52,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from miq import atomic
-from miq.experiments import methods, report, slurm
-from miq.experiments.gpu_slots import GpuSlots
-from miq.experiments.launch import fmt_dur, readable, remove_leftovers, say, spawn, start_log, stop, write_failure
-from miq.experiments.sweep_args import Sweep, UsageError, check_matrix, config_args, parse_args
+from miq import atomic, methods
 from miq.options import TOY_NAMES
+from miq.report import markdown as report
+from miq.sweep import slurm
+from miq.sweep.args import Sweep, UsageError, check_matrix, config_args, parse_args
+from miq.sweep.gpu_slots import GpuSlots
+from miq.sweep.launch import fmt_dur, readable, remove_leftovers, say, spawn, start_log, stop, write_failure
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: opt_mi.py and the miq package
 Runner = Callable[[list[str]], list[str]]
@@ -190,7 +191,7 @@ class Sweeper:
         if not self.s.slurm.wait:
             say(f"submitted {batch.tally.submitted} job(s) ({len(batch.jobs)} in flight); rerun the same command to "
                 f"wait for them or resubmit what is missing, or build the report once they have ended: "
-                f"python -m miq.experiments.report {self.s.out}")
+                f"python -m miq.report {self.s.out}")
             return 0
         try:
             tally = batch.wait(self.check_signal) if batch.jobs else batch.tally
@@ -345,6 +346,3 @@ def main(argv: Sequence[str] | None = None, runner: Runner = opt_mi_command) -> 
         say(f"sweep.py: error: {e}", err=True)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

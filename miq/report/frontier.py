@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from miq.experiments.results import Unit
-from miq.experiments.stats import Decision, Paired, decide_runs
+from miq.report.results import Unit
+from miq.report.stats import Decision, Paired, decide_runs
 
 TARGETS = (2.5, 3.0, 3.5, 4.0, 5.0)  # budgets (total bpw) the report answers for
 SAME = 0.01  # configurations within this many bpw of each other store the same (metadata differs in digits)

@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from miq import methods
 from miq.errors import ConfigError, NoEffectError
-from miq.experiments import gpu_slots, methods, slurm
-from miq.experiments.slurm import SlurmOptions
 from miq.options import DEFAULT_EVAL, TOY_EVAL, TOY_NAMES, fmt_num
 from miq.run import config, outputs, tasks
+from miq.sweep import gpu_slots, slurm
+from miq.sweep.slurm import SlurmOptions
 
 # flag -> (metavar, default, help); "" defaults depend on --model
 FLAGS: dict[str, tuple[str, str, str]] = {
@@ -75,7 +76,7 @@ def usage() -> str:
         lines.append(f"  {name:<19}{textwrap.fill(text, 100, subsequent_indent=' ' * 21)}")
     return "\n".join(lines + [f"  {'--retry-failed':<19}run configurations that have an <id>.failed.json again",
                               f"  {'--no-wait':<19}slurm: submit and exit; build the report later with "
-                              "python -m miq.experiments.report OUT"])
+                              "python -m miq.report OUT"])
 
 
 class UsageError(Exception):

@@ -16,9 +16,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from miq.experiments import methods
-from miq.experiments.stats import sample_std
+from miq import methods
 from miq.options import fmt_num
+from miq.report.stats import sample_std
 from miq.run.config import RunConfig, from_json
 
 # The families the verdict sorts runs into, from the method vocabulary: a new baseline or control added to

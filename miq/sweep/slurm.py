@@ -35,7 +35,7 @@ from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from miq import atomic
 from miq.errors import ConfigError, bad_value
-from miq.experiments.launch import ConfigJob, Outcome, fmt_dur, say
+from miq.sweep.launch import ConfigJob, Outcome, fmt_dur, say
 
 CLUSTER = "slurm"
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: the jobs import the miq package from it

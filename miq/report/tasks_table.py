@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from miq.experiments.stats import Decision, Paired, decide_runs, sample_std
 from miq.options import fmt_fixed
+from miq.report.stats import Decision, Paired, decide_runs, sample_std
 
 
 def _runs(conf) -> list:

@@ -1,5 +1,5 @@
 """The sweep report's figures (perplexity against bits per weight, and against K), written straight to PNG
-files through ``miq.run.figures.save_png``."""
+files through ``miq.atomic.write_png``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from miq.experiments.results import Run
-from miq.run.figures import save_png
+from miq import atomic
+from miq.report.results import Run
 
 REPORT_FIG_SIZE = (10, 6.5)  # inches at REPORT_FIG_DPI -> 1000 x 650 px
 REPORT_FIG_DPI = 100
@@ -117,7 +117,7 @@ def _finish_bpw_figure(fig: Figure, ax: Axes, drawn: bool, evalset: str, title: 
     ax.set_title(f"{title} on {name}")
     ax.grid(True, which="both" if log else "major", alpha=0.3)
     fig.tight_layout()
-    save_png(fig, path, dpi=REPORT_FIG_DPI)
+    atomic.write_png(fig, path, dpi=REPORT_FIG_DPI)
 
 
 def _k_lines(ax: Axes, kruns: list[Run], evalset: str) -> list[float]:
@@ -174,7 +174,7 @@ def plot_ppl_vs_k(runs: list[Run], evalset: str, path: Path | str) -> bool:
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    save_png(fig, path, dpi=REPORT_FIG_DPI)
+    atomic.write_png(fig, path, dpi=REPORT_FIG_DPI)
     return True
 
 
