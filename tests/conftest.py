@@ -5,6 +5,8 @@ sweep tests)."""
 
 import json
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import torch
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TESTBED = SHARED / "testbed" / "tiny-opt-dev"
 SHARED_DATA = SHARED / "data"
+SLURM_SCRIPTS = Path(__file__).resolve().parent / "slurm"
 
 
 @pytest.fixture(scope="session")
@@ -218,3 +221,22 @@ def check_table_matches(md: str, src: Path) -> dict[str, dict[str, str]]:
         assert row["MI+clustering+allocation share"] == f"{share:.1f}%"
         assert row["pruning share"] == f"{100 * t['prune_s'] / t['total_s']:.1f}%"
     return rows
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> str:
+    """A single-node Slurm cluster on this machine (tests/slurm/start.sh; installed from the distribution's
+    packages when missing): its SLURM_CONF. Started once per session and stopped at its end, unless it was
+    already running (CI starts it before pytest). Skips, with start.sh's line, only where it cannot run here:
+    not root, the packages not installable (with MIQ_REQUIRE_SLURM set, as in CI, that fails them too); a
+    cluster that should start and does not fails the tests."""
+    folder = os.environ.get("MIQ_SLURM_DIR", "/tmp/miq-slurm")
+    r = subprocess.run(["bash", str(SLURM_SCRIPTS / "start.sh"), folder], capture_output=True, text=True)
+    if r.returncode == 3 and not os.environ.get("MIQ_REQUIRE_SLURM"):  # CI sets it: there, it must start
+        pytest.skip(r.stderr.strip())
+    if r.returncode:
+        pytest.fail(f"tests/slurm/start.sh failed: {r.stderr.strip()}")
+    conf = r.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
+    yield conf
+    if "slurm: started" in r.stdout:
+        subprocess.run(["bash", str(SLURM_SCRIPTS / "stop.sh"), folder], capture_output=True)

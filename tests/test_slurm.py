@@ -238,29 +238,42 @@ def test_options_reach_submitit(tmp_path, monkeypatch):
     assert f"export PYTHONPATH={slurm.ROOT}" in text  # the worker imports miq from this checkout
 
 
-class FakeSlurmJob:
-    states: dict[str, str] = {}
+def fake_squeue(folder: Path, stdout: str, rc: int = 0, stderr: str = "") -> str:
+    """A folder holding an squeue that prints ``stdout`` (and ``stderr``), exits ``rc`` and keeps its arguments
+    in folder/args."""
+    folder.mkdir()
+    (folder / "squeue").write_text(f"#!/bin/sh\necho \"$@\" > {folder}/args\nprintf %s '{stdout}'\n"
+                                   f"printf %s '{stderr}' >&2\nexit {rc}\n")
+    (folder / "squeue").chmod(0o755)
+    return str(folder)
 
-    def __init__(self, folder, job_id):
-        self.job_id = job_id
 
-    @property
-    def state(self) -> str:
-        return self.states[self.job_id]
-
-
-def test_a_job_still_queued_or_running_is_not_submitted_twice(tmp_path, monkeypatch, capsys):
-    """jobs.json maps configurations to their last Slurm job: one still queued or running (as sacct, through
-    submitit, says) is waited for, not submitted again; the others are submitted."""
+def test_a_job_still_queued_or_running_is_not_submitted_twice(tmp_path, monkeypatch):
+    """jobs.json maps configurations to their last Slurm job: one squeue lists as queued, running or requeued
+    is waited for, not submitted again; one it lists as ended, or no longer lists, is submitted."""
     monkeypatch.setattr(slurm, "CLUSTER", "slurm")
-    monkeypatch.setattr(slurm.submitit, "SlurmJob", FakeSlurmJob)
-    states = {"1_0": "RUNNING", "1_1": "PENDING", "1_2": "COMPLETED", "1_3": "CANCELLED by 42", "1_4": "UNKNOWN",
-              "1_5": "REQUEUED", "1_6": "TIMEOUT"}
-    monkeypatch.setattr(FakeSlurmJob, "states", states)
-    tasks = [slurm.Task(f"c{i}", i, ("true",)) for i in range(8)]  # c7 was never submitted
-    batch = slurm.Batch(tmp_path, slurm.SlurmOptions(), len(tasks))
-    flying = batch.in_flight(tasks, {f"c{i}": f"1_{i}" for i in range(7)})
-    assert {i: j.job_id for i, j in flying.items()} == {"c0": "1_0", "c1": "1_1", "c5": "1_5"}
+    lines = ["1_0|RUNNING|None", "1_1|PENDING|JobArrayTaskLimit", "1_2|COMPLETED|None", "1_3|CANCELLED|None",
+             "1_5|PENDING|BeginTime", "1_6|TIMEOUT|None", "2|REQUEUED|None"]
+    monkeypatch.setenv("PATH", fake_squeue(tmp_path / "bin", "\n".join(lines) + "\n"))
+    batch = slurm.Batch(tmp_path, slurm.SlurmOptions(), 9)
+    flying = batch.in_flight({f"c{i}": f"1_{i}" for i in range(7)} | {"c8": "2"})  # 1_4: forgotten, ended
+    assert flying == {"c0": "1_0", "c1": "1_1", "c5": "1_5", "c8": "2"}
+    assert (tmp_path / "bin" / "args").read_text().split() == [
+        "--noheader", "--array", "--states=all", "--format=%i|%T|%r", "--jobs=1,2"]  # one call, by array
+
+
+@pytest.mark.parametrize("rc, stderr, flying", [
+    (1, "slurm_load_jobs error: Invalid job id specified", {}),  # all forgotten by the controller: ended
+    (1, "slurm_load_jobs error: Unable to contact slurm controller (connect failure)", None)])
+def test_squeue_failing_stops_the_submission(tmp_path, monkeypatch, rc, stderr, flying):
+    monkeypatch.setattr(slurm, "CLUSTER", "slurm")
+    monkeypatch.setenv("PATH", fake_squeue(tmp_path / "bin", "", rc, stderr))
+    batch = slurm.Batch(tmp_path, slurm.SlurmOptions(), 1)
+    if flying is not None:
+        assert batch.in_flight({"c0": "7_0"}) == flying
+    else:
+        with pytest.raises(slurm.SubmitError, match="cannot tell which jobs .* Unable to contact slurm controller"):
+            batch.in_flight({"c0": "7_0"})
 
 
 def test_checkpoint_stops_the_run_and_hands_back_a_fresh_job(tmp_path):
@@ -360,10 +373,12 @@ def test_rerun_waits_for_the_jobs_still_in_flight_instead_of_submitting_them_aga
     rc, stdout, _ = run(capsys, out, slow, "--executor", "slurm", "--no-wait")
     assert rc == 0 and stdout.count("submitted as job") == 3
 
-    def in_flight(self, tasks, ids):  # sacct's answer: every recorded job without its result is still running
-        return {t.id: InFlight(ids[t.id], out / f"{t.id}.json") for t in tasks if not (out / f"{t.id}.json").exists()}
+    def in_flight(self, ids):  # squeue's answer: every recorded job without its result is still running
+        return {cfg: job for cfg, job in ids.items() if not (out / f"{cfg}.json").exists()}
 
+    by_job = {job: cfg for cfg, job in json.loads((out / "submitit" / "jobs.json").read_text()).items()}
     monkeypatch.setattr(slurm.Batch, "in_flight", in_flight)
+    monkeypatch.setattr(slurm.Batch, "job_of", lambda self, job: InFlight(job, out / f"{by_job[job]}.json"))
     rc, stdout, stderr = run(capsys, out, slow, "--executor", "slurm")
     assert rc == 0, stdout + stderr
     assert "submitted as job" not in stdout and "not submitted again" in stdout

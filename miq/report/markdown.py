@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from miq import atomic, methods
+from miq import atomic, methods, slurm_queue
 from miq.options import fmt_fixed, fmt_num
 from miq.report import frontier, plots, tasks_table
 from miq.report.results import BASELINE_FAMILIES, Run, counted_control, eval_sets, load_dir, units
@@ -405,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         why = "is a folder; give a file path" if out.is_dir() else "an existing file this toolkit did not write"
         print(f"miq.report: error: --out {out}: {why}", file=sys.stderr)
         return 2
+    if warning := slurm_queue.in_flight_note(src):
+        print(f"miq.report: warning: {warning}", file=sys.stderr)
     try:
         build(src, out)
     except OSError as e:  # disk full, permissions: the figures already drawn stay (each written whole)

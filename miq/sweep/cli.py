@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from miq import atomic, methods
+from miq.errors import ConfigError
 from miq.options import TOY_NAMES
 from miq.report import markdown as report
 from miq.sweep import slurm
@@ -103,6 +104,7 @@ class Sweeper:
         self.launched = self.done_n = self.new_failed = 0
         self.done_s = 0.0
         self.killed = 0  # Slurm jobs that ended without recording anything
+        self.waited = 0  # Slurm jobs of an earlier submission, still in flight, waited for
         self.gpus = GpuSlots(list(sweep.gpus), sweep.jobs_per_gpu)
 
     def path(self, cfg_id: str, suffix: str) -> Path:
@@ -175,23 +177,25 @@ class Sweeper:
     def run_slurm(self, batch: slurm.Batch) -> int | None:
         """Submit the configurations to run as Slurm jobs and, unless --no-wait, wait for them (None: go on to
         the report); a stop while waiting cancels them."""
-        tasks = []
+        tasks, others = [], []  # to submit; present or failed before, whose earlier job may still be in flight
         for n, (cfg, state) in enumerate(zip(self.configs, self.states, strict=True), 1):
             if state == "run":
                 tasks.append(slurm.Task(cfg.id, n, tuple(self.command(cfg))))
             else:
                 self.not_run(n, cfg, state)
+                if state != "skip":
+                    others.append(slurm.Task(cfg.id, n, ()))
         self.check_signal()
         try:
-            batch.submit(tasks)
+            batch.submit(tasks, others)
         except slurm.SubmitError as e:  # nothing was submitted: a bad --slurm-* value, found by sbatch
             say(f"sweep.py: error: {e}", err=True)
             return 2
-        self.launched = batch.tally.submitted
+        self.launched, self.waited = batch.tally.submitted, len(batch.jobs) - batch.tally.submitted
         if not self.s.slurm.wait:
-            say(f"submitted {batch.tally.submitted} job(s) ({len(batch.jobs)} in flight); rerun the same command to "
-                f"wait for them or resubmit what is missing, or build the report once they have ended: "
-                f"python -m miq.report {self.s.out}")
+            say(f"submitted {batch.tally.submitted} job(s); {len(batch.jobs)} job(s) in flight in {self.s.out}: rerun "
+                "the same command to wait for them (it resubmits what is missing, then writes the report); "
+                f"python -m miq.report {self.s.out} reports what is there now")
             return 0
         try:
             tally = batch.wait(self.check_signal) if batch.jobs else batch.tally
@@ -300,9 +304,10 @@ class Sweeper:
 
     def conclude(self) -> int:
         failed = sum(self.path(c.id, ".failed.json").is_file() for c in self.configs)
+        waited = f" ({self.waited} job(s) of an earlier submission waited for)" if self.waited else ""
         say(f"sweep done in {fmt_dur(time.monotonic() - self.t0)}: {self.launched} run now, "
-            f"{len(self.configs) - self.launched} present or skipped; {failed} failed ({self.new_failed} in this "
-            "run)")
+            f"{len(self.configs) - self.launched} present or skipped{waited}; {failed} failed ({self.new_failed} "
+            "in this run)")
         rc = report.main([str(self.s.out)])
         if rc or not (failed or self.killed):
             return rc
@@ -340,9 +345,11 @@ def main(argv: Sequence[str] | None = None, runner: Runner = opt_mi_command) -> 
         if sweep is None:
             return 0
         check_matrix(sweep, methods.matrix(sweep.matrix))
+        if sweep.slurm is None:
+            slurm.refuse_local_over_jobs(sweep.out)
         with locked(sweep.out):
             return Sweeper(sweep, runner).run()
-    except UsageError as e:
+    except (UsageError, ConfigError) as e:
         say(f"sweep.py: error: {e}", err=True)
         return 2
 

@@ -11,7 +11,10 @@ results folder, which must be on a filesystem the nodes share:
   limit is not requeued (``max_num_timeout=0``): the same limit would end it again;
 - submitit's own files (pickled jobs, the workers' logs) go to OUT/submitit/, which the results reader never
   looks in (it reads OUT/*.json); OUT/submitit/jobs.json maps each configuration to its last Slurm job, so
-  that a submission made while an earlier one is still queued or running does not submit it twice.
+  that a submission made while an earlier one is still queued, running or requeued does not submit it twice,
+  and waits for it before the report, even when its configuration already has a result (a requeued job);
+- the jobs' states come from squeue (``miq.slurm_queue``), not from sacct, which clusters without accounting
+  do not answer.
 
 ``CLUSTER`` names submitit's executor: "slurm"; the tests set "local" (submitit's LocalExecutor runs the same
 jobs as local processes, without a cluster).
@@ -33,16 +36,15 @@ from pathlib import Path
 import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from miq import atomic
+from miq import atomic, slurm_queue
 from miq.errors import ConfigError, bad_value
 from miq.sweep.launch import ConfigJob, Outcome, fmt_dur, say
 
 CLUSTER = "slurm"
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: the jobs import the miq package from it
-POLL_S = 0.2  # how often the jobs are looked at: a file check each (submitit asks sacct at most once a minute)
-# Slurm states of a job that is queued or running (sacct's names; "CANCELLED by <uid>" is read by its first word)
-ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-          "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
+POLL_S = 0.2  # how often the sweep looks for a signal or, on the local executor, a job's end (a file check)
+QUEUE_POLL_S = 5.0  # how often squeue is asked for the jobs' states, all at once
+RESULT_GRACE_S = 10.0  # a job squeue no longer lists whose outcome file is not there yet (a shared filesystem's lag)
 # sbatch options the sweep's own flags or submitit set: --slurm-extra may not set them a second way
 OWN = {"time": "--slurm-time", "partition": "--slurm-partition", "mem": "--slurm-mem",
        "gpus-per-node": "--slurm-gpus-per-job", "array": "submitit", "output": "submitit", "error": "submitit",
@@ -135,6 +137,15 @@ def executor(folder: Path, opts: SlurmOptions) -> submitit.AutoExecutor:
     return ex
 
 
+def refuse_local_over_jobs(out: Path) -> None:
+    """ConfigError when the Slurm jobs of an earlier --executor slurm sweep (--no-wait) are still in flight in
+    ``out``: a local sweep there would run their configurations a second time, at the same time."""
+    if flying := slurm_queue.in_flight_if_known(out):
+        raise ConfigError(f"--out {out}: {len(flying)} Slurm job(s) of an earlier --executor slurm sweep are still "
+                          "queued or running into it, which a local sweep would run a second time; rerun with "
+                          "--executor slurm to wait for them, or scancel them")
+
+
 @contextlib.contextmanager
 def importable() -> Iterator[None]:
     """PYTHONPATH holding this checkout while jobs are submitted, for the processes that inherit the sweep's
@@ -171,40 +182,55 @@ class Tally:
 
 
 class Batch:
-    """The sweep's Slurm jobs: submitted, found still in flight from an earlier submission, waited for."""
+    """The sweep's Slurm jobs: submitted, found still in flight from an earlier submission, waited for.
+
+    On Slurm, a job's state is squeue's (``slurm_queue``), asked at most every QUEUE_POLL_S for all the jobs at
+    once and printed when it changes (pending, running, pending again after a requeue); a job has ended when
+    squeue no longer shows it queued or running, and only then is its outcome read. submitit's own polling is
+    not used: it asks sacct, which clusters without accounting answer with a warning on every poll, and it
+    takes a requeued job's earlier outcome for its end."""
 
     def __init__(self, out: Path, opts: SlurmOptions, total: int):
         self.out, self.opts, self.total = out, opts, total
         self.folder = out / "submitit"
-        self.record = self.folder / "jobs.json"
+        self.record = slurm_queue.record_path(out)
         self.jobs: dict[str, tuple[Task, submitit.Job]] = {}
         self.tally = Tally()
+        self.seen: dict[str, str] = {}  # configuration -> its job's state as last printed
+        self.gone: dict[str, float] = {}  # configuration -> when squeue first stopped listing its job
+        self.polled = float("-inf")
 
     def recorded(self) -> dict[str, str]:
+        return slurm_queue.recorded(self.out)
+
+    def in_flight(self, ids: dict[str, str]) -> dict[str, str]:
+        """Of these configurations' recorded jobs (id -> job id), those still queued, running or requeued."""
+        if CLUSTER != "slurm" or not ids:  # a local job's process belongs to the sweep that started it
+            return {}
         try:
-            return json.loads(self.record.read_text())
-        except (OSError, ValueError):
-            return {}
+            now = slurm_queue.states(ids.values())
+        except slurm_queue.QueueError as e:  # submitting blind could run a configuration twice at once
+            raise SubmitError(f"--executor slurm: cannot tell which jobs of {self.out} are still in flight ({e}); "
+                              "rerun once squeue answers") from None
+        return {cfg: job for cfg, job in ids.items() if job in now and now[job].active}
 
-    def in_flight(self, tasks: list[Task], ids: dict[str, str]) -> dict[str, submitit.Job]:
-        """The Slurm jobs earlier submissions made for these tasks that are still queued or running, by id."""
-        if CLUSTER != "slurm":  # a local job's process belongs to the sweep that started it
-            return {}
-        # every job made first, then their states read: submitit asks sacct once for all the jobs it knows
-        jobs = {t.id: submitit.SlurmJob(self.folder, ids[t.id]) for t in tasks if t.id in ids}
-        return {i: job for i, job in jobs.items() if job.state.upper().split(" ")[0] in ACTIVE}
+    def job_of(self, job_id: str) -> submitit.Job:
+        """submitit's handle on an earlier submission's job: its files (outcome, log) and its cancellation."""
+        return submitit.SlurmJob(self.folder, job_id)
 
-    def submit(self, tasks: list[Task]) -> None:
-        """Submit every task that has no job in flight already (one array job); record their job ids."""
+    def submit(self, tasks: list[Task], others: Sequence[Task] = ()) -> None:
+        """Submit every task that has no job in flight already (one array job); record their job ids. ``others``:
+        the configurations not to run (present, failed, skipped) whose job from an earlier submission may still
+        be in flight (requeued after writing its result): waited for too, never submitted."""
         self.folder.mkdir(parents=True, exist_ok=True)
         ids = self.recorded()
-        flying, new = self.in_flight(tasks, ids), []
-        for t in tasks:
-            if (job := flying.get(t.id)) is not None:
-                say(f"[{t.n}/{self.total}] {t.id} queued or running as Slurm job {job.job_id} (an earlier "
-                    "submission): not submitted again")
-                self.jobs[t.id] = (t, job)
-            else:
+        flying, new = self.in_flight({t.id: ids[t.id] for t in [*tasks, *others] if t.id in ids}), []
+        for t in [*tasks, *others]:
+            if t.id in flying:
+                say(f"[{t.n}/{self.total}] {t.id} queued or running as Slurm job {flying[t.id]} (an earlier "
+                    "submission): waiting for it, not submitted again")
+                self.jobs[t.id] = (t, self.job_of(flying[t.id]))
+            elif t in tasks:
                 new.append(t)
         if new:
             ex = executor(self.folder, self.opts)
@@ -227,25 +253,58 @@ class Batch:
         say(f"waiting for {len(pending)} job(s); their logs: {self.out}/<id>.log and {self.folder}/")
         while pending:
             check_signal()
-            for cfg_id, (task, job) in list(pending.items()):
-                if job.done():
-                    del pending[cfg_id]
-                    self.finish(task, job, time.monotonic() - t0)
+            for cfg_id in self.ended(pending):
+                task, job = pending.pop(cfg_id)
+                self.finish(task, job, time.monotonic() - t0)
             if pending:
                 time.sleep(POLL_S)
         return self.tally
 
+    def ended(self, pending: dict[str, tuple[Task, submitit.Job]]) -> list[str]:
+        """The configurations of ``pending`` whose job has ended; on Slurm, the state changes are printed."""
+        if CLUSTER != "slurm":
+            return [cfg_id for cfg_id, (_, job) in pending.items() if job.done()]
+        if time.monotonic() - self.polled < QUEUE_POLL_S:
+            return []
+        self.polled = time.monotonic()
+        try:
+            now = slurm_queue.states(job.job_id for _, job in pending.values())
+        except slurm_queue.QueueError as e:  # the controller busy or restarting: asked again at the next poll
+            self.changed("squeue", f"not answering ({e}); asking again", err=True)
+            return []
+        self.changed("squeue", "answering")
+        done = []
+        for cfg_id, (task, job) in pending.items():
+            state = now.get(job.job_id)
+            if state is not None and state.active:
+                self.gone.pop(cfg_id, None)
+                self.changed(cfg_id, f"[{task.n}/{self.total}] {task.id} job {job.job_id} {state}")
+            elif job.paths.result_pickle.exists() or time.monotonic() - self.gone.setdefault(
+                    cfg_id, time.monotonic()) >= RESULT_GRACE_S:
+                done.append(cfg_id)
+        return done
+
+    def changed(self, key: str, line: str, err: bool = False) -> None:
+        """Print ``line`` unless it is what was last printed for ``key``: one line per state change."""
+        if self.seen.get(key, "answering" if key == "squeue" else None) != line:
+            self.seen[key] = line
+            if line != "answering":
+                say(line, err=err)
+
     def finish(self, task: Task, job: submitit.Job, waited: float) -> None:
         head = f"[{task.n}/{self.total}] {task.id}"
+        log = f"{self.out}/{task.id}.log"
         try:
+            if CLUSTER == "slurm" and not job.paths.result_pickle.exists():
+                raise UncompletedJobError("ended without writing an outcome (killed before its worker could)")
             outcome: Outcome = job.result()
         except (UncompletedJobError, FailedJobError) as e:
             # the worker itself ended without an outcome: killed (time limit, cancellation, node failure) or
             # not requeued; nothing was recorded for the configuration
             self.tally.killed += 1
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            say(f"{head} job {job.job_id} ended without running to completion after {fmt_dur(waited)} ({why}); "
-                f"not recorded: the next submission runs it again; see {job.paths.stdout}", err=True)
+            why = _first_line(e)
+            say(f"{head} job {job.job_id} did not finish after {fmt_dur(waited)} ({why}); not recorded: the "
+                f"next submission runs it again; see {log} and {job.paths.stdout}", err=True)
             return
         if outcome.status == "done":
             say(f"{head} done in {fmt_dur(outcome.seconds)}")
@@ -253,16 +312,31 @@ class Batch:
             say(f"{head} exists (another submission finished it), skipped")
         elif outcome.status == "killed":
             self.tally.killed += 1
-            say(f"{head} killed (exit {outcome.rc}) after {fmt_dur(outcome.seconds)}; not recorded: the next "
-                "submission runs it again", err=True)
+            say(f"{head} killed (exit {outcome.rc}) after {fmt_dur(outcome.seconds)} (job {job.job_id}); not "
+                f"recorded: the next submission runs it again; see {log}", err=True)
         else:
             self.tally.failed += 1
-            say(f"{head} FAILED (exit {outcome.rc}) after {fmt_dur(outcome.seconds)}; see {self.out}/{task.id}.log",
-                err=True)
+            say(f"{head} FAILED (exit {outcome.rc}) after {fmt_dur(outcome.seconds)}; see {log}", err=True)
 
     def cancel(self) -> None:
         """Cancel every job that has not ended (the sweep was stopped while waiting)."""
-        live = [job for _, job in self.jobs.values() if not job.done()]
+        live = [job for _, job in self.jobs.values()]
+        if CLUSTER != "slurm":
+            live = [job for job in live if not job.done()]
+        with contextlib.suppress(slurm_queue.QueueError):  # squeue not answering: every job is cancelled
+            if CLUSTER == "slurm":
+                now = slurm_queue.states(job.job_id for job in live)
+                live = [job for job in live if job.job_id in now and now[job.job_id].active]
         for job in live:
             job.cancel(check=False)
         say(f"cancelled {len(live)} job(s)", err=True)
+
+
+def _first_line(e: Exception) -> str:
+    """Why a job ended without an outcome, in one line: the exception submitit's worker raised (the last line
+    of the trace it hands back, e.g. "Job not requeued because: timed-out too many times."), else the first."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    raised = [ln for ln in lines if ln.startswith("submitit.core.utils.")]
+    if raised:
+        return raised[-1].removeprefix("submitit.core.utils.")
+    return lines[0] if lines else type(e).__name__
