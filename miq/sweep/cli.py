@@ -31,8 +31,10 @@
 ``--executor slurm`` keeps this contract with Slurm jobs in place of processes (``slurm.py``): each
 configuration to run is one job, which writes its result, log and failure note itself; a job Slurm kills
 records nothing and runs again on the next submission, as does a configuration whose job is neither queued nor
-running any more; SIGINT/SIGTERM while waiting cancel the jobs; ``--no-wait`` submits and exits 0, the report
-then being built with ``python -m miq.report OUT``.
+running any more; SIGINT/SIGTERM while waiting cancel the jobs; ``--no-wait`` submits and exits 0, saying how
+many jobs are in flight in OUT. A rerun waits for every job of OUT still queued, running or requeued (squeue),
+whether or not its configuration has a result, and only then writes the report (with --no-wait it exits 0
+saying how many are in flight); a local sweep into OUT while any is in flight is refused (exit 2).
 
 ``main(argv, runner)``: ``runner`` turns opt_mi.py's arguments into the command that runs a configuration
 (default ``opt_mi_command``); tests swap in a fake.
