@@ -170,16 +170,6 @@ def test_on_parent_follows_the_parent_and_the_start_is_checked():
         evo.EvoOptions(generations=1, fractions=(0.5, 0.75))
 
 
-def test_allowed_levels_restrict_the_search():
-    bits, budget, table = _instance(6)
-    allowed = [[lv for lv in range(3) if lv != 1 or i == 0] for i in range(4)]
-    allowed = [sorted(set(a) | {_cheapest(bits)[i]}) for i, a in enumerate(allowed)]
-    truth = min((c for c in itertools.product(*allowed) if _cost(bits, c) <= budget), key=table.__getitem__)
-    res = evo.evolve(bits, budget, _noisy(table, bits, budget), _cheapest(bits),
-                     evo.EvoOptions(generations=60, offspring=8, flips=4, seed=0), N, progress=False, allowed=allowed)
-    assert res.best == truth
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the stitched KL on the toy models
 

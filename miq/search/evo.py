@@ -92,17 +92,11 @@ class EvoResult:
 class Space:
     """The feasible configurations: each linear's levels in bits order, and the budget-keeping mutation."""
 
-    def __init__(self, bits: Sequence[Sequence[int]], budget: int, allowed: Sequence[Sequence[int]] | None = None):
+    def __init__(self, bits: Sequence[Sequence[int]], budget: int):
         self.bits = [[int(b) for b in row] for row in bits]
         self.budget = budget
-        allowed = allowed if allowed is not None else [range(len(row)) for row in self.bits]
-        if len(allowed) != len(self.bits):
-            raise ValueError(f"allowed: {len(allowed)} rows for {len(self.bits)} linears")
-        self.order = []  # order[i][r]: linear i's level at place r, cheapest first (ties by level index)
-        for i, row in enumerate(self.bits):
-            if any(not 0 <= lv < len(row) for lv in allowed[i]) or not allowed[i]:
-                raise ValueError(f"allowed: linear {i} allows {list(allowed[i])}, not within 0..{len(row) - 1}")
-            self.order.append(sorted(set(allowed[i]), key=lambda lv, row=row: (row[lv], lv)))
+        # order[i][r]: linear i's level at place r, cheapest first (ties by level index)
+        self.order = [sorted(range(len(row)), key=lambda lv, row=row: (row[lv], lv)) for row in self.bits]
         self.place = [{lv: r for r, lv in enumerate(o)} for o in self.order]
         self.movable = [i for i, o in enumerate(self.order) if len(o) > 1]
 
@@ -193,20 +187,18 @@ def _select(score: _Scorer, pool: list[Config], parent: Config, opts: EvoOptions
 
 
 def evolve(bits: Sequence[Sequence[int]], budget: int, fitness: Fitness, start: tuple[int, ...], opts: EvoOptions,
-           n_windows: int, progress: bool = True, *, allowed: Sequence[Sequence[int]] | None = None,
-           on_parent: Callable[[Config], None] | None = None) -> EvoResult:
+           n_windows: int, progress: bool = True, *, on_parent: Callable[[Config], None] | None = None) -> EvoResult:
     """The best configuration found, from ``start``, by ``opts.generations`` generations of mutation and
     selection.
 
     bits[i][l]: linear i's stored bits at level l (rows may differ in length). budget: the most total bits a
     configuration may cost; ``start`` must fit (ValueError otherwise), and no configuration over it is ever
     scored or returned. fitness(config, n): lower is better, scored on the first n of ``n_windows`` windows
-    (deterministic: it is memoised). allowed[i]: the levels linear i may take (default all of them; ``start``'s
-    must be among them), e.g. to leave out levels that are both dearer and worse. on_parent(config): called
-    with the start and with every new parent, so a fitness that caches the parent's hidden states
-    (``fitness.StitchedKL.anchor``) can follow it. progress: a tqdm bar on stderr.
+    (deterministic: it is memoised). on_parent(config): called with the start and with every new parent, so a
+    fitness that caches the parent's hidden states (``fitness.StitchedKL.anchor``) can follow it. progress: a
+    tqdm bar on stderr.
     """
-    space = Space(bits, int(budget), allowed)
+    space = Space(bits, int(budget))
     parent = space.check_start(start)
     if n_windows < 1:
         raise ValueError(f"n_windows must be at least 1 (got {n_windows})")
