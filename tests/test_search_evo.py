@@ -1,6 +1,6 @@
 """The evolutionary level search (miq.search.evo) against brute force on tiny instances, its budget and
 selection contracts, and the stitched-model KL fitness (miq.search.fitness) against plain full forwards of an
-explicitly stitched copy of the toy models."""
+explicitly stitched copy of the toy OPT and of tiny random models of the other families."""
 
 import copy
 import itertools
@@ -9,6 +9,7 @@ from itertools import pairwise
 
 import pytest
 import torch
+from test_families import FAMILIES, tiny_model
 
 from miq.model import layouts, loading
 from miq.search import evo
@@ -199,11 +200,12 @@ def _load(path):
     return loading.load_model(src, "auto", torch.device("cpu"))
 
 
-@pytest.fixture(scope="module", params=["toy", "toy-llama"])
+@pytest.fixture(scope="module", params=["toy", *FAMILIES[1:]])
 def toy(request):
-    path = request.getfixturevalue("toy_path" if request.param == "toy" else "toy_llama_path")
-    model = _load(path)
-    windows = torch.randint(4, model.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(0))
+    """The trained toy OPT, and a tiny random model of every other family (sliding windows shorter than the
+    windows where the family has them)."""
+    model = _load(request.getfixturevalue("toy_path")) if request.param == "toy" else tiny_model(request.param)
+    windows = torch.randint(4, model.config.vocab_size, (5, 24), generator=torch.Generator().manual_seed(0))
     return model, windows, StandInDB(model)
 
 

@@ -155,7 +155,7 @@ class _Scorer:
         key = (config, n)
         if key not in self.memo:
             if self.space.cost(config) > self.space.budget:
-                raise AssertionError(f"search scored a configuration over budget: {config}")
+                raise RuntimeError(f"search scored a configuration over budget: {config}")
             self.calls += 1
             self.memo[key] = float(self.fitness(config, n))
         return self.memo[key]
