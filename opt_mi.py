@@ -110,7 +110,7 @@ def run(cfg: RunConfig) -> dict:
     ppl = evaluate(model, eval_tokens, cfg, dev)
     eval_s = time.time() - t + eval_load_s
     t = time.time()
-    task_results = tasks.evaluate(loading.whole(model), tokenizer, task_plan, cfg, dev) if task_plan else None
+    task_results = tasks.evaluate(model, tokenizer, task_plan, cfg, dev) if task_plan else None
 
     timing = {"model_s": model_s, "calibration_s": calibration_s, "compress_s": compress_s, "eval_s": eval_s,
               **({"tasks_s": time.time() - t} if task_results else {})}

@@ -220,7 +220,7 @@ def report(depth: int, load: str, size: int, terms: dict, r: dict, base: dict) -
           f"imports = {above / size:.3f}x the checkpoint; wall {r['wall_s']:.0f} s")
     if load == "layers":
         print(f"  law {bound / MiB:.0f} MiB = {bound / size:.3f}x ("
-              + ", ".join(f"{k} {v / MiB:.0f}" for k, v in terms.items()) + f" MiB): "
+              + ", ".join(f"{k} {v / MiB:.0f}" for k, v in terms.items()) + " MiB): "
               + ("within" if above <= bound else "EXCEEDED"))
     stages = sorted(r["stages"].items(), key=lambda kv: -kv[1])[:6]
     print("  stage peaks above the imports: " + ", ".join(f"{k} {(v - base['peak_rss']) / MiB:.0f}" for k, v in stages)

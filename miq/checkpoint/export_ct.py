@@ -32,6 +32,7 @@ import os
 import sys
 
 import torch
+
 from miq.checkpoint import packed, stream
 from miq.checkpoint.formats import USE_PACKED
 from miq.errors import ConfigError

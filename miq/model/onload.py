@@ -325,6 +325,50 @@ def modules(model: nn.Module, mods: list[nn.Module]) -> Iterator[None]:
         trim()
 
 
+@contextlib.contextmanager
+def streamed(model: nn.Module, dev: torch.device) -> Iterator[nn.Module]:
+    """The model as one ``nn.Module`` on ``dev`` for the block, for what calls its forward itself (the
+    harness's tasks). Loaded whole: moved to ``dev`` and back to the CPU after. Loaded layer by layer: its
+    embeddings and head resident for the block, and each decoder layer read (from the compressed layers'
+    files) when its forward starts and released when it ends, so that the block holds one decoder layer."""
+    o = of(model)
+    if o is None:
+        model.to(dev)
+        try:
+            yield model
+        finally:
+            if dev.type != "cpu":
+                model.cpu()
+        return
+    layout = layouts.of(model)
+    ends = layout.embedding_modules(model) + layout.head_modules(model)
+
+    def pre(index: int):
+        def hook(layer: nn.Module, args) -> None:
+            o.load(o.layer_names[index], layer=index)
+            layer.to(dev)
+        return hook
+
+    def post(index: int):
+        def hook(layer: nn.Module, args, out) -> None:
+            o.release(o.layer_names[index])
+        return hook
+
+    hooks = []
+    with modules(model, ends):
+        for m in ends:
+            m.to(dev)
+        try:
+            for i, layer in enumerate(layout.decoder_layers(model)):
+                hooks += [layer.register_forward_pre_hook(pre(i)), layer.register_forward_hook(post(i))]
+            yield model
+        finally:
+            for h in hooks:
+                h.remove()
+            for m in ends if dev.type != "cpu" else []:
+                m.cpu()
+
+
 def zeros(model: nn.Module, weight: str) -> int:
     """Exact zeros of the weight tensor named ``weight``, resident or in the Store."""
     t = model.get_parameter(weight)
