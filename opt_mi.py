@@ -45,7 +45,7 @@ import torch
 import datautils
 from miq import bitstats, methods
 from miq.errors import USER_ERRORS, DataError, PublishError
-from miq.model import layerwalk, loading
+from miq.model import layerwalk, loading, onload
 from miq.model.loading import ModelSource, load_model, open_source
 from miq.run import outputs, preflight, saving, tasks
 from miq.run.compress import compress, decoder_linear_weights, mask_sparsity, zero_fraction
@@ -84,6 +84,7 @@ def run(cfg: RunConfig) -> dict:
     end (Staging): an error or an interrupt anywhere leaves none of them."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
+    onload.return_freed_memory()  # host memory a few layers deep, not a heap of what earlier layers freed
     cfg, src, tokenizer, dev, task_plan = prepare(cfg)
     model_s = time.time() - t0  # checks, tokenizer and (first use) building the toy
     label, family = methods.label(cfg)
@@ -109,7 +110,7 @@ def run(cfg: RunConfig) -> dict:
     ppl = evaluate(model, eval_tokens, cfg, dev)
     eval_s = time.time() - t + eval_load_s
     t = time.time()
-    task_results = tasks.evaluate(loading.whole(model), tokenizer, task_plan, cfg, dev) if task_plan else None
+    task_results = tasks.evaluate(model, tokenizer, task_plan, cfg, dev) if task_plan else None
 
     timing = {"model_s": model_s, "calibration_s": calibration_s, "compress_s": compress_s, "eval_s": eval_s,
               **({"tasks_s": time.time() - t} if task_results else {})}

@@ -10,6 +10,7 @@ holding any parameter or buffer off the meta device.
 
 import json
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import opt_mi
+from miq.checkpoint import stream
 from miq.model import layouts, loading, onload, toy
 
 FAST = ["--nsamples", "8", "--seqlen", "32", "--analysis-dir", ""]
@@ -213,3 +215,40 @@ def test_only_compressed_layers_are_kept_and_a_full_tmpdir_is_one_line(sharded, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "No space left" in err[0] and "--load whole" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["packed", "compressed-tensors"])
+def test_saving_holds_one_tensor_and_never_the_model(sharded, tmp_path, monkeypatch, small_eval, fmt):
+    """--save of a model loaded layer by layer: the model is never read back whole, each compressed linear
+    goes to a temporary file as compression produces it (one linear per file), and the writers take one
+    tensor at a time (the previous one is gone when the next is asked for); the files equal --load whole's."""
+    alive: list[weakref.ref] = []
+    puts: list[int] = []
+    real_save, real_put = stream.save, stream.Spill.put
+
+    def save(path, specs, get, metadata=None):
+        def one(name):
+            assert all(r() is None for r in alive), f"{name}: an earlier tensor is still held"
+            t = get(name)
+            alive.append(weakref.ref(t))
+            return t
+
+        real_save(path, specs, one, metadata)
+
+    def put(spill, tensors):
+        puts.append(len(tensors))
+        real_put(spill, tensors)
+
+    monkeypatch.setattr(stream, "save", save)
+    monkeypatch.setattr(stream.Spill, "put", put)
+    monkeypatch.setattr(onload.Onloader, "materialize", lambda o: pytest.fail("the model was read back whole"))
+    flags = ["--sparsity", "0.5", "--wbits", "4", "--eval", small_eval, "--save-format", fmt]
+    lazy, lazy_dir = _run(sharded, tmp_path, "layers", *flags)
+    linears = 7 * LAYERS
+    # one file per compressed linear (compressed-tensors: its grid as compression made it, then its export)
+    assert len(puts) == linears * (1 if fmt == "packed" else 2) and min(puts) > 0
+    assert len(alive) > linears
+    monkeypatch.undo()
+    whole, whole_dir = _run(sharded, tmp_path, "whole", *flags)
+    assert lazy["ppl"] == whole["ppl"]
+    _same_folders(lazy_dir, whole_dir)

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import opt_mi
 from miq import methods, synthetic
 from miq.errors import ConfigError, DataError, NoEffectError
-from miq.model import loading, toy
+from miq.model import loading, onload, toy
 from miq.report import markdown as report
 from miq.report import tasks_table
 from miq.report.results import Run, units
@@ -351,3 +351,34 @@ def test_runs_without_tasks_change_nothing_and_other_tasks_are_not_compared(tmp_
     plain = [Run(r.id, {k: v for k, v in r.data.items() if k != "tasks"}) for r in runs]
     cell = judge(plain, ["synthetic"]).cells[0]
     assert cell.baseline.on_tasks is None and tasks_table.section(units(plain), judge(plain, ["synthetic"])) == []
+
+
+def test_tasks_on_a_model_loaded_layer_by_layer_hold_one_layer(toy_path, cloze, small_eval, tmp_path, monkeypatch,
+                                                               no_network):
+    """--tasks with --load layers: the harness gets the model whose decoder layers are read as its forward
+    reaches them, never the model read back whole; at most one decoder layer is resident during the tasks,
+    and every number equals --load whole's."""
+    path, _ = cloze
+    resident: list[int] = []  # decoder layers holding weights, after each read during the tasks
+    real_load, real_evaluate = onload.Onloader.load, tasks.evaluate
+    during = []
+
+    def load(o, names, layer=None):
+        real_load(o, names, layer)
+        if during:
+            resident.append(sum(any(o.tensors[n].device.type != "meta" for n in ns) for ns in o.layer_names))
+
+    def evaluate(*args, **kwargs):
+        during.append(True)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(onload.Onloader, "load", load)
+    monkeypatch.setattr(opt_mi.tasks, "evaluate", evaluate)
+    monkeypatch.setattr(onload.Onloader, "materialize", lambda o: pytest.fail("the model was read back whole"))
+    flags = [toy_path, "synthetic", *FAST, "--sparsity", "0.5", "--wbits", "4", "--eval", small_eval, "--tasks", path,
+             "--tasks-limit", "16"]
+    lazy = run_json([*flags, "--load", "layers"], tmp_path / "lazy.json")
+    assert resident and max(resident) == 1
+    monkeypatch.undo()
+    whole = run_json([*flags, "--load", "whole"], tmp_path / "whole.json")
+    assert lazy["tasks"]["results"] == whole["tasks"]["results"] and lazy["ppl"] == whole["ppl"]

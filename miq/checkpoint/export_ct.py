@@ -32,9 +32,8 @@ import os
 import sys
 
 import torch
-from safetensors.torch import save_file
 
-from miq.checkpoint import packed
+from miq.checkpoint import packed, stream
 from miq.checkpoint.formats import USE_PACKED
 from miq.errors import ConfigError
 from quant import QuantizedLayer
@@ -103,13 +102,17 @@ def write_ct(folder: str, model, tokenizer, layers: list[QuantizedLayer], groups
         scheme = QuantizationScheme(targets=names, weights=QuantizationArgs(**args), format=FORMAT)
         config_groups[gname] = scheme
         scheme_of.update(dict.fromkeys(names, scheme))
-    state, _ = packed.dense_state(model, {f"{q.name}.weight" for q in layers})
-    nbytes = 0
-    for q in layers:
-        tensors = _compress_layer(q, scheme_of[q.name], compressor, model.dtype)
-        nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
-        state.update({f"{q.name}.{k}": v.contiguous() for k, v in tensors.items()})
-    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    specs, get, _ = packed.dense_tensors(model, {f"{q.name}.weight" for q in layers})
+    spill, nbytes = stream.Spill("miq-ct-"), 0
+    try:  # layer by layer into temporary files, then every tensor streamed into the one file: one layer held
+        for q in layers:
+            tensors = _compress_layer(q, scheme_of[q.name], compressor, model.dtype)
+            nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
+            spill.put({f"{q.name}.{k}": v for k, v in tensors.items()})
+        stream.save(os.path.join(folder, "model.safetensors"), {**specs, **spill.specs},
+                    lambda n: spill.get(n) if n in spill.specs else get(n), metadata={"format": "pt"})
+    finally:
+        spill.close()
     model.config.save_pretrained(folder)
     qconfig = QuantizationConfig(config_groups=config_groups, format=FORMAT, quantization_status="compressed",
                                  ignore=["lm_head"])
@@ -121,6 +124,31 @@ def write_ct(folder: str, model, tokenizer, layers: list[QuantizedLayer], groups
     tokenizer.save_pretrained(folder)
     weights = sum(q.weight.numel() for q in layers)
     return {"bytes_on_disk": nbytes, "bpw_on_disk": 8 * nbytes / weights if weights else None}
+
+
+class SpilledLayers:
+    """The compressed linears as compression produces them (``append``, as a list takes them), kept in
+    temporary files and read back one at a time on each iteration: what this writer needs of every layer (its
+    exact float32 weights and grid) without holding every layer's float32 copy until the end of the run."""
+
+    PARTS = ("weight", "mask", "scale", "zero", "maxq", "g_idx", "perm", "row_groups")
+
+    def __init__(self) -> None:
+        self.spill = stream.Spill("miq-ct-layers-")
+        self.kept: list[tuple[str, bool, tuple[str, ...]]] = []  # (name, sym, parts present) per layer
+
+    def append(self, q: QuantizedLayer) -> None:
+        parts = {p: getattr(q, p) for p in self.PARTS if getattr(q, p) is not None}
+        self.spill.put({f"{len(self.kept)}.{p}": t for p, t in parts.items()})
+        self.kept.append((q.name, q.sym, tuple(parts)))
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __iter__(self):
+        for i, (name, sym, parts) in enumerate(self.kept):
+            t = {p: self.spill.get(f"{i}.{p}") if p in parts else None for p in self.PARTS}
+            yield QuantizedLayer(name, sym=sym, **t)
 
 
 def _compress_layer(q: QuantizedLayer, scheme, compressor, dtype: torch.dtype) -> dict[str, torch.Tensor]:

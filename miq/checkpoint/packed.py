@@ -53,12 +53,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from miq.checkpoint import formats, packed_layer
+from miq.checkpoint import formats, packed_layer, stream
 from miq.errors import ModelError
 from miq.model import onload
 from quant import QuantizedLayer
@@ -104,10 +104,11 @@ def write_packed(folder: str, model, tokenizer, layers: list[QuantizedLayer], nm
     if not isinstance(layers, PackedLayers):
         layers = PackedLayers.of(layers, dtype, nm)
     entries, weights = layers.entries, layers.weights
-    dense, tied = dense_state(model, {f"{name}.weight" for name in entries})
-    # one metadata key: safetensors writes several in no fixed order, and the same run must give the same bytes
-    save_file(layers.tensors, os.path.join(folder, PACKED), metadata={"format": FORMAT})
-    save_file(dense, os.path.join(folder, DENSE), metadata={"format": FORMAT})
+    specs, get, tied = dense_tensors(model, {f"{name}.weight" for name in entries})
+    # one metadata key: safetensors writes several in no fixed order, and the same run must give the same bytes;
+    # both files tensor by tensor (stream.save), so that saving holds one tensor, not the model
+    stream.save(os.path.join(folder, PACKED), layers.spill.specs, layers.spill.get, metadata={"format": FORMAT})
+    stream.save(os.path.join(folder, DENSE), specs, get, metadata={"format": FORMAT})
     nbytes = sum(tensor_bytes(os.path.join(folder, PACKED)).values())
     manifest = {"format": FORMAT, "version": VERSION, "dtype": packed_layer.DTYPE_NAMES[dtype],
                 "files": {"packed": PACKED, "dense": DENSE}, "tied": tied,
@@ -125,13 +126,14 @@ def write_packed(folder: str, model, tokenizer, layers: list[QuantizedLayer], nm
 
 class PackedLayers:
     """Compressed linears encoded as they arrive (``append``, as a list of QuantizedLayer takes them): the
-    manifest entries and tensors of the format, a few bits per weight, held instead of every layer's float32
-    copy until the run ends. ``dtype``: the model's; ``nm``: the run's n:m pattern, if any."""
+    manifest entries, and the format's tensors (a few bits per weight) put away on disk layer by layer
+    (``spill``) until the writer streams them into the file: a run holds neither every layer's float32 copy
+    nor every layer's packed bits. ``dtype``: the model's; ``nm``: the run's n:m pattern, if any."""
 
     def __init__(self, dtype: torch.dtype, nm: tuple[int, int] | None = None):
         self.dtype, self.nm = dtype, nm
         self.entries: dict[str, dict] = {}  # layer -> manifest entry, in the order compressed
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.spill = stream.Spill("miq-packed-")
         self.weights = 0
 
     @classmethod
@@ -143,18 +145,20 @@ class PackedLayers:
 
     def append(self, q: QuantizedLayer) -> None:
         self.entries[q.name], t = packed_layer.encode(q, self.dtype, self.nm)
-        self.tensors.update(t)
+        self.spill.put(t)
         self.weights += q.weight.numel()
 
     def __len__(self) -> int:
         return len(self.entries)
 
 
-def dense_state(model, compressed: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict less the compressed weights, each shared tensor once: ({name: tensor}, {alias: source}).
-    A model loaded layer by layer gives its tensors from the checkpoint and the compressed layers' files."""
+def dense_tensors(model, compressed: set[str]) -> tuple[dict[str, stream.Spec], Callable[[str], torch.Tensor],
+                                                        dict[str, str]]:
+    """The state dict less the compressed weights, each shared tensor once, for ``stream.save``: ({name:
+    (dtype, shape)}, get(name) -> tensor, {alias: source}). A model loaded layer by layer reads each tensor
+    when asked, from the checkpoint or the compressed layers' files."""
     if onload.of(model) is not None:
-        return onload.of(model).dense_state(compressed)
+        return onload.of(model).dense(compressed)
     out, tied, seen = {}, {}, {}
     for name, t in model.state_dict().items():
         if name in compressed:
@@ -164,8 +168,8 @@ def dense_state(model, compressed: set[str]) -> tuple[dict[str, torch.Tensor], d
             tied[name] = seen[key]
             continue
         seen[key] = name
-        out[name] = t.detach().cpu().contiguous()
-    return out, tied
+        out[name] = t
+    return {n: (t.dtype, tuple(t.shape)) for n, t in out.items()}, out.__getitem__, tied
 
 
 def tensor_bytes(path: str) -> dict[str, int]:

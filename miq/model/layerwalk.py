@@ -23,6 +23,7 @@ from miq.model import layouts, onload
 
 Visit = Callable[[int, nn.Module, torch.Tensor], bool]  # True when it changed the layer's weights
 LayerKwargs = list[dict]  # the keyword arguments of each decoder layer, as the model passed them
+LOGITS_BUDGET = 2**23  # logits per head call in evaluation (32 MB of float32): see window_losses
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -136,22 +137,24 @@ def walk(
     windows go through a layer per call: the captured kwargs (mask, positions, rotary cos/sin) have batch
     size one and broadcast, so the result is the same up to float summation order.
 
+    The outputs overwrite ``inps`` batch by batch (windows are independent, and a batch is read before it is
+    written): one activation buffer instead of two, which for evaluation is the one term of host memory that
+    grows with the evaluation text. The returned tensor is ``inps``.
+
     A model loaded layer by layer (``onload``) has each layer read when its turn comes and released after;
     a layer the visit changed (compressed) is kept in the Store first, where evaluation reads it.
     """
     layers = decoder_layers(model)
-    outs = torch.empty_like(inps)
     for i in tqdm(range(len(layers)), desc=desc, leave=False, disable=None):
         with onload.layer(model, i) as held:
             layer = layers[i].to(dev)
             if visit is not None:
                 held.keep = visit(i, layer, inps)
             for j in range(0, inps.shape[0], batch):
-                outs[j : j + batch] = layer(inps[j : j + batch], **layer_kwargs[i])
+                inps[j : j + batch] = layer(inps[j : j + batch], **layer_kwargs[i])
             if dev.type != "cpu":
                 layers[i] = layer.cpu()
                 torch.cuda.empty_cache()
-        inps, outs = outs, inps
     return inps
 
 
@@ -163,32 +166,38 @@ def run_layer(layer: nn.Module, inps: torch.Tensor, kwargs: dict) -> None:
 
 @torch.no_grad()
 def window_losses(model: nn.Module, hidden: torch.Tensor, windows: torch.Tensor, dev: torch.device,
-                  logits_budget: int = 2**27) -> torch.Tensor:
+                  logits_budget: int | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of each window [n] from the last layer's outputs [n, seqlen, hidden].
 
-    Windows go through the head in chunks holding at most ``logits_budget`` float32 logits (512 MB), since a
-    50k vocabulary makes logits the largest tensor of evaluation.
+    Positions go through the head in slices of at most ``logits_budget`` logits (``LOGITS_BUDGET``; float32, and
+    cross-entropy's log-softmax of the same size beside them), across window boundaries: a 50k vocabulary
+    makes logits the largest tensor of evaluation, and a slice bounds them whatever the length of the text,
+    the window or the vocabulary (one window of 2048 tokens over 128k tokens is 1 GB of logits). Every
+    position's loss is its own, so slicing changes no loss beyond the head's float summation order.
     """
     heads = layouts.of(model).head_modules(model)
     n, seqlen = windows.shape
-    chunk = max(1, logits_budget // (seqlen * heads[-1].out_features))
-    losses = torch.empty(n, dtype=torch.float64)
+    positions = n * (seqlen - 1)  # every position but a window's last predicts the next token
+    step = max(1, (logits_budget or LOGITS_BUDGET) // heads[-1].out_features)
+    flat = hidden.reshape(n * seqlen, hidden.shape[-1])
+    targets = windows[:, 1:].reshape(-1)
+    nll = torch.empty(positions)
     with onload.modules(model, heads):  # read here when loading layer by layer
         for m in heads:
             m.to(dev)
-        for j in range(0, n, chunk):
-            h = hidden[j : j + chunk]
+        for j in range(0, positions, step):
+            at = torch.arange(j, min(j + step, positions))
+            rows = at // (seqlen - 1) * seqlen + at % (seqlen - 1)  # the hidden rows of those positions
+            h = flat[rows.to(flat.device)].to(dev)
             for m in heads[:-1]:  # final norm (and OPT's project_out)
                 h = m(h)
-            logits = heads[-1](h).float()[:, :-1]
-            target = windows[j : j + chunk, 1:].to(dev)
-            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                              reduction="none")
-            losses[j : j + chunk] = nll.view(target.shape).double().mean(1).cpu()
+            logits = heads[-1](h).float()
+            nll[at] = nn.functional.cross_entropy(logits, targets[at].to(dev), reduction="none").cpu()
+            del logits, h  # before the next slice's are made
         if dev.type != "cpu":
             for m in heads:
                 m.cpu()
-    return losses
+    return nll.view(n, seqlen - 1).double().mean(1)
 
 
 def eval_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:

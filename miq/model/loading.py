@@ -367,15 +367,6 @@ def load_lazily(src: ModelSource, folder: str, torch_dtype):
     return model
 
 
-def whole(model):
-    """The model with every weight resident (the compressed layers from their temporary files): what needs
-    the whole model at once (the harness's tasks, the compressed-tensors and dense writers) gets it here."""
-    lazy = onload.of(model)
-    if lazy is not None:
-        lazy.materialize()
-    return model
-
-
 def release(model) -> None:
     """Remove the temporary files of a model loaded layer by layer (also removed when it is collected)."""
     onload.close(model)

@@ -12,11 +12,13 @@
 ``save`` builds the folder beside DIR and renames it into place; ``write`` fills a given folder (for callers
 that stage all outputs themselves).
 
-A model loaded layer by layer (``--load layers``) is written without being whole in memory for ``packed``:
-each compressed linear was encoded as compression produced it (``sink``), and ``dense.safetensors`` (the
-embeddings, head, norms, biases and any linear left uncompressed) is read from the checkpoint and the
-compressed layers' temporary files. ``compressed-tensors`` and ``dense`` take the whole model: it is read
-back into memory first.
+Saving holds one layer, not the model, for ``packed`` and ``compressed-tensors`` (with --load layers as with
+--load whole): each compressed linear goes to a temporary file as compression produces it (``sink``: packed,
+encoded at once; compressed-tensors, its exact weights and grid), and the writers stream every tensor into
+their files one at a time (``miq/checkpoint/stream.py``): the embeddings, head, norms and biases read from
+the checkpoint (or the compressed layers' temporary files) when their turn comes. ``dense`` is
+``save_pretrained``, which takes the whole model: a model loaded layer by layer is read back into memory
+first.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def sink(model, cfg: RunConfig) -> list:
     formats need the layers themselves (a list)."""
     if cfg.save and cfg.save_format == "packed":
         return packed.PackedLayers(model.dtype, (cfg.prunen, cfg.prunem) if cfg.prunen else None)
+    if cfg.save and cfg.save_format == "compressed-tensors":
+        return export_ct.SpilledLayers()
     return []
 
 
@@ -53,8 +57,8 @@ def write(folder: str, model, tokenizer, res: CompressionResult, cfg: RunConfig)
     toolkit saved it (so that a later --save may replace it) with every file's sha256 (checked on loading);
     see ``save``."""
     disk = None
-    if cfg.save_format != "packed" and onload.of(model) is not None:
-        # these writers take the whole model: read back (the compressed layers from their temporary files)
+    if cfg.save_format == "dense" and onload.of(model) is not None:
+        # save_pretrained takes the whole model: read back (the compressed layers from their temporary files)
         onload.of(model).materialize()
     if cfg.save_format == "packed":
         nm = (cfg.prunen, cfg.prunem) if cfg.prunen else None

@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from miq.errors import ConfigError, DataError
-from miq.model import loading
+from miq.model import loading, onload
 from miq.options import fmt_fixed
 from miq.run.config import RunConfig, is_task_file
 
@@ -243,14 +243,14 @@ def _hub(p: TaskPlan):
 
 def evaluate(model, tokenizer, p: TaskPlan, cfg: RunConfig, dev: torch.device) -> dict:
     """Run the plan's tasks on ``model`` (moved to ``dev`` for it, and back to the CPU after, where the rest of
-    the run keeps it); returns ``record``'s block. A task the harness cannot run (its dataset not downloadable,
-    a broken task file) is a DataError naming it."""
+    the run keeps it; loaded layer by layer, one decoder layer at a time: ``onload.streamed``); returns
+    ``record``'s block. A task the harness cannot run (its dataset not downloadable, a broken task file) is a
+    DataError naming it."""
     lm_eval = harness()
     from lm_eval.models.huggingface import HFLM
 
-    model.to(dev)
-    try:
-        with quiet(), _hub(p):
+    try:  # a model loaded layer by layer holds one decoder layer at a time, read as each forward reaches it
+        with quiet(), _hub(p), onload.streamed(model, dev):
             # a copy: the harness gives a tokenizer without a pad token one, and --save writes the run's own
             lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=cfg.tasks_batch)
             out = lm_eval.simple_evaluate(model=lm, tasks=list(p.names), num_fewshot=cfg.tasks_fewshot,
@@ -260,9 +260,6 @@ def evaluate(model, tokenizer, p: TaskPlan, cfg: RunConfig, dev: torch.device) -
         where = "cached datasets only (the hub does not answer); " if not p.local and loading.hub_probe() else ""
         raise DataError(f"--tasks {','.join(p.sources)}: the harness could not run them ({where}"
                         f"{loading.first_line(e)})") from None
-    finally:
-        if dev.type != "cpu":
-            model.cpu()
     return record(out, p, cfg)
 
 
