@@ -44,7 +44,7 @@ def sink(model, cfg: RunConfig) -> list:
     bits (a few per weight) rather than a float32 copy of every compressed weight until the end; the other
     formats need the layers themselves (a list)."""
     if cfg.save and cfg.save_format == "packed":
-        return packed.PackedLayers(model.dtype, (cfg.prunen, cfg.prunem) if cfg.prunen else None)
+        return packed.PackedLayers(model.dtype, cfg.nm)
     return []
 
 
@@ -57,7 +57,7 @@ def write(folder: str, model, tokenizer, res: CompressionResult, cfg: RunConfig)
         # these writers take the whole model: read back (the compressed layers from their temporary files)
         onload.of(model).materialize()
     if cfg.save_format == "packed":
-        nm = (cfg.prunen, cfg.prunem) if cfg.prunen else None
+        nm = cfg.nm
         disk = packed.write_packed(folder, model, tokenizer, res.saved, nm=nm, run=cfg.as_dict())
     elif cfg.save_format == "compressed-tensors":
         disk = export_ct.write_ct(folder, model, tokenizer, res.saved, cfg.groupsize)

@@ -1,0 +1,101 @@
+"""``--search``: each compressed decoder linear its own level (mask, width, grid) under ``--target-bpw``.
+
+``search`` builds (or reuses) the level database from the dense model (``build.py``, ``levels.py``), solves the knapsack
+of summed per-linear losses under the budget (``budget.py``), and for ``--search evo`` starts the evolution
+of the stitched model's KL from that answer, on calibration windows held apart from the database's
+(``miq.search.evo``, ``miq.search.fitness``). The run then compresses the model the usual way, layer by
+layer from the compressed model's own inputs, each linear at its chosen level (``compress.compress`` with
+the ``Recipe``), and ``finish`` checks that every linear stored exactly the bits the database charged it (a
+level's bits follow from its settings and shape, not from its inputs), records each layer's level and
+returns the JSON's ``search`` block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from miq.options import Level, Recipe
+from miq.run import compress
+from miq.run.compress import CompressionResult
+from miq.run.config import RunConfig
+from miq.search import build, evo, fitness, levels
+from miq.search.budget import Budget, knapsack
+from miq.search.levels import LevelDB
+
+
+@dataclass
+class Searched:
+    """A search's answer: the database, the budget, each linear's level index, and the JSON record so far."""
+
+    db: LevelDB
+    budget: Budget
+    choice: list[int]
+    record: dict = field(default_factory=dict)
+
+    @property
+    def recipe(self) -> Recipe:
+        """Each linear at its chosen level (no linear falls back on the default: the database holds them all)."""
+        return Recipe.per_linear(Level(), {n: self.db.levels[j] for n, j in zip(self.db.names, self.choice,
+                                                                                  strict=True)})
+
+    def stored_bits(self) -> int:
+        return sum(self.db.bits[i][j] for i, j in enumerate(self.choice))
+
+
+def database(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.device, model_path: str) -> LevelDB:
+    """The level database of this model, calibration, seed, levels and pass flags: from the cache, or built."""
+    folder = build.folder_for(cfg, model_path, dev)
+    return levels.load(folder) or build.build(model, calib, cfg, dev, folder)
+
+
+def search(model, calib: torch.Tensor, heldout: torch.Tensor, cfg: RunConfig, dev: torch.device,
+           model_path: str) -> Searched:
+    """Each linear's level for ``cfg.target_bpw``: the knapsack's, then (evo) the evolution's from there.
+    ``calib`` builds the database; ``heldout`` [k, seqlen] (evo only) are the fitness's windows."""
+    t = time.time()
+    db = database(model, calib, cfg, dev, model_path)
+    db_s = time.time() - t
+    budget = Budget.of(cfg.target_bpw, compress.decoder_linear_weights(model), sum(db.numel))
+    t = time.time()
+    choice = knapsack(db.loss, db.bits, budget.bits)
+    objective = sum(db.loss[i][j] for i, j in enumerate(choice))
+    out = Searched(db, budget, choice)
+    record = {"method": cfg.search, "budget_bpw": cfg.target_bpw, "budget_bits": budget.bits,
+              "knapsack": {"loss": objective, "bpw": budget.bpw(out.stored_bits())}, "trace": [objective]}
+    if cfg.search == "evo":
+        stitched = fitness.StitchedKL(model, heldout, db, dev)
+        opts = evo.EvoOptions(generations=cfg.search_generations, seed=cfg.seed)
+        result = evo.evolve(db.bits, budget.bits, stitched, choice, opts)
+        out.choice = [int(j) for j in result.best]
+        record.update(trace=[float(x) if isinstance(x, int | float) else x for x in result.trace],
+                      kl=float(result.fitness), windows=int(heldout.shape[0]))
+    if out.stored_bits() > budget.bits:
+        raise AssertionError(f"the {cfg.search} search returned {out.stored_bits()} bits, over the budget of "
+                             f"{budget.bits}")
+    record.update(search_s=time.time() - t, db_s=db_s, db_reused=db.reused, db_size_bytes=db.size_bytes(),
+                  cache=db.folder, levels_tried=len(db.levels))
+    out.record = record
+    return out
+
+
+def finish(res: CompressionResult, found: Searched) -> dict:
+    """The JSON ``search`` block, once the final model is compressed; every layer record gets its level.
+    AssertionError when a linear stored other bits than the database charged its level (the budget would
+    no longer hold)."""
+    index = {n: i for i, n in enumerate(found.db.names)}
+    if sorted(r["name"] for r in res.layers) != sorted(found.db.names):  # --true-sequential: another order
+        raise AssertionError("the final run compressed other linears than the level database holds")
+    for rec, bits in zip(res.layers, res.bits, strict=True):
+        i = index[rec["name"]]
+        level = found.db.levels[found.choice[i]]
+        stored = bits.code_bits + bits.metadata_bits + bits.mask_bits
+        if stored != found.db.bits[i][found.choice[i]]:
+            raise AssertionError(f"{rec['name']} at {level.label()} stored {stored} bits, the database charged "
+                                 f"{found.db.bits[i][found.choice[i]]}")
+        rec["level"] = {"label": level.label(), **dataclasses.asdict(level)}
+    levels_by_name = {n: found.db.levels[j].label() for n, j in zip(found.db.names, found.choice, strict=True)}
+    return {**found.record, "bpw": found.budget.bpw(found.stored_bits()), "levels": levels_by_name}
