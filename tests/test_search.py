@@ -16,7 +16,8 @@ import opt_mi
 from miq.model import loading
 from miq.options import Level, Recipe
 from miq.run import config
-from miq.search import budget, build, levels
+from miq.search import budget, build, evo, fitness, levels
+from miq.search import run as search_run
 from miq.search.budget import Budget, knapsack
 from miq.search.run import Searched, finish
 
@@ -139,6 +140,25 @@ def test_at_a_uniform_configurations_budget_the_knapsack_loses_no_more_than_it(t
         assert sum(db.loss[i][p] for i, p in enumerate(pick)) <= sum(x[j] for x in db.loss) + 1e-9
 
 
+@pytest.mark.slow
+def test_evo_at_a_uniform_levels_budget_is_within_it_and_its_kl_no_worse(toy_path, toy_db):
+    """The evolution starts from the knapsack's answer or a uniform configuration, whichever has the lower KL
+    (``run._start``), so at a budget a uniform level fills exactly, it ends within the budget and no worse
+    than that uniform configuration on the same windows (needs miq/search/evo.py and fitness.py)."""
+    db, cfg = toy_db
+    src, tok = loading.open_source(toy_path)
+    draws = datautils.get_calibration("synthetic", cfg.nsamples + 2, cfg.seed, cfg.seqlen, tok)[cfg.nsamples:]
+    heldout = torch.cat([x for x, _ in draws])
+    model = loading.load_model(src, "auto", torch.device("cpu"))
+    stitched = fitness.StitchedKL(model, heldout, db, torch.device("cpu"))
+    for j in (db.levels.index(Level(0.5, 0, 0, 3, -1)), db.levels.index(Level(0, 0, 0, 4, 16))):
+        cap, uniform = sum(b[j] for b in db.bits), [j] * len(db.names)
+        start, _ = search_run._start(db, cap, knapsack(db.loss, db.bits, cap), stitched, 2)
+        result = evo.evolve(db.bits, cap, stitched, start, evo.EvoOptions(generations=3, seed=0))
+        assert sum(db.bits[i][p] for i, p in enumerate(result.best)) <= cap
+        assert stitched(list(result.best), 2) <= stitched(uniform, 2) + 1e-12
+
+
 def test_the_budget_counts_uncompressed_linears_at_16_bits():
     b = Budget.of(3.0, 1000, 600)
     assert (b.uncompressed, b.bits) == (400, 3000 - 6400) and b.bpw(b.bits) == pytest.approx(3.0)
@@ -250,7 +270,8 @@ def test_a_searched_toy_saves_reloads_and_its_levels_are_the_saved_layers(toy_pa
         assert s["levels"][rec["name"]] == lv["label"]
         widths, groupsize, mask, pruned = saved[rec["name"]]
         assert widths == [lv["wbits"]] and pruned == rec["pruned"]
-        assert groupsize == (None if lv["wbits"] == 16 else lv["groupsize"] if lv["groupsize"] > 0 else rec["in_features"])
+        grid = lv["groupsize"] if lv["groupsize"] > 0 else rec["in_features"]  # per row: one group of all columns
+        assert groupsize == (None if lv["wbits"] == 16 else grid)
         assert mask == (None if not (lv["sparsity"] or lv["prunen"]) else "n:m" if lv["prunen"] else "bitmask")
     assert opt_mi.main([str(save), "synthetic", "--nsamples", "4", "--seqlen", "32", "--eval", small_eval,
                         "--json", str(tmp_path / "re.json")]) == 0

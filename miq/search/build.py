@@ -8,9 +8,10 @@ is bit for bit what compressing that linear alone at that level on the same inpu
 separate passes, not one stacked trial pass: a stacked pass takes its masks from one width's rows
 (``trials.trial``), and a single-width SparseGPT pass chooses its mask on its own quantized rows, so
 stacking would change the pruned levels (measured on the toy at 50%: fc2's stacked widths 2, 3 and 8 differ
-from their own passes; the other linears and every dense level came out equal). Each level is charged what the packed format stores for it
-(``packed_layer.stored_bits``), checked equal to what its settings and shape predict (``budget.level_bits``),
-so that the budget is known before any work and the final run stores what was charged.
+from their own passes; the other linears and every dense level came out equal). Each level is charged
+what the packed format stores for it (``packed_layer.stored_bits``), checked equal to what its settings
+and shape predict (``budget.level_bits``), so that the budget is known before any work and the final run
+stores what was charged.
 
 One folder per database under ``--search-cache`` (``folder_for``: a hash of the model's files, calibration,
 seed, levels, pass and selection flags, device kind, dtype and the code that computes levels), built in a

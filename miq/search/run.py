@@ -26,6 +26,8 @@ from miq.search import build, evo, fitness, levels
 from miq.search.budget import Budget, knapsack
 from miq.search.levels import LevelDB
 
+UNIFORM_STARTS = 4  # uniform configurations the evolution's start is compared with
+
 
 @dataclass
 class Searched:
@@ -68,8 +70,9 @@ def search(model, calib: torch.Tensor, heldout: torch.Tensor, cfg: RunConfig, de
               "knapsack": {"loss": objective, "bpw": budget.bpw(out.stored_bits())}, "trace": [objective]}
     if cfg.search == "evo":
         stitched = fitness.StitchedKL(model, heldout, db, dev)
+        start, record["start"] = _start(db, budget.bits, choice, stitched, int(heldout.shape[0]))
         opts = evo.EvoOptions(generations=cfg.search_generations, seed=cfg.seed)
-        result = evo.evolve(db.bits, budget.bits, stitched, choice, opts)
+        result = evo.evolve(db.bits, budget.bits, stitched, start, opts)
         out.choice = [int(j) for j in result.best]
         record.update(trace=[float(x) if isinstance(x, int | float) else x for x in result.trace],
                       kl=float(result.fitness), windows=int(heldout.shape[0]))
@@ -80,6 +83,19 @@ def search(model, calib: torch.Tensor, heldout: torch.Tensor, cfg: RunConfig, de
                   cache=db.folder, levels_tried=len(db.levels))
     out.record = record
     return out
+
+
+def _start(db: LevelDB, budget_bits: int, choice: list[int], stitched, windows: int) -> tuple[list[int], dict]:
+    """The evolution's start: the knapsack's levels, or a uniform configuration (every linear at one level)
+    within the budget where its KL on all the windows is lower; the uniform ones tried are the
+    ``UNIFORM_STARTS`` dearest that fit (the best uniform models at <= the budget are among them). So an
+    evolution that keeps its best ends no worse than those (the acceptance's "it is in the search space")."""
+    totals = sorted((sum(b[j] for b in db.bits), j) for j in range(len(db.levels)))
+    fits = [j for total, j in totals if total <= budget_bits][-UNIFORM_STARTS:]
+    tried = [("knapsack", choice)] + [(db.levels[j].label(), [j] * len(db.names)) for j in fits]
+    scored = [(float(stitched(c, windows)), name, c) for name, c in tried]
+    kl, name, best = min(scored, key=lambda x: x[0])  # the knapsack's first: it wins ties
+    return best, {"from": name, "kl": kl, "tried": {n: k for k, n, _ in scored}}
 
 
 def finish(res: CompressionResult, found: Searched) -> dict:
