@@ -165,6 +165,7 @@ def summary(out: dict, dense_dtype: str) -> str:
         f"method    {out['method']}",
         f"ppl       {ppl}",
         *([tasks.summary_line(out["tasks"])] if out.get("tasks") else []),
+        *([search.summary_line(out["search"])] if out.get("search") else []),
         f"sparsity  {out['sparsity']:.4f} removed by the masks ({out['zero_fraction']:.4f} exact zeros after "
         "quantization)",
         f"bits      {b['code_bpw']:.3f} codes + {b['metadata_bpw']:.4f} metadata + {b['mask_bpw']:.3f} mask = "

@@ -115,3 +115,15 @@ def finish(res: CompressionResult, found: Searched) -> dict:
         rec["level"] = {"label": level.label(), **dataclasses.asdict(level)}
     levels_by_name = {n: found.db.levels[j].label() for n, j in zip(found.db.names, found.choice, strict=True)}
     return {**found.record, "bpw": found.budget.bpw(found.stored_bits()), "levels": levels_by_name}
+
+
+def summary_line(rec: dict) -> str:
+    """The run summary's line on the search: what it chose, how often each level, and what it took."""
+    counts: dict[str, int] = {}
+    for label in rec["levels"].values():
+        counts[label] = counts.get(label, 0) + 1
+    chosen = ", ".join(f"{n} x {label}" for label, n in sorted(counts.items(), key=lambda x: -x[1]))
+    kl = f", KL {rec['kl']:.4f} on {rec['windows']} held-out windows" if "kl" in rec else ""
+    return (f"search    {rec['method']} at {rec['budget_bpw']:g} bpw: {chosen}{kl}; database {rec['db_s']:.1f}s "
+            f"({'reused' if rec['db_reused'] else 'built'}, {rec['db_size_bytes'] / 2**20:.1f} MiB, {rec['cache']}), "
+            f"search {rec['search_s']:.1f}s")
