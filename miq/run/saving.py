@@ -74,8 +74,14 @@ def write_dense(folder: str, model, tokenizer, res: CompressionResult, cfg: RunC
     tokenizer.save_pretrained(folder)
     bits = None if not cfg.quantizing else int(cfg.wbits)
     qinfo = {"format": "dense", "wbits": cfg.wbits, "strategy": cfg.strategy, "groupsize": cfg.groupsize,
-             "layers": {r["name"]: {"labels": r.get("labels"), "group_bits": r.get("group_bits"),
-                                    "bits": None if "group_bits" in r else bits}
-                        for r in res.layers}}
+             "layers": {r["name"]: _dense_layer(r, bits) for r in res.layers}}
     with open(os.path.join(folder, "quantization.json"), "w", encoding="utf-8") as f:
         json.dump(qinfo, f, indent=1, allow_nan=False)
+
+
+def _dense_layer(r: dict, bits: int | None) -> dict:
+    """One layer's entry in a dense save's quantization.json: its groups' widths, or its width (a searched
+    run's own level, with the level itself)."""
+    if "level" in r:
+        return {"labels": None, "group_bits": None, "bits": r["level"]["wbits"], "level": r["level"]}
+    return {"labels": r.get("labels"), "group_bits": r.get("group_bits"), "bits": None if "group_bits" in r else bits}
