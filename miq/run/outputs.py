@@ -111,7 +111,7 @@ def check_targets(cfg: RunConfig) -> None:
     write: checked up front, so that a mistake costs no work. The analysis folder only where figures can be
     drawn (MI-grouped runs): it defaults to one, and a dense run in a read-only folder must not fail over figures
     it never draws."""
-    figures = cfg.analysis_dir if cfg.grouped else ""
+    figures = cfg.analysis_dir if cfg.grouped or cfg.search else ""  # --search draws search_levels.png
     targets = [(f, p, k) for f, p, k in [("--json", cfg.json, "file"), ("--save", cfg.save, "replace"),
                                          ("--analysis-dir", figures, "folder")] if p]
     for flag, path, kind in targets:
