@@ -109,8 +109,8 @@ def check_apart(flag: str, path: str, kind: str, inputs: list[tuple[str, str]]) 
 def check_targets(cfg: RunConfig) -> None:
     """Every output path of the run can be published without touching an input or a file the toolkit did not
     write: checked up front, so that a mistake costs no work. The analysis folder only where figures can be
-    drawn (MI-grouped runs): it defaults to one, and a dense run in a read-only folder must not fail over figures
-    it never draws."""
+    drawn (MI-grouped and searched runs): it defaults to one, and a dense run in a read-only folder must not
+    fail over figures it never draws."""
     figures = cfg.analysis_dir if cfg.grouped or cfg.search else ""  # --search draws search_levels.png
     targets = [(f, p, k) for f, p, k in [("--json", cfg.json, "file"), ("--save", cfg.save, "replace"),
                                          ("--analysis-dir", figures, "folder")] if p]
