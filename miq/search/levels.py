@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from miq.checkpoint import packed_layer
 from miq.options import Level
@@ -38,16 +38,21 @@ class LevelDB:
     folder: str
     build_s: float = 0.0  # seconds this database took to build (0 when reused from the cache)
     reused: bool = False
+    _manifests: dict = field(default_factory=dict, repr=False, compare=False)
 
     def weight(self, linear: int, level: int) -> torch.Tensor:
-        """The compressed weight [rows, cols] float32 of ``linear`` at ``level``, decoded from disk."""
-        tensors = load_file(os.path.join(self.folder, file_of(linear)))
+        """The compressed weight [rows, cols] float32 of ``linear`` at ``level``, decoded from disk (only that
+        level's streams are read: a search reads many levels of large linears)."""
         entry = self._entries(linear)[level]
-        return packed_layer.decode(f"{level}", entry, lambda part: tensors[f"{level}.{part}"], torch.float32)
+        with safe_open(os.path.join(self.folder, file_of(linear)), framework="pt") as f:
+            return packed_layer.decode(f"{level}", entry, lambda part: f.get_tensor(f"{level}.{part}"), torch.float32)
 
     def _entries(self, linear: int) -> list[dict]:
-        with open(os.path.join(self.folder, file_of(linear) + ".json"), encoding="utf-8") as f:
-            return json.load(f)
+        """The linear's manifest entries, one per level (read once, kept: they are small)."""
+        if linear not in self._manifests:
+            with open(os.path.join(self.folder, file_of(linear) + ".json"), encoding="utf-8") as f:
+                self._manifests[linear] = json.load(f)
+        return self._manifests[linear]
 
     def size_bytes(self) -> int:
         return sum(os.path.getsize(os.path.join(self.folder, f)) for f in os.listdir(self.folder))
