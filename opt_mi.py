@@ -50,6 +50,7 @@ from miq.model.loading import ModelSource, load_model, open_source
 from miq.run import outputs, preflight, saving, tasks
 from miq.run.compress import compress, decoder_linear_weights, mask_sparsity, zero_fraction
 from miq.run.config import RunConfig, parse
+from miq.search import run as search
 from miq.staging import Staging
 
 OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
@@ -90,9 +91,10 @@ def run(cfg: RunConfig) -> dict:
     label, family = methods.label(cfg)
 
     t = time.time()
+    held = cfg.search_windows if cfg.search == "evo" else 0  # the evolution's windows: the same draw, after
     with _naming("DATASET"):
-        calib = datautils.get_calibration(cfg.dataset, cfg.nsamples, cfg.seed, cfg.seqlen, tokenizer)
-    calib = torch.cat([inp for inp, _ in calib], dim=0)
+        calib = datautils.get_calibration(cfg.dataset, cfg.nsamples + held, cfg.seed, cfg.seqlen, tokenizer)
+    calib, heldout = torch.cat([inp for inp, _ in calib], dim=0).split([cfg.nsamples, held])
     calibration_s = time.time() - t
     t = time.time()
     with _naming("--eval"):
@@ -104,7 +106,9 @@ def run(cfg: RunConfig) -> dict:
     model_s += time.time() - t
 
     t = time.time()
-    res = compress(model, calib, cfg, dev, saving.sink(model, cfg))
+    found = search.search(model, calib, heldout, cfg, dev, src.path) if cfg.search else None
+    res = compress(model, calib, cfg, dev, saving.sink(model, cfg), found.recipe if found else None)
+    searched = {"search": search.finish(res, found)} if found else {}
     compress_s = time.time() - t
     t = time.time()
     ppl = evaluate(model, eval_tokens, cfg, dev)
@@ -129,6 +133,7 @@ def run(cfg: RunConfig) -> dict:
                 "timing": {**timing, **res.timing, "total_s": time.time() - t0},
                 "env": outputs.env_info(dev),
                 "figures": outputs.draw_figures(res, cfg, calib.numel(), stage),
+                **searched,  # --search only: the levels per linear, the budget, the trace, the database
                 "layers": res.layers,
             }
             if cfg.json:
@@ -161,6 +166,7 @@ def summary(out: dict, dense_dtype: str) -> str:
         f"method    {out['method']}",
         f"ppl       {ppl}",
         *([tasks.summary_line(out["tasks"])] if out.get("tasks") else []),
+        *([search.summary_line(out["search"])] if out.get("search") else []),
         f"sparsity  {out['sparsity']:.4f} removed by the masks ({out['zero_fraction']:.4f} exact zeros after "
         "quantization)",
         f"bits      {b['code_bpw']:.3f} codes + {b['metadata_bpw']:.4f} metadata + {b['mask_bpw']:.3f} mask = "

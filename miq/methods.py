@@ -109,6 +109,13 @@ METHODS: tuple[Method, ...] = (
              "mi-in's group sizes, random columns", in_matrix=False),
     _grouped("range-in", "range-in", "range-in", "control", ("input", "range", "independent"),
              "columns by k-means on their scale (log max |w|, log diag H)", in_matrix=False),
+    # per-linear levels (issue 28); "baseline" to the report until it compares searches (the MI verdict
+    # reads every "method" family as an MI one)
+    Method("search-knapsack", "search-knapsack", "search", "baseline", "quant", ("search", "knapsack"),
+           "--search knapsack", in_matrix=False,
+           about="each linear its own sparsity, width and grid under --target-bpw: summed output losses, exact"),
+    Method("search-evo", "search-evo", "search", "baseline", "quant", ("search", "evo"), "--search evo",
+           in_matrix=False, about="from the knapsack's levels, evolution of the stitched model's KL (EvoPress)"),
 )
 BY_ID = {m.id: m for m in METHODS}
 MATRIX_IDS = tuple(m.id for m in METHODS if m.in_matrix)
@@ -132,6 +139,8 @@ def axis_of(family: str) -> str:
 
 def signature(cfg: RunConfig) -> tuple[tuple, tuple | None]:
     """(prune key, quant key) of a run: the flags that decide which methods it is an instance of."""
+    if cfg.search:  # masks and widths chosen per linear: the search's method names both (prune key: none fixed)
+        return ("dense",), ("search", cfg.search)
     prune = ("magnitude",) if cfg.gmp and cfg.pruning else ("sparsegpt",) if cfg.pruning else ("dense",)
     if not cfg.quantizing:
         return (("sparsegpt-act-order",) if prune == ("sparsegpt",) and cfg.act_order else prune), None
@@ -250,6 +259,8 @@ def run_flags(m: Method, sparsity: str, wbits: str, k: int | None) -> list[str]:
     """opt_mi.py flags of method m at one point of the matrix (sparsity and wbits as strings)."""
     if m.role == "reference":
         base = ["--sparsity", "0", "--wbits", "16"]
+    elif m.key[0] == "search":  # the search picks masks and widths: the budget is its only point
+        base = ["--target-bpw", wbits]
     elif m.quantized:
         base = [*sparsity_flags(sparsity), "--wbits", wbits]
     else:

@@ -29,6 +29,12 @@ AXES = ("output", "input")
 TOY_NAMES = ("toy", "toy-llama")  # the built-in offline models (miq.model.toy builds them)
 SAVE_FORMATS = ("packed", "compressed-tensors", "dense")  # --save-format (miq/checkpoint/formats.py)
 DEFAULT_EVAL = "wikitext2,ptb,c4"
+SEARCHES = ("knapsack", "evo")  # --search: per-linear levels under --target-bpw (miq/search/)
+DEFAULT_SEARCH_SPARSITIES = "0,0.25,0.5,0.6,0.7"  # "2:4" (n:m) may be listed too
+DEFAULT_SEARCH_WBITS = "2,3,4,5,8"  # 16 = not quantized
+DEFAULT_SEARCH_GROUPSIZE = "-1,128"  # per-row grids and GPTQ's groups of 128 columns
+DEFAULT_SEARCH_GENERATIONS = 50
+DEFAULT_SEARCH_WINDOWS = 16  # held-out calibration windows the evolution's fitness reads
 TOY_EVAL = "synthetic"
 
 
@@ -60,6 +66,49 @@ class PassOptions:
     percdamp: float = 0.01
     groupsize: int = -1
     act_order: bool = False
+
+
+@dataclass(frozen=True)
+class Level:
+    """One linear's compression: what a search chooses per linear and what a uniform run gives every linear.
+
+    ``wbits`` 16 = not quantized; a uniform MI-grouped run's default level carries its mean width (a float)."""
+
+    sparsity: float = 0.0  # unstructured fraction pruned (ignored when prunen)
+    prunen: int = 0
+    prunem: int = 0
+    wbits: int = 16
+    groupsize: int = -1  # -1 = one grid per row
+
+    def label(self) -> str:
+        """e.g. "s0.5 w3 g128", "2:4 w4", "dense w16": what JSON records and figures name a level by."""
+        mask = f"{self.prunen}:{self.prunem}" if self.prunen else f"s{fmt_num(self.sparsity)}" if self.sparsity \
+            else "dense"
+        return f"{mask} w{fmt_num(self.wbits)}" + (f" g{self.groupsize}" if self.groupsize > 0 else "")
+
+    @property
+    def pruning(self) -> bool:
+        return self.sparsity > 0 or self.prunen > 0
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return (self.prunen, self.prunem) if self.prunen else None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Each compressed linear's level: ``default`` for every linear (a uniform run), or a level per linear
+    name (a searched run). Compression reads every linear's level here, so both take one code path."""
+
+    default: Level = Level()
+    levels: tuple[tuple[str, Level], ...] = ()  # (linear name, level): a tuple, so the record stays frozen
+
+    def of(self, name: str) -> Level:
+        return dict(self.levels).get(name, self.default)
+
+    @classmethod
+    def per_linear(cls, default: Level, levels: dict[str, Level]) -> Recipe:
+        return cls(default, tuple(levels.items()))
 
 
 def needs_mi(groups, cluster: str, bit_alloc: str) -> bool:

@@ -54,6 +54,9 @@ LABELS = [
     (["--sparsity", "0.5", "--wbits", "4", "--true-sequential"], "sparsegpt+uniform[true-seq]", "uniform"),
     (["--wbits", "3.5", "--groups", "8", "--bit-alloc", "hessian-mi", "--true-sequential"],
      "mi-B[hessian-mi,true-seq]", "mi"),
+    # issue 28: per-linear levels by search
+    (["--target-bpw", "3", "--search", "knapsack"], "search-knapsack", "search"),
+    (["--target-bpw", "3", "--search", "evo", "--true-sequential"], "search-evo[true-seq]", "search"),
 ]
 
 

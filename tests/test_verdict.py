@@ -40,7 +40,7 @@ def only_cell(runs: list[Run], evalset: str = "syn") -> verdict.Cell:
 
 
 def test_families_come_from_methods():
-    assert BASELINE_FAMILIES == ("uniform", "uniform-g", "act-order", "act-order-g", "per-channel")
+    assert BASELINE_FAMILIES == ("uniform", "uniform-g", "act-order", "act-order-g", "per-channel", "search")
     assert CONTROL_FAMILIES == ("random", "contiguous", "range", "contiguous-in", "random-in", "range-in")
     assert MI_FAMILIES == ("mi", "mi-in")
     assert control_families("mi") == ("random", "contiguous", "range")

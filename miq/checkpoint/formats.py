@@ -76,6 +76,9 @@ def flag_problem(cfg) -> str | None:
 def _ct_problem(cfg) -> str | None:
     """What compressed-tensors cannot hold, from the flags alone."""
     flag = "--save-format compressed-tensors"
+    if getattr(cfg, "search", ""):
+        return (f"{flag}: --search gives linears different widths, grids and masks (some unquantized), and "
+                f"this export holds one --groupsize and, asymmetric, one width for all layers; {USE_PACKED}")
     if not cfg.quantizing:
         return (f"{flag}: this run does not quantize, and compressed-tensors 0.20 has no sparse format to store "
                 f"a pruned-only model; {USE_PACKED} (or dense)")

@@ -24,7 +24,7 @@ from miq import bitstats
 from miq.checkpoint import packed_layer
 from miq.model import layerwalk, layouts, onload
 from miq.model.layouts import Layout
-from miq.options import PassOptions, pick
+from miq.options import PassOptions, Recipe, pick
 from miq.plan import trials
 from miq.plan.mi_plan import LayerPlan, PlanOptions, plan_layer
 from miq.run import target
@@ -88,10 +88,12 @@ def _warn_if_k_exceeds_channels(model, cfg: RunConfig) -> None:
 
 @torch.no_grad()
 def compress_sparsegpt(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.device,
-                       saved: list | None = None) -> CompressionResult:
+                       saved: list | None = None, recipe: Recipe | None = None) -> CompressionResult:
     """SparseGPT (+ joint quantization, + MI plan) over all selected decoder linear layers. calib [n, seqlen].
-    ``saved``: where each compressed layer goes with --save (``CompressionResult.saved``; see ``compress``)."""
+    ``saved``: where each compressed layer goes with --save (``CompressionResult.saved``; see ``compress``);
+    ``recipe``: each linear's level (default the run's own, ``cfg.recipe``; a search gives one per linear)."""
     res = CompressionResult(saved=[] if saved is None else saved)
+    recipe = recipe or cfg.recipe
     layout = layouts.of(model)
     _warn_if_k_exceeds_channels(model, cfg)
     plot_layer = cfg.plot_layer or layout.default_plot_layer(model)
@@ -101,7 +103,7 @@ def compress_sparsegpt(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.de
         groups = linear_groups(cfg, layout, i, layer)
         for group in groups:
             for name, g in _accumulate(cfg, group, layer, inps, layer_kwargs[i], calib.numel()).items():
-                plan = compress_linear(name, g, cfg, res)
+                plan = compress_linear(name, g, cfg.at(recipe.of(name)), res)
                 if plan is not None and name == plot_layer:
                     res.plot = (name, plan)
         return bool(groups)  # a layer the selection leaves alone is read from the checkpoint again
@@ -287,7 +289,7 @@ def _magnitude_layer(res: CompressionResult, cfg: RunConfig, linears: dict[str, 
 
 
 def compress(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.device,
-             saved: list | None = None) -> CompressionResult:
+             saved: list | None = None, recipe: Recipe | None = None) -> CompressionResult:
     """The run's compression path: magnitude (--gmp), SparseGPT, or nothing for a dense run. ``saved``: what
     each compressed layer is appended to with --save (default a list of QuantizedLayer; ``saving.sink`` gives
     one that encodes each layer at once, so that their float32 copies do not pile up)."""
@@ -295,7 +297,7 @@ def compress(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.device,
         return CompressionResult()
     if cfg.gmp:
         return compress_magnitude(model, cfg, saved)
-    return compress_sparsegpt(model, calib, cfg, dev, saved)
+    return compress_sparsegpt(model, calib, cfg, dev, saved, recipe)
 
 
 def decoder_linear_weights(model) -> int:

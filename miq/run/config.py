@@ -25,12 +25,19 @@ from miq.options import (
     DEFAULT_BITS_CHOICES,
     DEFAULT_EVAL,
     DEFAULT_MI_ALPHA,
+    DEFAULT_SEARCH_GENERATIONS,
+    DEFAULT_SEARCH_GROUPSIZE,
+    DEFAULT_SEARCH_SPARSITIES,
+    DEFAULT_SEARCH_WBITS,
+    DEFAULT_SEARCH_WINDOWS,
     TOY_EVAL,
     TOY_NAMES,
+    Level,
     MIOptions,
+    Recipe,
     fmt_num,
 )
-from miq.run import no_effect
+from miq.run import no_effect, search_flags
 from miq.run.flags import build_parser
 
 _MI = MIOptions()  # the estimator defaults
@@ -95,6 +102,13 @@ class RunConfig:
     tasks_fewshot: int | None = None  # None: each task's own number of examples
     tasks_limit: int | None = None
     tasks_batch: int = 8
+    search: str = ""  # "knapsack" or "evo": per-linear levels under --target-bpw (miq/search/); "" = uniform
+    search_sparsities: str = DEFAULT_SEARCH_SPARSITIES  # the level grid, as given (``search_flags.levels``)
+    search_wbits: str = DEFAULT_SEARCH_WBITS
+    search_groupsize: str = DEFAULT_SEARCH_GROUPSIZE
+    search_cache: str = ""  # "" = MIQ_CACHE_DIR (or ~/.cache/mutual_info_quantization)/search
+    search_generations: int = DEFAULT_SEARCH_GENERATIONS
+    search_windows: int = DEFAULT_SEARCH_WINDOWS
     warnings: tuple[str, ...] = ()  # flags given that change nothing in this run (no_effect.py), said on stderr
 
     # --- what the run does, derived (never stored twice)
@@ -121,6 +135,31 @@ class RunConfig:
         if self.prunen:
             return (self.prunen, self.prunem)
         return "unstructured" if self.sparsity > 0 else None
+
+    @property
+    def level(self) -> Level:
+        """Every compressed linear's level in a uniform run (``wbits`` as given: a float budget with --groups)."""
+        return Level(self.sparsity, self.prunen, self.prunem, self.wbits, self.groupsize)
+
+    @property
+    def recipe(self) -> Recipe:
+        """A uniform run's recipe: every linear at ``level``; a search replaces it with one level per linear."""
+        return Recipe(self.level)
+
+    def at(self, level: Level) -> RunConfig:
+        """The config one linear is compressed with: this run's, or at a searched level (the budget is then
+        met by the search, not by the mean width: --target-bpw and --search dropped)."""
+        if level == self.level and not self.search:
+            return self
+        return dataclasses.replace(self, sparsity=level.sparsity, prunen=level.prunen, prunem=level.prunem,
+                                   wbits=level.wbits, groupsize=level.groupsize, target_bpw=None, search="")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """The n:m pattern a save encodes masks with: the run's, or the one the search grid holds."""
+        if self.prunen:
+            return (self.prunen, self.prunem)
+        return next((lv.nm for lv in search_flags.levels(self) if lv.nm), None) if self.search else None
 
     @property
     def mi(self) -> MIOptions:
@@ -292,6 +331,7 @@ def from_namespace(a: argparse.Namespace) -> RunConfig:
     groups = _groups(a.groups)
     choices = _bits_choices(a.bits_choices)
     _check_grouping(a, groups, choices)
+    search_flags.check(a, groups, COUNT_MAX)
     alpha = a.mi_alpha
     if alpha is None:
         alpha = DEFAULT_MI_ALPHA if a.bit_alloc == "hessian-mi" else 0.0

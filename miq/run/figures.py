@@ -105,3 +105,33 @@ def plot_grouping_result(group_sizes, group_bits, nmi_intra, nmi_inter, path, ti
     fig.tight_layout()
     atomic.write_png(fig, path)
     return path
+
+
+def plot_search_levels(names: list[str], levels: list[dict], path, title: str | None = None):
+    """What a search gave each linear (``levels``: the layer records' "level" dicts, walk order): its sparsity
+    (an n:m mask as n/m) and its width, one bar per linear, decoder layers apart by dotted lines, the width's
+    bar hatched where the grid has column groups. Writes a 1200 x 700 PNG atomically; returns path."""
+    x = np.arange(len(levels))
+    sparsity = [lv["prunen"] / lv["prunem"] if lv["prunen"] else lv["sparsity"] for lv in levels]
+    fig = Figure(figsize=(12, 7), dpi=100)
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    ax1.bar(x, sparsity, color=["tab:purple" if lv["prunen"] else "tab:blue" for lv in levels])
+    ax1.set_ylabel("sparsity (n:m purple)")
+    ax1.set_ylim(0, 1)
+    ax1.set_title(title or f"levels of {len(levels)} linears")
+    bars = ax2.bar(x, [lv["wbits"] for lv in levels], color="tab:orange")
+    for bar, lv in zip(bars, levels, strict=True):
+        if lv["groupsize"] > 0:
+            bar.set_hatch("//")
+    ax2.set_ylabel("width (bits; hatched: column groups)")
+    layer_of = [n.split(".layers.")[1].split(".")[0] if ".layers." in n else n for n in names]
+    for i in range(1, len(names)):
+        if layer_of[i] != layer_of[i - 1]:
+            for ax in (ax1, ax2):
+                ax.axvline(i - 0.5, color="gray", linestyle=":", linewidth=0.8)
+    ax2.set_xticks(x if len(x) <= 48 else x[:: max(1, len(x) // 24)])
+    ax2.set_xticklabels([names[i].split(".")[-1] for i in ax2.get_xticks().astype(int)], rotation=90, fontsize=7)
+    ax2.set_xlabel("linear (walk order; dotted lines between decoder layers)")
+    fig.tight_layout()
+    atomic.write_png(fig, path)
+    return path

@@ -20,9 +20,15 @@ from miq.options import (
     DEFAULT_BITS_CHOICES,
     DEFAULT_EVAL,
     DEFAULT_MI_ALPHA,
+    DEFAULT_SEARCH_GENERATIONS,
+    DEFAULT_SEARCH_GROUPSIZE,
+    DEFAULT_SEARCH_SPARSITIES,
+    DEFAULT_SEARCH_WBITS,
+    DEFAULT_SEARCH_WINDOWS,
     ESTIMATORS,
     NORMALIZATIONS,
     SAVE_FORMATS,
+    SEARCHES,
     STRATEGIES,
     TOY_EVAL,
     MIOptions,
@@ -48,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _reference_flags(p.add_argument_group("reference (IST-DASLab/sparsegpt) options"))
     _toolkit_flags(p.add_argument_group("toolkit options"))
     _grouping_flags(p.add_argument_group("MI channel grouping"))
+    _search_flags(p.add_argument_group("per-linear search (each decoder linear its own sparsity and width)"))
     _task_flags(p.add_argument_group("zero-shot tasks (lm-evaluation-harness)"))
     o = p.add_argument_group("analysis")
     o.add_argument("--analysis-dir", type=str, default="analysis", help="where mi_matrix.png etc. go; '' = none")
@@ -139,6 +146,29 @@ def _grouping_flags(m) -> None:
     m.add_argument("--mi-alpha", type=float, default=None,
                    help="exponent of the MI redundancy factor (1 - intra NMI)^alpha; "
                         f"default {DEFAULT_MI_ALPHA:g} for hessian-mi, else 0")
+
+
+def _search_flags(s) -> None:
+    """Each compressed linear's level (mask, width, grid) chosen from a database of levels under --target-bpw."""
+    s.add_argument("--search", choices=SEARCHES, default="",
+                   help="with --target-bpw: give each decoder linear its own sparsity, width and grid from the "
+                        "levels below, under the stored-bits budget. knapsack: the per-linear output losses "
+                        "summed, solved exactly; evo: from the knapsack's answer, an evolutionary search of the "
+                        "stitched model's KL from the dense model on held-out calibration windows")
+    s.add_argument("--search-sparsities", type=str, default=DEFAULT_SEARCH_SPARSITIES,
+                   help="the masks a linear may take: unstructured sparsities in [0, 1) and/or N:M (e.g. 2:4)")
+    s.add_argument("--search-wbits", type=str, default=DEFAULT_SEARCH_WBITS,
+                   help="the widths a linear may take: 2..8, or 16 for not quantized")
+    s.add_argument("--search-groupsize", type=str, default=DEFAULT_SEARCH_GROUPSIZE,
+                   help="the grids a linear may take: -1 (one per row) and/or G (new parameters every G columns); a "
+                        "list that starts with -1 goes after '=': --search-groupsize=-1,64")
+    s.add_argument("--search-cache", type=str, default="",
+                   help="where level databases are kept and reused (default $MIQ_CACHE_DIR/search, or "
+                        "~/.cache/mutual_info_quantization/search)")
+    s.add_argument("--search-generations", type=int, default=DEFAULT_SEARCH_GENERATIONS,
+                   help="generations of the evolutionary search (--search evo)")
+    s.add_argument("--search-windows", type=int, default=DEFAULT_SEARCH_WINDOWS,
+                   help="calibration windows held apart from the database's for the evolution's KL (--search evo)")
 
 
 def _task_flags(t) -> None:

@@ -17,6 +17,8 @@ GROUP_FLAGS = ("strategy", "cluster", "bit_alloc", "alloc_cost", "bits_choices",
 MI_FLAGS = ("mi_samples", "mi_bins", "mi_binning", "mi_bias", "mi_normalize", "mi_estimator")
 HESSIAN_FLAGS = ("true_sequential", "percdamp", "blocksize")
 TASK_FLAGS = ("tasks_fewshot", "tasks_limit", "tasks_batch")
+SEARCH_FLAGS = ("search_sparsities", "search_wbits", "search_groupsize", "search_cache", "search_generations",
+                "search_windows")
 
 
 def _flag(dest: str) -> str:
@@ -45,6 +47,12 @@ def _value(v) -> str:
 
 def _why(d: str, a: argparse.Namespace, groups, quantizing: bool, pruning: bool) -> str | None:
     """Why the given flag ``d`` does nothing in this run, or None."""
+    if d in SEARCH_FLAGS and not a.search:
+        return "acts on the per-linear search; give --search knapsack or evo (with --target-bpw)"
+    if d in ("search_generations", "search_windows") and a.search != "evo":
+        return "acts on the evolutionary search; give --search evo"
+    if d == "target_bpw" and a.search:
+        return None  # the search's budget
     if d in TASK_FLAGS and not a.tasks.strip():
         return "acts on the harness's tasks; give --tasks (task names or task YAML files)"
     if not (quantizing or pruning) and d in (*HESSIAN_FLAGS, "act_order"):

@@ -109,9 +109,9 @@ def check_apart(flag: str, path: str, kind: str, inputs: list[tuple[str, str]]) 
 def check_targets(cfg: RunConfig) -> None:
     """Every output path of the run can be published without touching an input or a file the toolkit did not
     write: checked up front, so that a mistake costs no work. The analysis folder only where figures can be
-    drawn (MI-grouped runs): it defaults to one, and a dense run in a read-only folder must not fail over figures
-    it never draws."""
-    figures = cfg.analysis_dir if cfg.grouped else ""
+    drawn (MI-grouped and searched runs): it defaults to one, and a dense run in a read-only folder must not
+    fail over figures it never draws."""
+    figures = cfg.analysis_dir if cfg.grouped or cfg.search else ""  # --search draws search_levels.png
     targets = [(f, p, k) for f, p, k in [("--json", cfg.json, "file"), ("--save", cfg.save, "replace"),
                                          ("--analysis-dir", figures, "folder")] if p]
     for flag, path, kind in targets:
@@ -137,12 +137,20 @@ def write_json(path: str, obj) -> None:
 def draw_figures(res: CompressionResult, cfg: RunConfig, total_rows: int, stage: Staging) -> list[str]:
     """mi_matrix.png and grouping_result.png of the plotted layer, staged; their final paths ([] when there is
     nothing to draw)."""
-    if not cfg.analysis_dir or res.plot is None:
+    searched = [r for r in res.layers if "level" in r]  # --search: each record's level
+    if not cfg.analysis_dir or (res.plot is None and not searched):
         return []
     from miq.run import figures  # matplotlib takes a second to import: only runs that draw pay for it
 
-    name, plan = res.plot
     paths = []
+    if searched:
+        paths.append(os.path.join(cfg.analysis_dir, "search_levels.png"))
+        figures.plot_search_levels([r["name"] for r in searched], [r["level"] for r in searched],
+                                   stage.file(paths[-1]), title=f"--search {cfg.search} at --target-bpw "
+                                   f"{cfg.target_bpw:g}: each linear's sparsity and width")
+    if res.plot is None:
+        return paths
+    name, plan = res.plot
     what = "input channels" if plan.axis == "input" else "output channels"
     if plan.nmi is not None:
         title = (f"{name}: NMI of {what}, K={int(plan.group_bits.numel())} {cfg.cluster} groups, "

@@ -23,6 +23,7 @@ from miq.options import pick
 from miq.plan.mi_plan import PlanOptions
 from miq.run import compress, target
 from miq.run.config import RunConfig
+from miq.search import budget
 
 # ----------------------------------------------------------------------------------------------------------
 # the machine
@@ -209,6 +210,7 @@ def check_model(cfg: RunConfig, model: nn.Module, dev: torch.device) -> RunConfi
     check_nm(cfg, chosen)
     cfg = resolve_plot_layer(cfg, model, chosen)
     cfg = target.resolve(cfg, chosen, compress.decoder_linear_weights(model))
+    budget.check(cfg, chosen, compress.decoder_linear_weights(model))
     check_calibration_memory(cfg, model, dev)
     check_mi_memory(cfg, chosen)
     return cfg

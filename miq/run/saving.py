@@ -46,7 +46,7 @@ def sink(model, cfg: RunConfig) -> list:
     bits (a few per weight) rather than a float32 copy of every compressed weight until the end; the other
     formats need the layers themselves (a list)."""
     if cfg.save and cfg.save_format == "packed":
-        return packed.PackedLayers(model.dtype, (cfg.prunen, cfg.prunem) if cfg.prunen else None)
+        return packed.PackedLayers(model.dtype, cfg.nm)
     if cfg.save and cfg.save_format == "compressed-tensors":
         return export_ct.SpilledLayers()
     return []
@@ -61,7 +61,7 @@ def write(folder: str, model, tokenizer, res: CompressionResult, cfg: RunConfig)
         # save_pretrained takes the whole model: read back (the compressed layers from their temporary files)
         onload.of(model).materialize()
     if cfg.save_format == "packed":
-        nm = (cfg.prunen, cfg.prunem) if cfg.prunen else None
+        nm = cfg.nm
         disk = packed.write_packed(folder, model, tokenizer, res.saved, nm=nm, run=cfg.as_dict())
     elif cfg.save_format == "compressed-tensors":
         disk = export_ct.write_ct(folder, model, tokenizer, res.saved, cfg.groupsize)
@@ -78,8 +78,14 @@ def write_dense(folder: str, model, tokenizer, res: CompressionResult, cfg: RunC
     tokenizer.save_pretrained(folder)
     bits = None if not cfg.quantizing else int(cfg.wbits)
     qinfo = {"format": "dense", "wbits": cfg.wbits, "strategy": cfg.strategy, "groupsize": cfg.groupsize,
-             "layers": {r["name"]: {"labels": r.get("labels"), "group_bits": r.get("group_bits"),
-                                    "bits": None if "group_bits" in r else bits}
-                        for r in res.layers}}
+             "layers": {r["name"]: _dense_layer(r, bits) for r in res.layers}}
     with open(os.path.join(folder, "quantization.json"), "w", encoding="utf-8") as f:
         json.dump(qinfo, f, indent=1, allow_nan=False)
+
+
+def _dense_layer(r: dict, bits: int | None) -> dict:
+    """One layer's entry in a dense save's quantization.json: its groups' widths, or its width (a searched
+    run's own level, with the level itself)."""
+    if "level" in r:
+        return {"labels": None, "group_bits": None, "bits": r["level"]["wbits"], "level": r["level"]}
+    return {"labels": r.get("labels"), "group_bits": r.get("group_bits"), "bits": None if "group_bits" in r else bits}

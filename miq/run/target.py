@@ -111,7 +111,7 @@ class Ledger:
 def resolve(cfg: RunConfig, chosen: dict[str, nn.Linear], total_weights: int) -> RunConfig:
     """cfg with --wbits set to the kept weights' mean width that meets --target-bpw; ConfigError, naming the
     feasible range, when the candidate widths cannot meet it. Unchanged without --target-bpw."""
-    if cfg.target_bpw is None:
+    if cfg.target_bpw is None or cfg.search:  # a search meets it by its levels (miq/search/budget.py)
         return cfg
     s = storage(cfg, chosen, total_weights)
     lo, hi = s.bpw(cfg.bits_choices[0]), s.bpw(cfg.bits_choices[-1])
