@@ -154,7 +154,8 @@ def test_evo_at_a_uniform_levels_budget_is_within_it_and_its_kl_no_worse(toy_pat
     for j in (db.levels.index(Level(0.5, 0, 0, 3, -1)), db.levels.index(Level(0, 0, 0, 4, 16))):
         cap, uniform = sum(b[j] for b in db.bits), [j] * len(db.names)
         start, _ = search_run._start(db, cap, knapsack(db.loss, db.bits, cap), stitched, 2)
-        result = evo.evolve(db.bits, cap, stitched, start, evo.EvoOptions(generations=3, seed=0))
+        result = evo.evolve(db.bits, cap, stitched, start, evo.EvoOptions(generations=3, seed=0), 2,
+                             progress=False, on_parent=stitched.anchor)
         assert sum(db.bits[i][p] for i, p in enumerate(result.best)) <= cap
         assert stitched(list(result.best), 2) <= stitched(uniform, 2) + 1e-12
 

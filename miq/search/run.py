@@ -72,7 +72,7 @@ def search(model, calib: torch.Tensor, heldout: torch.Tensor, cfg: RunConfig, de
         stitched = fitness.StitchedKL(model, heldout, db, dev)
         start, record["start"] = _start(db, budget.bits, choice, stitched, int(heldout.shape[0]))
         opts = evo.EvoOptions(generations=cfg.search_generations, seed=cfg.seed)
-        result = evo.evolve(db.bits, budget.bits, stitched, start, opts)
+        result = evo.evolve(db.bits, budget.bits, stitched, start, opts, stitched.n_windows, on_parent=stitched.anchor)
         out.choice = [int(j) for j in result.best]
         record.update(trace=[float(x) if isinstance(x, int | float) else x for x in result.trace],
                       kl=float(result.fitness), windows=int(heldout.shape[0]))
