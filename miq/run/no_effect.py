@@ -45,6 +45,8 @@ def _value(v) -> str:
 
 def _why(d: str, a: argparse.Namespace, groups, quantizing: bool, pruning: bool) -> str | None:
     """Why the given flag ``d`` does nothing in this run, or None."""
+    if d == "save_format" and not a.save:
+        return "chooses the format of --save's folder; give --save DIR"
     if d in TASK_FLAGS and not a.tasks.strip():
         return "acts on the harness's tasks; give --tasks (task names or task YAML files)"
     if not (quantizing or pruning) and d in (*HESSIAN_FLAGS, "act_order"):
