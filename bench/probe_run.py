@@ -208,10 +208,11 @@ CASES = [
     Case("jsonl-u2028-dataset", ["toy", "data.jsonl", "--sparsity", "0.5"], 0, jsonl_u2028),
     Case("save-format-without-save", [*T, "--sparsity", "0.5", "--save-format", "dense"], 2),
     Case("target-bpw-one-width", [*T, "--groups", "4", "--bits-choices", "3", "--target-bpw", "3.2"], 2),
-    Case("its-suggestion", [*T, "--groups", "4", "--bits-choices", "3", "--wbits", "3"], 0),
+    Case("its-suggestion", [*T, "--groups", "4", "--bits-choices", "3", "--wbits", "3"], 0, outputs=("analysis",)),
     Case("ct-target-bpw", [*T, "--groups", "4", "--target-bpw", "3.5", "--save", "x", "--save-format",
                            "compressed-tensors"], 2),
-    Case("its-suggestion-ct", [*T, "--groups", "4", "--target-bpw", "3.5", "--save", "x"], 0, outputs=("x",)),
+    Case("its-suggestion-ct", [*T, "--groups", "4", "--target-bpw", "3.5", "--save", "x"], 0,
+         outputs=("x", "analysis")),  # a grouped run draws its figures into analysis/ by default
     Case("ct-model-saved-packed", ["ct", "synthetic", *CT, "--save", "again", "--json", "r.json"], 0, ct_saved,
          outputs=("again", "r.json", "reopened.json"), check=reopens),
 ]
