@@ -262,6 +262,15 @@ def test_a_compressed_tensors_model_compressed_again_saves_a_folder_that_reopens
     assert ("quantization_config" in saved) == (fmt == "compressed-tensors")  # no stale scheme kept
     assert run("--json", "reopened.json", model="again") == 0, capsys.readouterr().err
     assert json.loads((work / "reopened.json").read_text())["ppl"] == ppl
+    # the plain model computes what the library's own (decompressing on its first forward) computes
+    from transformers import AutoModelForCausalLM
+
+    plain = loading.load_model(loading.open_source(str(work / "ct"))[0], "auto", torch.device("cpu"))
+    library = AutoModelForCausalLM.from_pretrained(str(work / "ct"), dtype=torch.float32).eval()
+    ids = torch.arange(3, 40).unsqueeze(0)
+    assert not [n for n, _ in plain.named_parameters() if "weight_scale" in n or "weight_packed" in n]
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, library(ids).logits)
 
 
 # ----------------------------------------------------------------------------------------------------------
