@@ -148,7 +148,7 @@ def _json_records(path: str, raw: str, suffix: str) -> list:
         if data is not None and not isinstance(data, dict):
             raise DataError(f"{path}: expected a list of objects with a \"text\" field, or JSON lines")
     records = []
-    for lineno, line in enumerate(raw.splitlines(), 1):
+    for lineno, line in enumerate(raw.split("\n"), 1):  # JSON lines end at \n alone: a string may hold U+2028
         if line.strip():
             try:
                 records.append(json.loads(line))

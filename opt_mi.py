@@ -120,7 +120,8 @@ def run(cfg: RunConfig) -> dict:
               **({"tasks_s": time.time() - t} if task_results else {})}
     try:
         with Staging() as stage:
-            disk = saving.write(stage.folder(cfg.save), model, tokenizer, res, cfg) if cfg.save else None
+            disk = saving.write(stage.folder(cfg.save, outputs.guard("--save", cfg.save, "replace")), model,
+                                tokenizer, res, cfg) if cfg.save else None
             out = {
                 "config": {**cfg.as_dict(), "model_path": src.path},
                 "method": label,
@@ -137,9 +138,9 @@ def run(cfg: RunConfig) -> dict:
                 "layers": res.layers,
             }
             if cfg.json:
-                outputs.write_json(stage.file(cfg.json), out)
-    except OSError as e:  # at writing or publishing: Staging has removed whatever this run had written
-        raise PublishError(f"could not write the outputs ({e.strerror or e}); the run was done, nothing was "
+                outputs.write_json(stage.file(cfg.json, outputs.guard("--json", cfg.json, "file")), out)
+    except saving.WRITE_ERRORS as e:  # at writing or publishing: Staging has removed whatever this run wrote
+        raise PublishError(f"could not write the outputs ({saving.why(e)}); the run was done, nothing was "
                            "written") from None
     loading.release(model)  # the compressed layers' temporary files (--load layers), now written where asked
     print(summary({**out, "ppl": ppl}, str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")))
@@ -199,6 +200,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _raise_interrupted(signum, frame) -> None:
+    # the first signal starts the way out; a repeated one (a supervisor's second SIGTERM, Ctrl-C pressed twice)
+    # must not break into the cleanup it started (staged outputs, the layers' temporary folder)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
@@ -206,7 +211,8 @@ def _raise_interrupted(signum, frame) -> None:
 def interrupts_raise() -> Iterator[None]:
     """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread while the run is on, so that every
     ``finally`` (staged outputs removed) runs; the previous handlers come back after (tests call main
-    in-process, under pytest's own)."""
+    in-process, under pytest's own), unless an interrupt came: then both stay ignored, so that a repeated
+    signal cannot cut short the way out (exit 130, the temporary folders removed at exit)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -215,7 +221,8 @@ def interrupts_raise() -> Iterator[None]:
         yield
     finally:
         for sig, handler in old.items():
-            signal.signal(sig, handler)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,4 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    for _sig in (signal.SIGINT, signal.SIGTERM):  # the run is over: a late signal must not cut short the exit's
+        signal.signal(_sig, signal.SIG_IGN)  # cleanup (a --load layers run's temporary folder is removed then)
+    sys.exit(code)

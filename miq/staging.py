@@ -9,10 +9,13 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from miq import atomic
+from miq.errors import PublishError
+
+Guard = Callable[[], "str | None"]  # why the target may not be replaced now (one line), or None
 
 
 @dataclass
@@ -20,6 +23,7 @@ class _Staged:
     target: str  # absolute final path
     staged: str  # where it is built: beside the target, so that publishing is a rename
     folder: bool
+    guard: Guard | None = None
 
 
 @contextlib.contextmanager
@@ -52,16 +56,19 @@ class Staging:
         self._items: list[_Staged] = []
         self._made: list[str] = []  # parent folders created for targets, outermost first
 
-    def file(self, target) -> str:
-        """The staged path to write ``target``'s content to (its parent folder exists)."""
-        return self._stage(target, folder=False)
+    def file(self, target, guard: Guard | None = None) -> str:
+        """The staged path to write ``target``'s content to (its parent folder exists). ``guard``: asked again
+        just before publishing, since a long run gives the user time to put files where it publishes."""
+        return self._stage(target, folder=False, guard=guard)
 
-    def folder(self, target) -> str:
-        """An empty staged folder that replaces the folder ``target`` on publishing."""
-        return self._stage(target, folder=True)
+    def folder(self, target, guard: Guard | None = None) -> str:
+        """An empty staged folder that replaces the folder ``target`` on publishing (``guard``: as ``file``)."""
+        return self._stage(target, folder=True, guard=guard)
 
-    def _stage(self, target, folder: bool) -> str:
+    def _stage(self, target, folder: bool, guard: Guard | None = None) -> str:
         target = os.path.abspath(os.path.expanduser(os.fspath(target)))
+        if os.path.islink(target):  # written through: a rename onto the link would replace the link itself
+            target = os.path.realpath(target)
         if any(it.target == target for it in self._items):
             raise ValueError(f"{target} is staged twice")
         parent, name = os.path.split(target)
@@ -69,7 +76,7 @@ class Staging:
         atomic.remove_stale(parent, name)
         staged = os.path.join(parent, atomic.temp_name(name, os.getpid()))
         atomic.remove(staged)
-        self._items.append(_Staged(target, staged, folder))  # before it exists: an interrupt between the two
+        self._items.append(_Staged(target, staged, folder, guard))  # before it exists: an interrupt between the two
         if folder:  # would otherwise leave a folder that discard does not know of
             os.mkdir(staged)
         return staged
@@ -89,6 +96,10 @@ class Staging:
         with _signals_held():
             done: list[tuple[_Staged, str | None]] = []
             try:
+                for it in self._items:
+                    problem = it.guard() if it.guard is not None and os.path.lexists(it.target) else None
+                    if problem:
+                        raise PublishError(f"{problem}; the run was done, nothing was written")
                 for it in self._items:
                     old = None
                     if os.path.lexists(it.target):  # set aside, to be restored if a later rename fails

@@ -57,6 +57,18 @@ def _json(path: str):
         return None
 
 
+def foreign(folder: str) -> list[str]:
+    """What in ``folder`` (a folder a --save would replace) is not this toolkit's own: every entry its marker
+    does not list as a file it wrote (a note, an ``evals/`` folder added since). A folder saved before the
+    marker listed its files cannot tell the user's files from its own: all of them count as foreign."""
+    mark = _json(os.path.join(folder, MARKER))
+    own = set()
+    if isinstance(mark, dict) and mark.get("written_by") == WRITER and isinstance(mark.get("sha256"), dict):
+        own = {MARKER, *mark["sha256"]}
+    return [n for n in sorted(os.listdir(folder))
+            if n not in own or os.path.islink(os.path.join(folder, n)) or not os.path.isfile(os.path.join(folder, n))]
+
+
 def saved_by_toolkit(folder: str) -> bool:
     """Whether ``folder`` is a model this toolkit saved (its marker, or a packed or dense manifest)."""
     mark = _json(os.path.join(folder, MARKER))
@@ -91,6 +103,9 @@ def _ct_problem(cfg) -> str | None:
     if cfg.grouped and cfg.mi_axis == "input":
         return (f"{flag}: --mi-axis input groups columns out of order (a g_idx), which compressed-tensors 0.20 "
                 f"cannot store; {USE_PACKED}")
+    if cfg.grouped and cfg.target_bpw is not None:  # --bit-alloc uniform, one width, cannot meet a target
+        return (f"{flag}: --target-bpw gives a layer's groups different widths to meet the target, and "
+                f"compressed-tensors stores one width per layer; {USE_PACKED}")
     if cfg.grouped and cfg.bit_alloc != "uniform":
         return (f"{flag}: --groups with --bit-alloc {cfg.bit_alloc} may give rows different widths even at a "
                 f"whole-bit budget, and compressed-tensors stores one width per layer; use --bit-alloc uniform "

@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from miq.checkpoint import formats, packed
 from miq.errors import ModelError
-from miq.model import layouts, onload, toy
+from miq.model import dequantized, layouts, onload, toy
 from miq.options import TOY_NAMES
 
 HUB_PROBE_TIMEOUT = 3.0  # seconds; a reachable hub answers a TCP connect in well under a second
@@ -208,8 +208,11 @@ def check_weights(src: ModelSource, model) -> None:
     buffers = {name for name, _ in model.named_buffers()}
     found: set[str] = set()
     unused: list[tuple[str, str]] = []
-    for file in _safetensors_files(src, present[0]):
-        for stored, shape in _safetensors_shapes(src, file).items():
+    index = _shard_index(src, present[0])
+    for file in sorted(set(index.values())) if index else [present[0]]:
+        shapes = _safetensors_shapes(src, file)
+        _check_index(src, index, file, shapes)
+        for stored, shape in shapes.items():
             key = stored if stored in expected or stored in alias else f"model.{stored}"  # saved without the prefix
             key = alias.get(key, key)
             if key not in expected:
@@ -232,14 +235,28 @@ def check_weights(src: ModelSource, model) -> None:
                          "do not belong together")
 
 
-def _safetensors_files(src: ModelSource, first: str) -> list[str]:
+def _shard_index(src: ModelSource, first: str) -> dict[str, str]:
+    """{tensor: shard file} of a sharded checkpoint's index ({} for one model.safetensors)."""
     if first == "model.safetensors":
-        return [first]
+        return {}
     try:
         with open(os.path.join(src.path, first)) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
+            index = dict(json.load(f)["weight_map"])
+        if not all(isinstance(v, str) for v in index.values()):
+            raise TypeError("a shard name is not a string")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ModelError(f"MODEL {src.name}: {first} is not a shard index ({first_line(e)})") from None
+    return index
+
+
+def _check_index(src: ModelSource, index: dict[str, str], file: str, shapes: dict[str, list[int]]) -> None:
+    """Every tensor sits in the shard the index names for it (``shapes``: ``file``'s header): found now, not by
+    a loader reading by the index halfway through a walk."""
+    wrong = [n for n, f in index.items() if f == file and n not in shapes] + [n for n in shapes if index.get(n) != file]
+    if index and wrong:
+        raise ModelError(f"MODEL {src.name}: tensor {wrong[0]} is not where model.safetensors.index.json puts it "
+                         f"({index.get(wrong[0], 'nowhere')}; {file} {'holds' if wrong[0] in shapes else 'lacks'} "
+                         "it); the index and the shards do not belong together")
 
 
 def _safetensors_shapes(src: ModelSource, file: str) -> dict[str, list[int]]:
@@ -298,7 +315,7 @@ def load_model(src: ModelSource, dtype: str, dev: torch.device, load: str = "who
                              "and the weights do not belong together")
     model.eval()
     model.config.use_cache = False
-    return model
+    return dequantized.make_plain(model) if quantized_checkpoint(src) else model  # no stale scales kept
 
 
 def quantized_checkpoint(src: ModelSource) -> bool:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -110,6 +110,12 @@ def checkpoint_files(folder: str) -> dict[str, str]:
     return {}
 
 
+def _why(e: BaseException) -> str:
+    """An I/O error in a few words (safetensors' own error type has no ``strerror``)."""
+    lines = (getattr(e, "strerror", None) or str(e)).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
 class Store:
     """The compressed decoder layers, one safetensors file each in a temporary folder (removed by ``close``,
     or when the Store is collected or the process ends)."""
@@ -123,19 +129,29 @@ class Store:
 
     def put(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="miq-layers-")
+            # cleaning up never fails the run: a tmp cleaner may have removed the folder first
+            self._dir = tempfile.TemporaryDirectory(prefix="miq-layers-", ignore_cleanup_errors=True)
         try:
             save_file(tensors, self._path(index))
-        except OSError as e:  # a full or unwritable $TMPDIR: one line, as every user-facing error
+        except (OSError, SafetensorError) as e:  # a full or unwritable $TMPDIR (safetensors' writer raises its
+            # own error type for the OS's): one line, as every user-facing error
             need = sum(t.numel() * t.element_size() for t in tensors.values())
             raise ModelError(f"--load layers: could not keep compressed layer {index} in {self._dir.name} "
-                             f"({e.strerror or e}); each compressed layer takes about {need >> 20} MB there: "
+                             f"({_why(e)}); each compressed layer takes about {need >> 20} MB there: "
                              "free space under $TMPDIR, point TMPDIR elsewhere, or use --load whole") from None
         self.layers.add(index)
 
     def get(self, index: int, names: list[str]) -> dict[str, torch.Tensor]:
-        with safe_open(self._path(index), "pt") as f:
-            return {n: f.get_tensor(n) for n in names}
+        try:
+            if self._dir is None:
+                raise FileNotFoundError(f"layer {index}: the temporary folder was closed")
+            with safe_open(self._path(index), "pt") as f:
+                return {n: f.get_tensor(n) for n in names}
+        except (OSError, SafetensorError) as e:  # the temporary folder removed under the run (a tmp cleaner)
+            raise ModelError(f"--load layers: compressed layer {index} could not be read back from the run's "
+                             f"temporary folder ({_why(e)}); "
+                             "something removed the run's temporary files; run again, with --load whole or "
+                             "TMPDIR pointing where nothing cleans") from None
 
     def close(self) -> None:
         """Remove the files; ``layers`` stays, so that a later read fails instead of finding the original

@@ -53,6 +53,8 @@ def _why(d: str, a: argparse.Namespace, groups, quantizing: bool, pruning: bool)
         return "acts on the evolutionary search; give --search evo"
     if d == "target_bpw" and a.search:
         return None  # the search's budget
+    if d == "save_format" and not a.save:
+        return "chooses the format of --save's folder; give --save DIR"
     if d in TASK_FLAGS and not a.tasks.strip():
         return "acts on the harness's tasks; give --tasks (task names or task YAML files)"
     if not (quantizing or pruning) and d in (*HESSIAN_FLAGS, "act_order"):

@@ -26,11 +26,25 @@ from __future__ import annotations
 import json
 import os
 
+from safetensors import SafetensorError
+
 from miq.checkpoint import export_ct, formats, packed
 from miq.model import onload
 from miq.run.compress import CompressionResult
 from miq.run.config import RunConfig
 from miq.staging import Staging
+
+# what writing a saved model may raise when the disk is full or a folder goes away: the OS's error, and
+# safetensors' own (its writer is Rust: an I/O error reaches Python as SafetensorError, not OSError)
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def why(e: BaseException) -> str:
+    """A write error in a few words: the OS's reason (``No space left on device``), else its first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def save(model, tokenizer, res: CompressionResult, cfg: RunConfig, out: str) -> dict | None:

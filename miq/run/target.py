@@ -114,15 +114,24 @@ def resolve(cfg: RunConfig, chosen: dict[str, nn.Linear], total_weights: int) ->
     if cfg.target_bpw is None or cfg.search:  # a search meets it by its levels (miq/search/budget.py)
         return cfg
     s = storage(cfg, chosen, total_weights)
-    lo, hi = s.bpw(cfg.bits_choices[0]), s.bpw(cfg.bits_choices[-1])
+    low, high = cfg.bits_choices[0], cfg.bits_choices[-1]
+    lo, hi = s.bpw(low), s.bpw(high)
+    scale = 10**TARGET_DIGITS
+    lo_in, hi_in = math.ceil(lo * scale) / scale, math.floor(hi * scale) / scale
+    if lo_in > hi_in:  # one width (or a range narrower than the digits said): no target to allocate towards
+        bits, stored = (f"{low}", f"{lo:.4f}") if low == high else (f"{low} to {high}", f"{lo:.4f} to {hi:.4f}")
+        raise ConfigError(
+            f"--target-bpw {cfg.target_bpw:g}: --bits-choices {','.join(map(str, cfg.bits_choices))} leaves every "
+            f"kept weight at {bits} bits, which this model with these flags stores at {stored} bpw: nothing to "
+            f"allocate; give --wbits {low} instead of --target-bpw")
     width = s.width(cfg.target_bpw)
-    if not cfg.bits_choices[0] <= width <= cfg.bits_choices[-1]:
-        scale = 10**TARGET_DIGITS
-        lo_in, hi_in = math.ceil(lo * scale) / scale, math.floor(hi * scale) / scale
-        nearest = lo_in if width < cfg.bits_choices[0] else hi_in
+    slack = 1e-9 * max(1.0, high)  # a target said to TARGET_DIGITS at the range's end lands on it, not a hair past
+    if not low - slack <= width <= high + slack:
+        nearest = lo_in if width < low else hi_in
         raise ConfigError(
             f"--target-bpw {cfg.target_bpw:g}: this model with these flags stores {lo_in:.{TARGET_DIGITS}f} to "
-            f"{hi_in:.{TARGET_DIGITS}f} bpw (kept weights at {cfg.bits_choices[0]} to {cfg.bits_choices[-1]} bits "
+            f"{hi_in:.{TARGET_DIGITS}f} bpw (kept weights at {low} to {high} bits "
             f"of --bits-choices, with mask and metadata); the nearest feasible target is "
             f"{nearest:.{TARGET_DIGITS}f}")
+    width = min(max(width, float(low)), float(high))
     return dataclasses.replace(cfg, wbits=width)

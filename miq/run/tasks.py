@@ -23,6 +23,7 @@ import contextlib
 import copy
 import difflib
 import functools
+import importlib.util
 import logging
 import math
 import os
@@ -174,6 +175,54 @@ def _check_data_files(given: str, cfg: dict) -> None:
                               "to the working directory, not to the task file)")
 
 
+def _function_tags(path: str, seen: set[str]) -> list[tuple[str, str]]:
+    """(task file, dotted name) of every ``!function`` tag in the task file ``path`` and the files it
+    includes (``include:``, relative to its folder, as the harness reads it)."""
+    path = os.path.abspath(path)
+    if path in seen or not os.path.isfile(path):
+        return []
+    seen.add(path)
+    names: list[str] = []
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def tag(loader, suffix, node):
+        if suffix == "function" and isinstance(node, yaml.ScalarNode):
+            names.append(str(loader.construct_scalar(node)))
+
+    Loader.add_multi_constructor("!", tag)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.load(f, Loader)  # noqa: S506  (a SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []  # an unreadable file is _file_name's to refuse
+    found = [(path, n) for n in names]
+    include = cfg.get("include") if isinstance(cfg, dict) else None
+    if isinstance(include, str):
+        found += _function_tags(os.path.join(os.path.dirname(path), include), seen)
+    return found
+
+
+def _check_functions(given: str) -> None:
+    """Every ``!function`` a task file names imports and holds that function, as the harness will import it
+    when the tasks run: found before compression, not after it (the finished work would be lost)."""
+    for path, dotted in _function_tags(given, set()):
+        module, _, func = dotted.rpartition(".")
+        file = os.path.join(os.path.dirname(path), f"{module}.py")
+        where = f"--tasks {given}: !function {dotted} in {os.path.basename(path)}"
+        if not module or not os.path.isfile(file):
+            raise ConfigError(f"{where}: no module file {file} (the harness looks beside the task file)")
+        try:
+            spec = importlib.util.spec_from_file_location(module, file)
+            code = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(code)
+        except Exception as e:  # the user's module, whatever it raises on import: one line
+            raise ConfigError(f"{where}: {file} does not import ({loading.first_line(e)})") from None
+        if not callable(getattr(code, func, None)):
+            raise ConfigError(f"{where}: {file} has no function {func}")
+
+
 def _file_name(given: str, defined: dict, names: dict) -> str:
     """The task (or group) the file ``given`` defines, as the harness indexed it; ConfigError when it did not."""
     found = defined.get(Path(given).resolve())
@@ -219,6 +268,7 @@ def plan(given: list[str]) -> TaskPlan:
         if is_task_file(g):
             entry = defined[Path(g).resolve()][1]
             _check_data_files(g, _field(entry, "cfg") or _read_yaml(g))
+            _check_functions(g)
         if not is_task_file(g) and name not in manager.all_tasks:
             close = difflib.get_close_matches(name, manager.all_tasks, n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
