@@ -22,56 +22,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from miq import methods
-from miq.options import fmt_num
+from miq.report.naming import line_of, name, searched
 from miq.report.results import Unit
 from miq.report.stats import Decision, Paired, decide_runs
 
 TARGETS = (2.5, 3.0, 3.5, 4.0, 5.0)  # budgets (total bpw) the report answers for
 SAME = 0.01  # configurations within this many bpw of each other store the same (metadata differs in digits)
-
-
-def searched(u: Unit) -> bool:
-    """A configuration whose masks and widths a search chose per linear (``--search``)."""
-    return bool(u.config.search)
-
-
-def line_of(u: Unit) -> str:
-    """What sets a configuration apart on the frontier: its sparsity, or for a searched one its search
-    (a line of the figure each; configurations of different ones at one storage are compared there)."""
-    return u.method if searched(u) else f"sparsity {u.sparsity_label}"
-
-
-def _sparsity_name(u: Unit) -> str:
-    cfg = u.config
-    if not cfg.pruning:
-        return "dense"
-    pattern = f"{cfg.prunen}:{cfg.prunem}" if cfg.prunen else f"{100 * cfg.sparsity:g}%"
-    return pattern + (" magnitude" if cfg.gmp else "")
-
-
-def _budget(bpw: float) -> str:
-    """A budget as the figure names it: 3.0, 2.5, 3.25 (one decimal at least, so it reads as bpw)."""
-    return f"{bpw:.1f}" if round(bpw, 1) == bpw else f"{bpw:g}"
-
-
-def name(u: Unit) -> str:
-    """What a configuration is, in a few words: "50% + 3-bit g128", "dense 4-bit act-order", "2:4 fp16",
-    or for a searched one its budget and the share of weights it pruned: "search-evo @3.0, 12% pruned"."""
-    cfg = u.config
-    if searched(u):
-        pruned = float(u.data.get("sparsity") or 0.0)
-        return f"{u.method} @{_budget(cfg.target_bpw)}" + (f", {100 * pruned:.0f}% pruned" if pruned >= 0.005 else "")
-    sparsity = _sparsity_name(u)
-    if not cfg.quantizing:
-        return f"{sparsity} fp16"
-    quant = methods.signature(cfg)[1]
-    if quant is not None and quant[0] == "uniform":
-        how = ["act-order"] * cfg.act_order + [f"g{cfg.groupsize}"] * (cfg.groupsize > 0)
-    else:  # a grouped method: its label says how
-        how = [u.method.split("+")[-1]]
-    width = " ".join([f"{fmt_num(cfg.wbits)}-bit", *how])
-    return f"{sparsity} {width}" if sparsity == "dense" else f"{sparsity} + {width}"
 
 
 def points(us: list[Unit], evalset: str) -> list[Unit]:

@@ -10,7 +10,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from miq import atomic
-from miq.report import frontier
+from miq.report import naming
 from miq.report.results import Run
 
 REPORT_FIG_SIZE = (10, 6.5)  # inches at REPORT_FIG_DPI -> 1000 x 650 px
@@ -186,13 +186,13 @@ SEARCH_STYLE = {"evo": ("tab:blue", "*"), "knapsack": ("tab:purple", "P")}  # bl
 def _frontier_lines(ax: Axes, us: list, evalset: str) -> None:
     """A line per sparsity through its configurations; searched ones as large markers, one kind per search."""
     lines: dict[str, list] = {}
-    for u in (u for u in us if not frontier.searched(u)):
-        lines.setdefault(frontier.line_of(u), []).append(u)
+    for u in (u for u in us if not naming.searched(u)):
+        lines.setdefault(naming.line_of(u), []).append(u)
     for i, (label, line) in enumerate(sorted(lines.items(), key=lambda kv: kv[1][0].sparsity_key)):
         ax.plot([u.bpw for u in line], [u.ppl_of(evalset) for u in line], color=LINE_COLORS[i % len(LINE_COLORS)],
                 marker="o", ms=4, lw=1, label=label)
     found: dict[str, list] = {}
-    for u in (u for u in us if frontier.searched(u)):
+    for u in (u for u in us if naming.searched(u)):
         found.setdefault(u.method, []).append(u)
     for method, pts in found.items():
         color, marker = SEARCH_STYLE.get(pts[0].config.search, ("tab:pink", "X"))
@@ -229,13 +229,13 @@ def plot_frontier(units: list, evalset: str, envelope: list, path: Path | str) -
     _frontier_lines(ax, pts, evalset)
     for u in refs:
         ax.axhline(u.ppl_of(evalset), color="black", ls=":", lw=1.2,
-                   label=f"{frontier.name(u)} ({u.bpw:g} bpw): PPL {u.ppl_of(evalset):.3f}")
+                   label=f"{naming.name(u)} ({u.bpw:g} bpw): PPL {u.ppl_of(evalset):.3f}")
     if envelope:
         ax.plot([u.bpw for u in envelope], [u.ppl_of(evalset) for u in envelope], color="black", ls="--", lw=1.5,
                 marker="s", mfc="none", ms=9, label="lower envelope")
     if finite:
         ax.set_yscale("log")
     shown = _zoom(ax, pts, refs, evalset)
-    named = [u for u in shown if u in envelope or frontier.searched(u)]
-    _spread_labels(ax, [(u.bpw, u.ppl_of(evalset), frontier.name(u)) for u in named])
+    named = [u for u in shown if u in envelope or naming.searched(u)]
+    _spread_labels(ax, [(u.bpw, u.ppl_of(evalset), naming.name(u)) for u in named])
     _finish_bpw_figure(fig, ax, bool(finite), evalset, "Sparsity x width frontier", path, log=True)
