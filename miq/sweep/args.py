@@ -27,8 +27,9 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "--calib": ("D", "synthetic", "calibration data (default synthetic)"),
     "--eval": ("LIST", "", f"comma-separated eval sets (default {TOY_EVAL} for toy, else {DEFAULT_EVAL})"),
     "--matrix": ("NAME", "mi", "mi (default: the MI study's methods) or frontier: sparsity {0, 0.5, 0.6, 0.7, 2:4} "
-                 "x kept width {2, 3, 4, 5, 8, 16} x {per-row, g128} x {natural order, act-order}, compared at "
-                 "total stored bpw (--sparsities, --wbits and --methods given explicitly still win)"),
+                 "x kept width {2, 3, 4, 5, 8, 16} x {per-row, g128} x {natural order, act-order}, and the per-linear "
+                 "searches at --search-budgets, compared at total stored bpw (--sparsities, --wbits, --methods and "
+                 "--search-budgets given explicitly still win)"),
     "--sparsities": ("LIST", "0.5", 'target sparsities (default "0.5"), or N:M (e.g. 2:4); 0 runs the '
                      'quantize-only rows'),
     "--groups": ("LIST", "8", 'K values for the MI and control rows (default "8")'),
