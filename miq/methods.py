@@ -227,6 +227,7 @@ class SweepOptions:
     ks: tuple[int, ...] = (8,)
     methods: tuple[str, ...] = MATRIX_IDS
     seeds: tuple[int, ...] = (0,)  # other than (0,): every seeded configuration once per seed, id + _seed<n>
+    budgets: tuple[str, ...] = ()  # --target-bpw of the searched methods (search-knapsack, search-evo)
 
 
 @dataclass(frozen=True)
@@ -255,11 +256,17 @@ def _sid(sparsity: str) -> str:
     return sparsity.replace(":", "of")
 
 
+def searched(m: Method) -> bool:
+    """A method whose masks and widths a search picks per linear: it enters a sweep once per storage budget."""
+    return m.key[0] == "search"
+
+
 def run_flags(m: Method, sparsity: str, wbits: str, k: int | None) -> list[str]:
-    """opt_mi.py flags of method m at one point of the matrix (sparsity and wbits as strings)."""
+    """opt_mi.py flags of method m at one point of the matrix (sparsity and wbits as strings; a searched
+    method's point is its budget, given as ``wbits``)."""
     if m.role == "reference":
         base = ["--sparsity", "0", "--wbits", "16"]
-    elif m.key[0] == "search":  # the search picks masks and widths: the budget is its only point
+    elif searched(m):  # the search picks masks and widths: the budget is its only point
         base = ["--target-bpw", wbits]
     elif m.quantized:
         base = [*sparsity_flags(sparsity), "--wbits", wbits]
@@ -274,9 +281,11 @@ def _whole(wbits: str) -> bool:
 
 def matrix(options: SweepOptions) -> list[SweepConfig]:
     """Every configuration of a sweep, in run order: references, then per sparsity the pruning baselines,
-    per budget the quantized methods, per K the grouped ones, each once per seed (seed-independent ones,
-    dense and magnitude, once). Sparsity 0 has no pruning-only rows (they would repeat dense); whole-bit
-    methods at a fractional budget are listed with a skip reason."""
+    per budget the quantized methods, per K the grouped ones, then the searched methods once per storage
+    budget (``budgets``, ids ``<method>_b<bpw>``), each once per seed (seed-independent ones, dense and
+    magnitude, once; a searched run and the uniform ones share seeds, so the report pairs them). Sparsity 0
+    has no pruning-only rows (they would repeat dense); whole-bit methods at a fractional budget are listed
+    with a skip reason."""
     out = []
     for c in _matrix_one_seed(options):
         m = BY_ID[c.id.split("_")[0]]
@@ -295,7 +304,7 @@ def _matrix_one_seed(options: SweepOptions) -> list[SweepConfig]:
             out += [SweepConfig(f"{m.id}_s{_sid(s)}", tuple(run_flags(m, s, "", None)))
                     for m in chosen if m.stage == "prune" and m.role != "reference"]
         for w in options.wbits:
-            for m in (m for m in chosen if m.quantized and not m.per_k):
+            for m in (m for m in chosen if m.quantized and not m.per_k and not searched(m)):
                 skip = None
                 if m.whole_bits and not _whole(w):
                     skip = f"uniform quantization needs whole bits; a {w}-bit budget needs --groups"
@@ -303,4 +312,6 @@ def _matrix_one_seed(options: SweepOptions) -> list[SweepConfig]:
             for k in options.ks:
                 out += [SweepConfig(f"{m.id}_s{_sid(s)}_w{w}_k{k}", tuple(run_flags(m, s, w, k)))
                         for m in chosen if m.per_k]
+    out += [SweepConfig(f"{m.id}_b{b}", tuple(run_flags(m, "", b, None)))
+            for m in chosen if searched(m) for b in options.budgets]
     return out

@@ -120,8 +120,8 @@ def test_frontier_matrix_spans_sparsity_width_grid_and_order():
     cfgs = methods.matrix(sweep.matrix)
     ids = {c.id for c in cfgs}
     # sparsity 0, 0.5, 0.6, 0.7 and 2:4 x widths 2, 3, 4, 5, 8 x per-row/g128 x natural/act-order, plus the
-    # 16-bit column: dense, and pruning only with and without act-order
-    assert len(cfgs) == 5 * 5 * 4 + 4 * 2 + 1 and len(ids) == len(cfgs)
+    # 16-bit column: dense, and pruning only with and without act-order; plus knapsack and evo at 3 budgets
+    assert len(cfgs) == 5 * 5 * 4 + 4 * 2 + 1 + 2 * 3 and len(ids) == len(cfgs)
     assert {"dense", "uniform_s0_w3", "g128_s0.7_w2", "act-order-g128_s2of4_w4", "sparsegpt_s2of4",
             "sparsegpt-act-order_s0.6"} <= ids
     two_four = next(c for c in cfgs if c.id == "uniform_s2of4_w4")
@@ -133,3 +133,39 @@ def test_frontier_matrix_spans_sparsity_width_grid_and_order():
     assert mine.matrix.wbits == ("3",) and mine.matrix.sparsities == ("0", "0.5", "0.6", "0.7", "2:4")
     with pytest.raises(sweep_args.UsageError, match="--matrix nope: one of mi, frontier"):
         sweep_args.parse_args(["--matrix", "nope"])
+
+
+def test_frontier_matrix_runs_the_searches_at_their_budgets_paired_by_seed_with_uniform():
+    sweep = sweep_args.parse_args(["--matrix", "frontier", "--seeds", "0 1 2", "--out", "/tmp/unused-frontier"])
+    assert sweep.matrix.budgets == ("2.5", "3", "3.5")
+    cfgs = {c.id: c for c in methods.matrix(sweep.matrix)}
+    sweep_args.check_matrix(sweep, list(cfgs.values()))  # every configuration through opt_mi.py's parser
+    for m in ("search-knapsack", "search-evo"):
+        for b in ("2.5", "3", "3.5"):
+            for seed in (0, 1, 2):
+                cfg = parse(sweep_args.config_args(sweep, cfgs[f"{m}_b{b}_seed{seed}"]))
+                assert (cfg.search, cfg.target_bpw, cfg.seed) == (m.split("-")[1], float(b), seed)
+                assert methods.identify(cfg).id == m and not cfg.pruning and cfg.wbits == 16
+                assert parse(sweep_args.config_args(sweep, cfgs[f"uniform_s0_w3_seed{seed}"])).seed == seed
+    assert not [i for i in cfgs if i.startswith("search") and "_s0" in i]  # not once per sparsity or width
+    # explicit budgets win; narrowing the methods away from the searches drops the preset's budgets
+    mine = sweep_args.parse_args(["--matrix", "frontier", "--search-budgets", "2.75 3.0", "--out", "/tmp/u"])
+    assert {c.id for c in methods.matrix(mine.matrix) if c.id.startswith("search-evo")} == {
+        "search-evo_b2.75", "search-evo_b3"}
+    plain = sweep_args.parse_args(["--matrix", "frontier", "--methods", "dense uniform", "--out", "/tmp/u"])
+    assert plain.matrix.budgets == () and all(c.id.startswith(("dense", "uniform")) for c in methods.matrix(
+        plain.matrix))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "search-evo"], "--methods search-evo: a searched method needs --search-budgets"),
+    (["--search-budgets", "3"], "--search-budgets '3': no searched method in --methods"),
+    (["--matrix", "frontier", "--search-budgets", "3 3.0"], "--search-budgets '3 3.0': give distinct values"),
+    (["--matrix", "frontier", "--search-budgets", "16"], "--search-budgets: 16 is not above 0 and below 16"),
+    (["--matrix", "frontier", "--search-budgets", "0"], "--search-budgets: 0 is not above 0 and below 16"),
+    (["--matrix", "frontier", "--search-budgets", "three"], "--search-budgets: three is not a number"),
+])
+def test_search_budgets_are_checked_before_the_first_job(argv, message):
+    with pytest.raises(sweep_args.UsageError) as e:
+        sweep_args.parse_args([*argv, "--out", "/tmp/unused-frontier"])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)

@@ -10,6 +10,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from miq import atomic
+from miq.report import naming
 from miq.report.results import Run
 
 REPORT_FIG_SIZE = (10, 6.5)  # inches at REPORT_FIG_DPI -> 1000 x 650 px
@@ -91,7 +92,7 @@ def plot_ppl_vs_bpw(runs: list[Run], evalset: str, path: Path | str) -> None:
     1000 x 650 PNG to ``path`` atomically."""
     fig, ax = _report_figure()
     finite = [r for r in runs if math.isfinite(r.ppl_of(evalset))]
-    pts = [r for r in finite if r.wbits != 16] or finite
+    pts = [r for r in finite if r.config.quantizing] or finite  # a searched run's --wbits stays 16
     refs = [r for r in finite if r not in pts]
     _bpw_points(ax, pts, refs, evalset)
     if finite:
@@ -178,22 +179,63 @@ def plot_ppl_vs_k(runs: list[Run], evalset: str, path: Path | str) -> bool:
     return True
 
 
+FRONTIER_ZOOM = (1.5, 6.0)  # total bpw: the budgets the frontier's question is about (8-bit and fp16 lie beyond)
+SEARCH_STYLE = {"evo": ("tab:blue", "*"), "knapsack": ("tab:purple", "P")}  # blue and purple: not in LINE_COLORS
+
+
+def _frontier_lines(ax: Axes, us: list, evalset: str) -> None:
+    """A line per sparsity through its configurations; searched ones as large markers, one kind per search."""
+    lines: dict[str, list] = {}
+    for u in (u for u in us if not naming.searched(u)):
+        lines.setdefault(naming.line_of(u), []).append(u)
+    for i, (label, line) in enumerate(sorted(lines.items(), key=lambda kv: kv[1][0].sparsity_key)):
+        ax.plot([u.bpw for u in line], [u.ppl_of(evalset) for u in line], color=LINE_COLORS[i % len(LINE_COLORS)],
+                marker="o", ms=4, lw=1, label=label)
+    found: dict[str, list] = {}
+    for u in (u for u in us if naming.searched(u)):
+        found.setdefault(u.method, []).append(u)
+    for method, pts in found.items():
+        color, marker = SEARCH_STYLE.get(pts[0].config.search, ("tab:pink", "X"))
+        ax.scatter([u.bpw for u in pts], [u.ppl_of(evalset) for u in pts], c=color, marker=marker, s=170,
+                   edgecolors="black", linewidths=0.5, zorder=4, label=f"{method} (each linear its own level)")
+
+
+def _zoom(ax: Axes, us: list, refs: list, evalset: str) -> list:
+    """Limit the axes to FRONTIER_ZOOM (widened to any point below it) when points lie there, and note how
+    many lie beyond; the units left in view."""
+    xs = [u.bpw for u in us]
+    if not any(FRONTIER_ZOOM[0] <= x <= FRONTIER_ZOOM[1] for x in xs):
+        return us
+    lo, hi = min(FRONTIER_ZOOM[0], min(xs)) - 0.15, FRONTIER_ZOOM[1] + 0.15
+    shown = [u for u in us if u.bpw <= hi]
+    ys = [u.ppl_of(evalset) for u in shown + refs]
+    ax.set_xlim(lo, hi + 0.2 * (hi - lo))  # room on the right for the labels of the last points
+    ax.set_ylim(min(ys) / 1.15, max(ys) * 1.15)  # below the dense line: room for the note
+    if beyond := len(us) - len(shown):
+        ax.text(0.99, 0.01, f"{beyond} configuration(s) above {FRONTIER_ZOOM[1]:g} bpw not drawn (see the table)",
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="0.4")
+    return shown
+
+
 def plot_frontier(units: list, evalset: str, envelope: list, path: Path | str) -> None:
-    """PPL (log scale) over total stored bpw, a line per sparsity through its configurations, the lower
-    envelope dashed on top; 1000 x 650 PNG to ``path``, atomically."""
+    """PPL (log scale) over total stored bpw: a line per sparsity through its configurations, searched
+    configurations as large markers, the lower envelope dashed on top with each of its points named by what
+    it is ("50% + 3-bit g128"), uncompressed dense as a horizontal line; zoomed on FRONTIER_ZOOM. 1000 x 650
+    PNG to ``path``, atomically."""
     fig, ax = _report_figure()
     finite = sorted((u for u in units if math.isfinite(u.ppl_of(evalset))), key=lambda u: u.bpw)
-    by_sparsity: dict[str, list] = {}
-    for u in finite:
-        by_sparsity.setdefault(u.sparsity_label, []).append(u)
-    for i, (label, us) in enumerate(sorted(by_sparsity.items(), key=lambda kv: kv[1][0].sparsity_key)):
-        color = LINE_COLORS[i % len(LINE_COLORS)]
-        ax.plot([u.bpw for u in us], [u.ppl_of(evalset) for u in us], color=color, marker="o", ms=4, lw=1,
-                label=f"sparsity {label}")
+    refs = [u for u in finite if not u.config.compressing]
+    pts = [u for u in finite if u.config.compressing]
+    _frontier_lines(ax, pts, evalset)
+    for u in refs:
+        ax.axhline(u.ppl_of(evalset), color="black", ls=":", lw=1.2,
+                   label=f"{naming.name(u)} ({u.bpw:g} bpw): PPL {u.ppl_of(evalset):.3f}")
     if envelope:
         ax.plot([u.bpw for u in envelope], [u.ppl_of(evalset) for u in envelope], color="black", ls="--", lw=1.5,
                 marker="s", mfc="none", ms=9, label="lower envelope")
-        _spread_labels(ax, [(u.bpw, u.ppl_of(evalset), u.method) for u in envelope])
     if finite:
         ax.set_yscale("log")
+    shown = _zoom(ax, pts, refs, evalset)
+    named = [u for u in shown if u in envelope or naming.searched(u)]
+    _spread_labels(ax, [(u.bpw, u.ppl_of(evalset), naming.name(u)) for u in named])
     _finish_bpw_figure(fig, ax, bool(finite), evalset, "Sparsity x width frontier", path, log=True)

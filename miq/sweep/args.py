@@ -27,12 +27,16 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "--calib": ("D", "synthetic", "calibration data (default synthetic)"),
     "--eval": ("LIST", "", f"comma-separated eval sets (default {TOY_EVAL} for toy, else {DEFAULT_EVAL})"),
     "--matrix": ("NAME", "mi", "mi (default: the MI study's methods) or frontier: sparsity {0, 0.5, 0.6, 0.7, 2:4} "
-                 "x kept width {2, 3, 4, 5, 8, 16} x {per-row, g128} x {natural order, act-order}, compared at "
-                 "total stored bpw (--sparsities, --wbits and --methods given explicitly still win)"),
+                 "x kept width {2, 3, 4, 5, 8, 16} x {per-row, g128} x {natural order, act-order}, and the per-linear "
+                 "searches at --search-budgets, compared at total stored bpw (--sparsities, --wbits, --methods and "
+                 "--search-budgets given explicitly still win)"),
     "--sparsities": ("LIST", "0.5", 'target sparsities (default "0.5"), or N:M (e.g. 2:4); 0 runs the '
                      'quantize-only rows'),
     "--groups": ("LIST", "8", 'K values for the MI and control rows (default "8")'),
     "--wbits": ("LIST", "4", 'bit budgets (default "4"); fractional budgets skip the uniform and g128 rows'),
+    "--search-budgets": ("LIST", "", "total stored bpw (opt_mi.py --target-bpw) at which the searched methods "
+                         '(search-knapsack, search-evo) run, e.g. "2.5 3 3.5" (default none; --matrix frontier: '
+                         '"2.5 3 3.5"); each above 0 and below 16'),
     "--out": ("DIR", "results/sweep", "results folder (default results/sweep)"),
     "--jobs": ("N", "1", "configurations run at a time (default 1)"),
     "--nsamples": ("N", "", "calibration windows (default 32 for toy, else 128)"),
@@ -63,10 +67,13 @@ FLAGS: dict[str, tuple[str, str, str]] = {
 SLURM_FLAGS = [f for f in FLAGS if f.startswith("--slurm-")]
 
 # --matrix presets: the flags they set unless given
-FRONTIER_METHODS = ("dense", "sparsegpt", "sparsegpt-act-order", "uniform", "g128", "act-order", "act-order-g128")
+FRONTIER_METHODS = ("dense", "sparsegpt", "sparsegpt-act-order", "uniform", "g128", "act-order", "act-order-g128",
+                    "search-knapsack", "search-evo")
+SEARCHED = {m.id for m in methods.METHODS if methods.searched(m)}
 MATRICES: dict[str, dict[str, str]] = {
     "mi": {},
-    "frontier": {"--sparsities": "0 0.5 0.6 0.7 2:4", "--wbits": "2 3 4 5 8", "--methods": " ".join(FRONTIER_METHODS)},
+    "frontier": {"--sparsities": "0 0.5 0.6 0.7 2:4", "--wbits": "2 3 4 5 8", "--methods": " ".join(FRONTIER_METHODS),
+                 "--search-budgets": "2.5 3 3.5"},
 }
 
 def usage() -> str:
@@ -125,6 +132,8 @@ def parse_args(argv: Sequence[str]) -> Sweep | None:
     if raw["--matrix"] not in MATRICES:
         raise UsageError(f"--matrix {raw['--matrix']}: one of {', '.join(MATRICES)}")
     raw.update({f: v for f, v in MATRICES[raw["--matrix"]].items() if f not in given})
+    if "--search-budgets" not in given and not any(m in SEARCHED for m in raw["--methods"].split()):
+        raw["--search-budgets"] = ""  # the preset's budgets, with the searched methods narrowed away
     # the executor's flags first: they are checked in microseconds, --tasks (in validate) builds the
     # harness's task index, which takes seconds
     executor = executor_options(raw, given | switches, extra)
@@ -181,6 +190,7 @@ def validate(raw: dict[str, str], retry: bool) -> Sweep:
     for m in chosen:
         if m not in methods.BY_ID:
             raise UsageError(f"--methods: unknown {m} (known: {' '.join(methods.BY_ID)})")
+    budgets = search_budgets(raw["--search-budgets"], [methods.BY_ID[m] for m in chosen])
     if not (sparsities and wbits and chosen):
         raise UsageError("--sparsities, --wbits and --methods must not be empty")
     try:
@@ -203,7 +213,27 @@ def validate(raw: dict[str, str], retry: bool) -> Sweep:
                  nsamples=int(raw["--nsamples"] or (32 if toy else 128)), out=Path(raw["--out"]),
                  jobs=int(raw["--jobs"]), extra=tuple(extra), retry_failed=retry, tasks=raw["--tasks"].strip(),
                  matrix=methods.SweepOptions(tuple(sparsities), tuple(wbits), tuple(map(int, ks)), tuple(chosen),
-                                             tuple(int(n) for n in seeds)))
+                                             tuple(int(n) for n in seeds), budgets))
+
+
+def search_budgets(given: str, chosen: list[methods.Method]) -> tuple[str, ...]:
+    """--search-budgets checked against the searched methods chosen: each a number in (0, 16), once; none
+    without a searched method (they would run nothing) and some with one (it would run nothing)."""
+    values = given.split()
+    _check(values, r"[0-9]+(\.[0-9]+)?", "--search-budgets: {} is not a number")
+    budgets = [fmt_num(float(b)) for b in values]
+    if bad := [b for b in budgets if not 0 < float(b) < 16]:
+        raise UsageError(f"--search-budgets: {bad[0]} is not above 0 and below 16 (total stored bpw; fp16 is 16)")
+    if len(set(budgets)) != len(budgets):
+        raise UsageError(f"--search-budgets {given!r}: give distinct values, e.g. \"2.5 3 3.5\"")
+    searched = [m.id for m in chosen if methods.searched(m)]
+    if budgets and not searched:
+        raise UsageError(f"--search-budgets {given!r}: no searched method in --methods (search-knapsack, "
+                         "search-evo) to run at them")
+    if searched and not budgets:
+        raise UsageError(f"--methods {searched[0]}: a searched method needs --search-budgets (its --target-bpw "
+                         'values), e.g. --search-budgets "2.5 3 3.5"')
+    return tuple(budgets)
 
 
 def config_args(s: Sweep, cfg: methods.SweepConfig) -> list[str]:
