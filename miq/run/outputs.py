@@ -175,4 +175,4 @@ def env_info(dev: torch.device) -> dict:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     return {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(dev),
             "device_name": name, "python": platform.python_version(), "machine": platform.machine(),
-            "code_version": code_version()}
+            "code_version": code_version(), "threads": torch.get_num_threads()}
