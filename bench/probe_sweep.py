@@ -135,7 +135,7 @@ def small_disk(path: Path):
         return
     try:
         filler = path / "filler.bin"
-        with open(filler, "wb") as f, contextlib.suppress(OSError):
+        with contextlib.suppress(OSError), open(filler, "wb") as f:  # closing it may fail too: the disk is full
             while True:
                 f.write(b"\0" * 4096)
                 f.flush()

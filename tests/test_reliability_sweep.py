@@ -410,3 +410,25 @@ def test_runs_on_other_thread_counts_are_marked_where_they_are_paired(tmp_path, 
     assert len(marked) == 2, verdict  # mi-B against the baseline and against the random control
     assert all("(cpu, 1 thread; cpu, 2 threads)" in ln for ln in marked)
     assert "2 of the comparisons below pair or average runs made on different devices or thread counts" in verdict
+
+
+def test_the_frontier_marks_a_best_and_runner_up_of_other_thread_counts():
+    from test_frontier import run as frontier_run
+
+    from miq.report import frontier
+    from miq.report.results import units
+
+    def runs(threads: dict[int, int]):
+        out = []
+        for seed in range(3):
+            for m, s, w, bpw, ppl in (("uniform", "0", "3", 3.06, 14.0), ("uniform", "0.5", "4", 3.06, 13.0)):
+                r = frontier_run(m, s, w, bpw, ppl + 0.1 * seed, seed=seed)
+                n = threads.get(seed, 1) if s == "0.5" else 1
+                r.data["env"] = {"device": "cpu", "device_name": f"cpu ({n} threads)", "threads": n}
+                out.append(r)
+        return units(out)
+
+    assert "Not like for like" not in frontier.best_line(frontier.best_at(runs({}), "syn", 3.5))
+    line = frontier.best_line(frontier.best_at(runs({2: 2}), "syn", 3.5))
+    assert "Not like for like: these runs ran on different devices or thread counts (cpu, 1 thread; cpu, 2 threads)" \
+        in line
