@@ -228,6 +228,19 @@ def test_sbatch_output_without_a_job_id_is_one_line(tmp_path, fake, capsys, monk
     assert fake.invocations() == [] and not (out / "submitit" / "jobs.json").exists()
 
 
+def test_sbatch_refusing_the_jobs_is_one_line_and_leaves_no_pickled_jobs(tmp_path, fake, capsys, monkeypatch):
+    monkeypatch.setattr(slurm, "CLUSTER", "slurm")
+    bin = tmp_path / "bin"
+    monkeypatch.setenv("PATH", fake_sbatch(bin, ""))
+    (bin / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid account' >&2\n"
+                                "exit 1\n")
+    out = tmp_path / "slurm"
+    rc, _, stderr = run(capsys, out, fake, *FOUR, "--executor", "slurm")
+    assert rc == 2
+    one_line(stderr, "submitting the jobs failed", "Invalid account")  # not twice: submitit echoes it too
+    assert not list((out / "submitit").glob("*.pkl")) and fake.invocations() == []
+
+
 @pytest.mark.parametrize("error", [RuntimeError('Could not detect "srun", are you indeed on a slurm cluster?'),
                                    ValueError("Unavailable parameter(s): ['slurm_foo']\nValid parameters are: ..."),
                                    TypeError("cannot pickle '_thread.lock' object")])

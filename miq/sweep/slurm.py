@@ -20,6 +20,7 @@ jobs as local processes, without a cluster).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -227,13 +228,17 @@ class Batch:
             else:
                 new.append(t)
         if new:
+            staged = set(self.folder.glob("*.pkl"))
             try:
                 ex = executor(self.folder, self.opts)
-                with importable(), ex.batch():
+                # submitit echoes sbatch's complaint itself: it is in the one line below instead
+                with importable(), contextlib.redirect_stderr(io.StringIO()), ex.batch():
                     submitted = [ex.submit(ConfigJob(t.id, t.command, str(self.out))) for t in new]
             except Interrupted:
                 raise
             except Exception as e:  # whatever submitit raises (its own types too): one line, never a traceback
+                for p in set(self.folder.glob("*.pkl")) - staged:  # the jobs it pickled for this submission
+                    p.unlink(missing_ok=True)
                 raise submission_error(e) from None
             for t, job in zip(new, submitted, strict=True):
                 say(f"[{t.n}/{self.total}] {t.id} submitted as job {job.job_id}")
