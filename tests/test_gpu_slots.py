@@ -119,6 +119,7 @@ def test_on_cpu_no_gpu_is_set_and_threads_are_split(tmp_path, monkeypatch, capsy
                                             ("GPU-8a1b,MIG-77", ["GPU-8a1b", "MIG-77"]), (" 1 , 0", ["1", "0"])])
 def test_visible_follows_cuda_visible_devices(monkeypatch, mask, expected):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", mask)
+    monkeypatch.setattr(gpu_slots.torch.cuda, "device_count", lambda: 8)  # CUDA here: the mask decides
     assert gpu_slots.visible() == expected
 
 

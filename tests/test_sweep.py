@@ -386,14 +386,16 @@ def test_out_inside_the_model_folder_or_the_toy_cache_is_refused(tmp_path, fake,
 
 
 def test_extra_flags_reach_only_the_configurations_they_change(tmp_path, fake, run):
-    """--extra "--sym --groupsize 32" quantizes symmetrically in groups; dense and pruning-only rows run without
-    them (they would change nothing there, and opt_mi.py refuses such flags)."""
+    """--extra "--sym --alloc-cost rtn" quantizes symmetrically and allocates bits by RTN error; dense and
+    pruning-only rows run without them, and the uniform row (no allocation) without --alloc-cost: they would
+    change nothing there, and opt_mi.py refuses such flags."""
     out = tmp_path / "sweep"
-    r = run(out, fake, "--methods", "dense sparsegpt uniform", "--extra", "--sym --groupsize 32")
+    r = run(out, fake, "--methods", "dense sparsegpt uniform perchannel", "--extra", "--sym --alloc-cost rtn")
     assert r.returncode == 0, r.stderr
     first = {p.stem: p.read_text().splitlines()[0] for p in out.glob("*.log")}
-    assert "--sym" not in first["dense"] and "--groupsize" not in first["sparsegpt_s0.5"]
-    assert "--sym --groupsize 32" in first["uniform_s0.5_w4"]
+    assert "--sym" not in first["dense"] and "--alloc-cost" not in first["sparsegpt_s0.5"]
+    assert "--sym" in first["uniform_s0.5_w4"] and "--alloc-cost" not in first["uniform_s0.5_w4"]
+    assert "--sym --alloc-cost rtn" in first["perchannel_s0.5_w4"]
 
 
 def test_one_spelling_per_value_in_ids(tmp_path, fake, run):

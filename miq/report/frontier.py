@@ -110,7 +110,9 @@ def best_line(b: Best) -> str:
         line += f" (paired over {b.paired.n} seeds: {b.paired.mean:+.3f} ± {b.paired.se:.3f} SE)"
     verdict = {"better": "the best is significantly better",
                "no significant difference": "no significant difference"}.get(b.decision or "", b.decision or "")
-    return f"{line}: {verdict}."
+    execs = sorted({*b.best.executions, *b.runner_up.executions})
+    mixed = f" *Not like for like: these runs ran on different devices or thread counts ({'; '.join(execs)}).*"
+    return f"{line}: {verdict}." + (mixed if len(execs) > 1 else "")
 
 
 def wanted(us: list[Unit]) -> bool:

@@ -7,8 +7,8 @@ Reads every DIR/*.json that holds "ppl" and "bits" (as written by ``opt_mi.py --
 Every number and the verdict are computed from those files, so the report can be rebuilt at any time and
 says the same thing whichever way the data falls.
 
-This module only renders: reading the JSONs is ``results.py``, the verdict's decisions ``verdict.py``, the
-figures ``plots.py``.
+This module only renders: reading the JSONs is ``results.py``, the tables of runs ``tables.py``, the verdict's
+decisions ``verdict.py``, the figures ``plots.py``.
 """
 
 from __future__ import annotations
@@ -19,43 +19,18 @@ import os
 import re
 import sys
 import time
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 from miq import atomic, methods, slurm_queue
-from miq.options import fmt_fixed, fmt_num
+from miq.options import fmt_num
 from miq.report import frontier, plots, tasks_table
 from miq.report.results import BASELINE_FAMILIES, Run, counted_control, eval_sets, load_dir, units
 from miq.report.stats import SIGNIFICANCE
+from miq.report.tables import environment, fmt_ppl, md_table, overhead_table, results_table, seeds_table
 from miq.report.verdict import BPW_TOL, Cell, Comparison, Verdict, judge
 
-BIT_KEYS = ("code_bpw", "metadata_bpw", "mask_bpw", "bpw")  # the table's bit columns, in order
-
 # ----------------------------------------------------------------------------------------------------------
-# formatting: fixed decimals so a reader (or a test) can parse the table back and compare to the JSONs
-
-
-def fmt_ppl(v: float | None) -> str:
-    return fmt_fixed(v, 3)
-
-
-def fmt_bpw(v: float | None) -> str:
-    return fmt_fixed(v, 4)
-
-
-def fmt_s(v: float | None) -> str:
-    return fmt_fixed(v, 2)
-
-
-def fmt_k(g: int | str) -> str:
-    return "-" if g == 0 else str(g)
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return out
+# figures
 
 
 def figure_names(sets: list[str]) -> dict[str, str]:
@@ -68,113 +43,6 @@ def figure_names(sets: list[str]) -> dict[str, str]:
             name, i = f"ppl_vs_bpw_{base}_{i}.png", i + 1
         names[s] = name
     return names
-
-
-# ----------------------------------------------------------------------------------------------------------
-# sections
-
-
-def _env(key: str) -> Callable[[Run], object]:
-    return lambda r: r.data.get("env", {}).get(key)
-
-
-def _recorded(key: str) -> Callable[[Run], object]:
-    # the config block as written, not RunConfig's defaults: the table says what each run recorded
-    return lambda r: (r.data.get("config") or {}).get(key)
-
-
-ENV_ITEMS: list[tuple[str, Callable[[Run], object]]] = [
-    ("torch", _env("torch")), ("transformers", _env("transformers")), ("device", _env("device")),
-    ("device name", _env("device_name")), ("python", _env("python")), ("machine", _env("machine")),
-    # a resumed sweep can mix results of different code; shown when opt_mi.py records it
-    ("code version", lambda r: r.data.get("env", {}).get("code_version", "not recorded")),
-    ("model", _recorded("model")), ("calibration data", _recorded("dataset")),
-    ("nsamples", _recorded("nsamples")), ("seqlen", _recorded("seqlen")), ("seed", _recorded("seed")),
-]
-
-
-def environment(runs: list[Run]) -> list[str]:
-    """One row per item; an item whose value differs between runs lists every value and is flagged."""
-    rows, differ = [], []
-    for name, get in ENV_ITEMS:
-        counts = Counter(str(get(r)) for r in runs)
-        if len(counts) == 1:
-            rows.append([name, next(iter(counts))])
-        else:
-            differ.append(name)
-            values = "; ".join(f"{v} ({n} run{'s' if n > 1 else ''})" for v, n in counts.most_common())
-            rows.append([name, values + " - **differs between runs**"])
-    lines = ["## Environment", ""] + md_table(["item", "value"], rows) + [""]
-    if differ:
-        lines += [f"Runs differ in: {', '.join(differ)}. Compare their numbers with care.", ""]
-    return lines
-
-
-def _ppl_cells(r: Run, sets: list[str], best: dict[tuple, float]) -> list[str]:
-    cells = []
-    for s in sets:
-        if s not in r.ppl:
-            cells.append("-")
-            continue
-        v = round(r.ppl_of(s), 3)  # compared as printed, so ties at 3 decimals are all bold
-        is_best = math.isfinite(v) and v == best[(r.sparsity_label, r.wbits, s)]
-        cells.append(f"**{fmt_ppl(r.ppl[s])}**" if is_best else fmt_ppl(r.ppl[s]))
-    return cells
-
-
-def results_table(runs: list[Run], sets: list[str]) -> list[str]:
-    # the best (lowest) PPL per eval set within each (sparsity, wbits budget) group, marked bold
-    best: dict[tuple, float] = {}
-    for r in runs:
-        for s in sets:
-            key = (r.sparsity_label, r.wbits, s)
-            best[key] = min(best.get(key, math.inf), round(r.ppl_of(s), 3))
-    header = ["run", "method", "target sparsity", "measured sparsity", "wbits budget", "K", "strategy",
-              "code bpw", "metadata bpw", "mask bpw", "bpw"] + [f"PPL {s}" for s in sets]
-    rows = [[r.id, r.method, r.sparsity_label, fmt_bpw(r.data.get("sparsity")), r.wbits_label, fmt_k(r.groups),
-             r.strategy] + [fmt_bpw(r.bits.get(k)) for k in BIT_KEYS] + _ppl_cells(r, sets, best) for r in runs]
-    return [
-        "## Results", "",
-        "One row per run, sorted by target sparsity, wbits budget and bpw. bpw = average weight bits + "
-        "quantization metadata (scales, zeros, bit table, group indices) per weight; the sparsity mask is "
-        "reported apart (mask bpw); embeddings and lm_head stay fp16 and are not counted. "
-        "**Bold** = best PPL for that eval set among runs with the same target sparsity and wbits budget; "
-        "n/a = not finite; - = not evaluated.", "",
-    ] + md_table(header, rows) + [""]
-
-
-def seeds_table(runs: list[Run], sets: list[str]) -> list[str]:
-    """Mean +- standard deviation over seeds of every configuration run with two or more; [] when none was."""
-    many = [u for u in units(runs) if u.seeds > 1]
-    if not many:
-        return []
-    header = ["configuration", "method", "target sparsity", "wbits budget", "K", "seeds", "bpw (mean)"] + \
-        [f"PPL {s} (mean +- std)" for s in sets]
-    rows = [[u.id, u.method, u.sparsity_label, u.wbits_label, fmt_k(u.groups), str(u.seeds), fmt_bpw(u.bpw)]
-            + [f"{fmt_ppl(u.ppl_of(s))} +- {u.spread(s):.3f}" if math.isfinite(u.ppl_of(s)) else "n/a"
-               for s in sets] for u in many]
-    return ["## Over seeds", "",
-            "Configurations run with several seeds (calibration windows, MI samples, clustering): mean and "
-            "sample standard deviation of the PPL over seeds. The verdict compares these configurations "
-            "by the PPL differences paired by seed.", ""] + md_table(header, rows) + [""]
-
-
-def overhead_table(runs: list[Run]) -> list[str]:
-    header = ["run", "method", "MI s", "clustering s", "allocation s", "pruning s", "evaluation s", "total s",
-              "MI+clustering+allocation share", "pruning share"]
-    rows = []
-    for r in runs:
-        t = r.data.get("timing", {})
-        total = t.get("total_s")
-        grouping = sum(float(t.get(k) or 0.0) for k in ("mi_s", "cluster_s", "alloc_s"))
-        prune = float(t.get("prune_s") or 0.0)
-        shares = [f"{100 * x / total:.1f}%" if total else "n/a" for x in (grouping, prune)]
-        stages = [fmt_s(t.get(k)) for k in ("mi_s", "cluster_s", "alloc_s", "prune_s", "eval_s", "total_s")]
-        rows.append([r.id, r.method] + stages + shares)
-    return ["## Overhead", "",
-            "Seconds per stage, summed over layers. Pruning = the SparseGPT / magnitude pass itself "
-            "(quantization happens inside it); total includes model loading and calibration.", ""] + \
-        md_table(header, rows) + [""]
 
 
 def run_figures(runs: list[Run], src: Path, out_dir: Path) -> list[tuple[str, str]]:
@@ -306,11 +174,22 @@ def cell_lines(cell: Cell, several_budgets: bool, several_families: bool = False
     is named only when the MI runs have several, so the usual one-budget sweep reads short."""
     budget = f", {fmt_num(cell.wbits)}-bit budget" if several_budgets else ""
     family = f", {cell.family}" if several_families else ""
-    lines = [f"- **sparsity {cell.sparsity}{family}{budget}, {cell.evalset}**: {baseline_text(cell.baseline)}"]
+    lines = [f"- **sparsity {cell.sparsity}{family}{budget}, {cell.evalset}**: {baseline_text(cell.baseline)}"
+             + mixed_text(cell.baseline)]
     for c in cell.controls:
         counted = "" if c.against == counted_control(cell.family) else " (not counted above)"
-        lines.append(f"  - {c.against.capitalize()} control{counted}: {control_text(c)}")
+        lines.append(f"  - {c.against.capitalize()} control{counted}: {control_text(c)}{mixed_text(c)}")
     return lines
+
+
+MIXED = "different devices or thread counts"
+
+
+def mixed_text(c: Comparison) -> str:
+    """The mark of a comparison whose runs ran on different devices or thread counts ("" otherwise)."""
+    if not c.mixed:
+        return ""
+    return f" *Not like for like: these runs ran on {MIXED} ({'; '.join(c.executions)}).*"
 
 
 def headline(v: Verdict, family: str | None = None) -> str:
@@ -338,6 +217,11 @@ def verdict_section(runs: list[Run], sets: list[str]) -> list[str]:
     several = len(v.families) > 1
     overall = [headline(v.of(f), f) for f in v.families] if several else [headline(v)]
     lines = [ln for cell in v.cells for ln in cell_lines(cell, v.several_budgets, several)]
+    mixed = sum(c.mixed for cell in v.cells for c in (cell.baseline, *cell.controls))
+    if mixed:  # counted as they fall, but said: the thread count alone moved PPLs by up to 0.5% in one test
+        overall.append(f"{mixed} of the comparisons below pair or average runs made on {MIXED} (marked *not "
+                       "like for like*): their differences may come from that alone; rerun them on one device and "
+                       "thread count (the sweep's --threads) before reading them.")
     return head + [ln for o in overall for ln in (o, "")] + lines + [""]
 
 
@@ -390,6 +274,18 @@ def build(src: Path, out: Path) -> str:
     return text
 
 
+def not_replaceable(out: Path) -> str | None:
+    """Why the report may not be written to ``out`` (a folder; a file it did not write), or None."""
+    if out.is_dir():
+        return "is a folder; give a file path"
+    try:
+        if out.exists() and not out.read_bytes().startswith(b"# Performance report"):
+            return "an existing file this toolkit did not write"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("dir", help="folder with result JSONs (e.g. written by compare_methods.sh)")
@@ -401,8 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"miq.report: error: {src} is not a directory", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else src / "performance_report.md"
-    if out.is_dir() or (out.exists() and not out.read_bytes().startswith(b"# Performance report")):
-        why = "is a folder; give a file path" if out.is_dir() else "an existing file this toolkit did not write"
+    if why := not_replaceable(out):
         print(f"miq.report: error: --out {out}: {why}", file=sys.stderr)
         return 2
     if warning := slurm_queue.in_flight_note(src):

@@ -130,8 +130,43 @@ class Run:
         """{seed: PPL} (+inf for n/a): what paired comparisons over seeds pair."""
         return {self.config.seed: self.ppl_of(evalset)}
 
+    @property
+    def execution(self) -> str:
+        """Where the run ran, as far as its PPL depends on it: "cpu, 2 threads", "cuda NVIDIA H100, 16 threads"
+        (the same run gave PPLs up to 0.5% apart at 1 and 2 threads: summation order)."""
+        env = self.data.get("env") or {}
+        device = str(env.get("device") or "device not recorded")
+        where = "cpu" if device == "cpu" else f"{device.split(':')[0]} {env.get('device_name') or ''}".strip()
+        n = threads_of(env)
+        return f"{where}, " + ("threads not recorded" if n is None else f"{n} thread{'s' if n != 1 else ''}")
+
+    @property
+    def executions(self) -> tuple[str, ...]:
+        return (self.execution,)
+
 
 SEED_SUFFIX = re.compile(r"_seed\d+$")
+
+
+def threads_of(env: dict) -> int | None:
+    """The run's thread count: ``env.threads``, else as results before it was recorded name it on CPU
+    (``device_name`` "cpu (2 threads)"); None when not recorded."""
+    n = env.get("threads")
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    m = re.fullmatch(r"cpu \((\d+) threads?\)", str(env.get("device_name") or ""))
+    return int(m.group(1)) if m else None
+
+
+def dtype_of(r: Run) -> str:
+    """The dtype the run's model ran in: as recorded (``env.dtype``), else its --dtype, else what "auto" picks
+    (float32 on CPU, the checkpoint's dtype on a GPU: ``model.loading.load_model``)."""
+    env = r.data.get("env") or {}
+    if env.get("dtype"):
+        return str(env["dtype"]).removeprefix("torch.")
+    if r.config.dtype != "auto":
+        return r.config.dtype
+    return "float32" if env.get("device") == "cpu" else "the checkpoint's dtype"
 
 
 @dataclass
@@ -159,6 +194,11 @@ class Unit:
 
     def seed_ppl(self, evalset: str) -> dict[int, float]:
         return {r.config.seed: r.ppl_of(evalset) for r in self.runs}
+
+    @property
+    def executions(self) -> tuple[str, ...]:
+        """Where its runs ran (more than one: its mean mixes devices or thread counts)."""
+        return tuple(sorted({r.execution for r in self.runs}))
 
     def ppl_of(self, evalset: str) -> float:
         v = [r.ppl_of(evalset) for r in self.runs]

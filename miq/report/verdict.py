@@ -80,6 +80,18 @@ class Comparison:
         return q - p if math.isfinite(p) and math.isfinite(q) else None
 
     @property
+    def executions(self) -> tuple[str, ...]:
+        """Where the compared runs ran (``Run.execution``), when a comparison was made; more than one: it pairs
+        or averages runs of different devices or thread counts, whose PPLs differ by that alone."""
+        if self.reference is None or self.decision not in ("better", "worse", "equal", "no significant difference"):
+            return ()
+        return tuple(sorted({e for r in (self.mi, self.reference) for e in r.executions}))
+
+    @property
+    def mixed(self) -> bool:
+        return len(self.executions) > 1
+
+    @property
     def relative(self) -> float | None:
         """``difference`` as a fraction of the reference PPL."""
         d = self.difference

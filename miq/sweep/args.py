@@ -7,6 +7,7 @@ Parsed by hand, not argparse, since a value may start with "-" (``--extra "--sym
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shlex
 import textwrap
@@ -18,7 +19,7 @@ from miq import methods
 from miq.errors import ConfigError, NoEffectError
 from miq.options import DEFAULT_EVAL, TOY_EVAL, TOY_NAMES, fmt_num
 from miq.run import config, outputs, tasks
-from miq.sweep import gpu_slots, slurm
+from miq.sweep import extra_flags, gpu_slots, slurm
 from miq.sweep.slurm import SlurmOptions
 
 # flag -> (metavar, default, help); "" defaults depend on --model
@@ -40,6 +41,9 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "--out": ("DIR", "results/sweep", "results folder (default results/sweep)"),
     "--jobs": ("N", "1", "configurations run at a time (default 1)"),
     "--nsamples": ("N", "", "calibration windows (default 32 for toy, else 128)"),
+    "--threads": ("N", "", "local: threads of each configuration (OMP_NUM_THREADS and MKL_NUM_THREADS in its "
+                  "environment; default: the sweep's own OMP_NUM_THREADS if set, else the cores / --jobs), written "
+                  "in its log and recorded in its result; perplexities move with the thread count"),
     "--seeds": ("LIST", "0", 'seeds (calibration, MI sampling, clustering); several, e.g. "0 1 2", run every '
                 "seeded configuration once per seed (ids end in _seed<n>) and give the report mean +- std and "
                 "a seed-aware verdict"),
@@ -104,6 +108,8 @@ class Sweep:
     retry_failed: bool
     matrix: methods.SweepOptions
     jobs_per_gpu: int = 1
+    threads: int = 1  # local: each configuration's OMP_NUM_THREADS / MKL_NUM_THREADS
+    warnings: tuple[str, ...] = ()  # accepted flags that do nothing on this machine, said before the sweep runs
     gpus: tuple[str, ...] = ()  # local: the GPUs handed out to configurations (none: CPU)
     slurm: SlurmOptions | None = None  # with --executor slurm (None: the local pool)
     tasks: str = ""  # --tasks, passed to every configuration
@@ -137,7 +143,18 @@ def parse_args(argv: Sequence[str]) -> Sweep | None:
     # the executor's flags first: they are checked in microseconds, --tasks (in validate) builds the
     # harness's task index, which takes seconds
     executor = executor_options(raw, given | switches, extra)
-    return dataclasses.replace(validate(raw, "--retry-failed" in switches), **executor)
+    sweep = dataclasses.replace(validate(raw, "--retry-failed" in switches), **executor)
+    check_groups(sweep, raw, given)
+    return sweep
+
+
+def check_groups(s: Sweep, raw: dict[str, str], given: set[str]) -> None:
+    """--groups sets K for the grouped methods only: given to a sweep without one (the frontier matrix, say),
+    it would change nothing."""
+    if "--groups" in given and not any(methods.BY_ID[m].per_k for m in s.matrix.methods):
+        grouped = " ".join(m.id for m in methods.METHODS if m.per_k)
+        raise UsageError(f"--groups {raw['--groups']}: no method of this sweep groups channels, so K would change "
+                         f"nothing; add a grouped method to --methods ({grouped}) or leave --groups out")
 
 
 def executor_options(raw: dict[str, str], given: set[str], extra: list[str]) -> dict:
@@ -148,7 +165,7 @@ def executor_options(raw: dict[str, str], given: set[str], extra: list[str]) -> 
     if executor not in ("local", "slurm"):
         raise UsageError(f"--executor {executor}: one of local, slurm")
     if executor == "slurm":
-        if wrong := given & {"--jobs", "--jobs-per-gpu"}:
+        if wrong := given & {"--jobs", "--jobs-per-gpu", "--threads"}:
             raise UsageError(f"{min(wrong)}: not with --executor slurm (Slurm runs the jobs; "
                              "--slurm-array-parallelism sets how many at a time)")
         try:
@@ -163,7 +180,31 @@ def executor_options(raw: dict[str, str], given: set[str], extra: list[str]) -> 
         raise UsageError(f"--jobs {jobs}: this machine has {len(gpus)} GPU(s) ({','.join(gpus)}) and "
                          f"--jobs-per-gpu {per_gpu} lets {len(gpus) * per_gpu} configuration(s) run at a time; "
                          "lower --jobs or raise --jobs-per-gpu")
-    return {"jobs_per_gpu": per_gpu, "gpus": tuple(gpus)}
+    warnings = []
+    if "--jobs-per-gpu" in given and not gpus:  # a warning, not a refusal: one script serves laptop and cluster
+        warnings.append(f"--jobs-per-gpu {per_gpu}: this machine has no GPU that torch can use, so it changes "
+                        f"nothing here; --jobs {jobs} configuration(s) share the cores")
+    threads, note = local_threads(raw, "--threads" in given, jobs)
+    return {"jobs_per_gpu": per_gpu, "gpus": tuple(gpus), "threads": threads, "warnings": (*warnings, *note)}
+
+
+def local_threads(raw: dict[str, str], given: bool, jobs: int) -> tuple[int, list[str]]:
+    """Each configuration's thread count, and a warning when --threads x --jobs oversubscribes the cores.
+    Pinned for every job, whatever the default: a perplexity depends on the thread count (summation order),
+    so the sweep decides it and each result records it, rather than each job taking what it finds."""
+    cores = os.cpu_count() or 1
+    if given:
+        _check([raw["--threads"]], "[1-9][0-9]*", "--threads {}: must be a positive integer")
+        threads = int(raw["--threads"])
+        if threads * jobs > cores:
+            return threads, [f"--threads {threads} x --jobs {jobs} = {threads * jobs} threads on {cores} core(s): "
+                             "the jobs will slow each other down (threads waiting on each other made runs 10-40x "
+                             "slower here)"]
+        return threads, []
+    pinned = os.environ.get("OMP_NUM_THREADS", "")
+    if re.fullmatch("[1-9][0-9]*", pinned.strip()):
+        return int(pinned), []
+    return max(1, cores // jobs), []
 
 
 def _check(values: list[str], pattern: str, message: str) -> None:
@@ -258,6 +299,11 @@ def config_args(s: Sweep, cfg: methods.SweepConfig) -> list[str]:
 def check_matrix(s: Sweep, configs: list[methods.SweepConfig]) -> None:
     """Every configuration's arguments parsed and checked as opt_mi.py would (flags, data files), before the
     first job: a mistake in them is found now, not by every configuration failing in turn."""
+    plain = dataclasses.replace(s, extra=())
+    try:  # first: a flag that changes what a configuration is, named as such rather than as its error
+        extra_flags.check(s.extra, configs, lambda cfg, extra: config_args(s if extra else plain, cfg))
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
     for cfg in configs:
         if cfg.skip is None:
             try:

@@ -7,24 +7,34 @@
 ``compare_methods.sh`` runs this with the same flags. Contract:
 
 - one result per configuration: OUT/<id>.json (written atomically by ``opt_mi.py --json``), its output in
-  OUT/<id>.log (first line ``# <command line>``) and its figures in OUT/analysis/<id>/;
+  OUT/<id>.log (first line ``# <command line>``, then ``# env: ...``, the threads and GPU it was given) and its
+  figures in OUT/analysis/<id>/;
 - a configuration whose OUT/<id>.json holds a result is skipped, so a killed sweep resumes where it stopped and
-  a second run does nothing new (after changing the code, sweep into a new --out); an unreadable one
-  (truncated) is removed, with a note, and run again;
+  a second run does nothing new (after changing the code, sweep into a new --out); an unreadable one (cut
+  short, or not a result at all) is kept as OUT/<id>.json.foreign-<n>, said in one line, and run again;
+- the sweep deletes or writes over only files it can prove it wrote (``owned.py``): a log or failure note it
+  did not write, at a name it needs, is kept the same way;
+- every configuration runs with --threads threads (OMP_NUM_THREADS, MKL_NUM_THREADS): a perplexity depends on
+  the thread count, so it is the sweep's to pin, not each job's to find;
+- --extra may add to what each configuration runs, never change its sparsity, width, K, seed, method or
+  outputs (``extra_flags.py``): such a flag is refused naming the sweep option to use;
 - every configuration's arguments are checked as opt_mi.py checks them (flags, data files) before the first
   job, and equal values have one spelling in ids (``.5`` is ``0.5``); one sweep at a time holds OUT (a lock
   the kernel drops if the sweep dies: a second sweep into OUT is refused, naming the holder's pid);
 - a configuration that exits non-zero writes OUT/<id>.failed.json (id, command, returncode, error = the last
   log lines) and the sweep goes on; reruns skip it too unless --retry-failed;
 - a configuration that cannot run (a whole-bit method at a fractional budget) gets OUT/<id>.skipped.json;
-- SIGINT/SIGTERM to the sweep, or a configuration dying of one, stop every running configuration and record
-  nothing for them: exit 130 (SIGINT) or 143 (SIGTERM), no report;
+- SIGINT/SIGTERM to the sweep at any moment (repeated too), or a configuration dying of one, stop every running
+  configuration and record nothing for them: one line, exit 130 (SIGINT) or 143 (SIGTERM), no report, no
+  temporary file left (``stopping.py``);
 - no configuration outlives the sweep (a rerun must never run one twice at once): each runs in a process group
   of its own, which the sweep terminates and waits for when it stops, and (Linux) is SIGTERMed by the kernel
   if the sweep dies of anything else, SIGKILL included;
 - otherwise the sweep ends with the report (``python -m miq.report OUT``) and exits 1 when any
   configuration has failed (or, with --executor slurm, a job was killed before finishing);
 - bad arguments (an --out that cannot be written included): exit 2 with one line on stderr, nothing run;
+- OUT that cannot be written mid-sweep (disk full): one line naming the file, every running configuration
+  stopped, nothing half-written left, exit 1; the same command resumes once there is room;
 - on a machine with GPUs each running configuration sees one GPU of its own (CUDA_VISIBLE_DEVICES; at most
   --jobs-per-gpu on one GPU, and --jobs above GPUs x that is refused); on CPU, --jobs share the cores.
 
@@ -35,6 +45,8 @@ running any more; SIGINT/SIGTERM while waiting cancel the jobs; ``--no-wait`` su
 many jobs are in flight in OUT. A rerun waits for every job of OUT still queued, running or requeued (squeue),
 whether or not its configuration has a result, and only then writes the report (with --no-wait it exits 0
 saying how many are in flight); a local sweep into OUT while any is in flight is refused (exit 2).
+A submission that fails is one line: exit 2 when nothing was submitted (sbatch or submitit refused it), exit 1
+when sbatch's answer names no job id (the jobs may be queued: the line says how to find and cancel them).
 
 ``main(argv, runner)``: ``runner`` turns opt_mi.py's arguments into the command that runs a configuration
 (default ``opt_mi_command``); tests swap in a fake.
@@ -58,10 +70,22 @@ from miq import atomic, methods
 from miq.errors import ConfigError
 from miq.options import TOY_NAMES
 from miq.report import markdown as report
-from miq.sweep import slurm
+from miq.sweep import owned, slurm
 from miq.sweep.args import Sweep, UsageError, check_matrix, config_args, parse_args
 from miq.sweep.gpu_slots import GpuSlots
-from miq.sweep.launch import fmt_dur, readable, remove_leftovers, say, spawn, start_log, stop, write_failure
+from miq.sweep.launch import (
+    fmt_dur,
+    note_path,
+    readable,
+    remove_failure,
+    remove_leftovers,
+    say,
+    spawn,
+    start_log,
+    stop,
+    write_failure,
+)
+from miq.sweep.stopping import Interrupted, Stop
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: opt_mi.py and the miq package
 Runner = Callable[[list[str]], list[str]]
@@ -78,10 +102,6 @@ def opt_mi_command(args: list[str]) -> list[str]:
 # running
 
 
-class Interrupted(Exception):
-    """The sweep is being stopped; ``args[0]`` is its exit status."""
-
-
 @dataclass
 class Job:
     id: str
@@ -95,11 +115,11 @@ class Job:
 class Sweeper:
     """One run of a sweep: the matrix, what of it still needs running, the running jobs and the tallies."""
 
-    def __init__(self, sweep: Sweep, runner: Runner):
+    def __init__(self, sweep: Sweep, runner: Runner, stopper: Stop | None = None):
         self.s, self.runner = sweep, runner
+        self.stop = stopper or Stop()
         self.configs = methods.matrix(sweep.matrix)
         self.running: list[Job] = []
-        self.signalled = 0
         self.t0 = time.monotonic()
         self.states = [self.state(c) for c in self.configs]  # run | exists | failed | skip
         self.to_run = self.states.count("run")
@@ -119,41 +139,44 @@ class Sweeper:
         if result.is_file():
             if readable(result) is not False:  # a result, or a file this process may not read: left alone
                 return "exists"
-            say(f"{cfg.id}: {result} is not a readable result (truncated?): removed, to run again", err=True)
-            result.unlink()
-        if self.path(cfg.id, ".failed.json").is_file() and not self.s.retry_failed:
+            kept = owned.set_aside(result)  # never deleted: it may be the user's, or all that is left of a run
+            say(f"{cfg.id}: {result} is not a readable result (cut short, or not the sweep's): kept as {kept.name}; "
+                "running it again", err=True)
+        note, own = note_path(self.s.out, cfg.id)
+        if owned.make_way(note, own, lambda line: say(line, err=True)) and not self.s.retry_failed:
             return "failed"
         return "run"
 
     def run(self) -> int:
-        self.s.out.mkdir(parents=True, exist_ok=True)
-        at_a_time = "as Slurm jobs" if self.s.slurm else f"{self.s.jobs} at a time" + (
-            f" on GPU(s) {','.join(self.s.gpus)}" if self.s.gpus else "")
-        say(f"sweep: {len(self.configs)} configurations, {self.to_run} to run, {at_a_time} -> {self.s.out}")
-        old = {sig: signal.signal(sig, self.note_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            # the default runner needs the toy model: a fake one (tests) does not
-            if self.to_run and self.s.model in TOY_NAMES and self.runner is opt_mi_command and (rc := self.build_toy()):
-                return rc
-            if self.s.slurm:
-                if (rc := self.run_slurm(slurm.Batch(self.s.out, self.s.slurm, len(self.configs)))) is not None:
-                    return rc
-            else:
-                self.run_all()
+            with self.stop.deferring():  # signals noted, acted on between steps (check_signal)
+                rc = self.execute()
         except Interrupted as e:
             stopping = "" if self.s.slurm else f": stopping {len(self.running)} running configuration(s)"
             say(f"interrupted{stopping}; rerun the same command to resume", err=True)
             return e.args[0]
+        except OSError as e:  # the results folder full or gone: each next write would fail the same way
+            say(f"sweep.py: error: {e.strerror or e}: {e.filename or self.s.out}; the sweep stopped (nothing "
+                "half-written is left); once it can write there again, rerun the same command to resume", err=True)
+            return 1
         finally:
             self.stop_all()  # whatever happened (an error included), nothing is left running
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-        return self.conclude()
+        self.stop.check()  # a signal during the last configuration: no report
+        return self.conclude() if rc is None else rc
 
-    def note_signal(self, signum: int, frame) -> None:
-        # Only noted: the sweep acts on it between steps (check_signal), so that it never lands between
-        # starting a process and recording it, which would leave that process running unseen.
-        self.signalled = signum
+    def execute(self) -> int | None:
+        """Run (or submit) what is to run; an exit status, or None to go on to the report."""
+        self.s.out.mkdir(parents=True, exist_ok=True)
+        at_a_time = "as Slurm jobs" if self.s.slurm else f"{self.s.jobs} at a time" + (
+            f" on GPU(s) {','.join(self.s.gpus)}" if self.s.gpus else "") + f", {self.s.threads} thread(s) each"
+        say(f"sweep: {len(self.configs)} configurations, {self.to_run} to run, {at_a_time} -> {self.s.out}")
+        # the default runner needs the toy model: a fake one (tests) does not
+        if self.to_run and self.s.model in TOY_NAMES and self.runner is opt_mi_command and (rc := self.build_toy()):
+            return rc
+        if self.s.slurm:
+            return self.run_slurm(slurm.Batch(self.s.out, self.s.slurm, len(self.configs)))
+        self.run_all()
+        return None
 
     def run_all(self) -> None:
         for n, (cfg, state) in enumerate(zip(self.configs, self.states, strict=True), 1):
@@ -190,9 +213,9 @@ class Sweeper:
         self.check_signal()
         try:
             batch.submit(tasks, others)
-        except slurm.SubmitError as e:  # nothing was submitted: a bad --slurm-* value, found by sbatch
+        except slurm.SubmitError as e:  # a bad --slurm-* value, found by sbatch; or an answer without a job id
             say(f"sweep.py: error: {e}", err=True)
-            return 2
+            return e.status
         self.launched, self.waited = batch.tally.submitted, len(batch.jobs) - batch.tally.submitted
         if not self.s.slurm.wait:
             say(f"submitted {batch.tally.submitted} job(s); {len(batch.jobs)} job(s) in flight in {self.s.out}: rerun "
@@ -228,16 +251,14 @@ class Sweeper:
             eta = f", about {fmt_dur(self.done_s / self.done_n * left / min(left, self.s.jobs))} left"
         say(f"[{n}/{len(self.configs)}] {cfg.id} ... (elapsed {fmt_dur(time.monotonic() - self.t0)}{eta})")
         command = self.command(cfg)
-        self.path(cfg.id, ".failed.json").unlink(missing_ok=True)  # a retry: the old failure no longer stands
-        env = {}
-        if self.s.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
-            # parallel jobs share the cores instead of oversubscribing them: OpenMP threads that wait on each
-            # other made runs here 10-40x slower
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.s.jobs))
+        remove_failure(self.s.out, cfg.id)  # a retry: the old failure no longer stands
+        # pinned, whatever the machine: a perplexity depends on the thread count, and parallel jobs share the
+        # cores instead of oversubscribing them (OpenMP threads waiting on each other made runs 10-40x slower)
+        env = {"OMP_NUM_THREADS": str(self.s.threads), "MKL_NUM_THREADS": str(self.s.threads)}
         gpu = self.gpus.take() if self.s.gpus else None
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu  # its own GPU: opt_mi.py's cuda is that one
-        with start_log(self.path(cfg.id, ".log"), command) as log:
+        with start_log(self.path(cfg.id, ".log"), command, env) as log:
             try:
                 self.running.append(Job(cfg.id, n, command, spawn(command, log, env), gpu))
             except BaseException:
@@ -247,8 +268,7 @@ class Sweeper:
         self.launched += 1
 
     def check_signal(self) -> None:
-        if self.signalled:
-            raise Interrupted(128 + self.signalled)
+        self.stop.check()
 
     def wait_any(self) -> tuple[Job, int]:
         """The first running job to end and its exit status (128 + N for signal N, as a shell reports it)."""
@@ -275,7 +295,7 @@ class Sweeper:
             self.remove_leftovers(job)
             raise Interrupted(rc)
         if rc == 0 and result.is_file():
-            self.path(job.id, ".failed.json").unlink(missing_ok=True)
+            remove_failure(self.s.out, job.id)
             say(f"{head} done in {fmt_dur(dt)}")
         else:
             if rc == 0:
@@ -342,16 +362,29 @@ def locked(out: Path) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None, runner: Runner = opt_mi_command) -> int:
+    stopper = Stop()
     try:
+        stopper.install()  # for the whole sweep: a signal at any moment is one line and 128 + N
         sweep = parse_args(sys.argv[1:] if argv is None else argv)
         if sweep is None:
             return 0
         check_matrix(sweep, methods.matrix(sweep.matrix))
         if sweep.slurm is None:
             slurm.refuse_local_over_jobs(sweep.out)
+        if why := report.not_replaceable(sweep.out / "performance_report.md"):  # found now, not after every run
+            raise UsageError(f"--out {sweep.out}: its performance_report.md {why}; move it or give another --out")
+        for warning in sweep.warnings:
+            say(f"sweep.py: warning: {warning}", err=True)
         with locked(sweep.out):
-            return Sweeper(sweep, runner).run()
+            return Sweeper(sweep, runner, stopper).run()
     except (UsageError, ConfigError) as e:
         say(f"sweep.py: error: {e}", err=True)
         return 2
-
+    except Interrupted as e:
+        say("sweep.py: interrupted; nothing more is run: rerun the same command to resume", err=True)
+        return e.args[0]
+    except OSError as e:  # the results folder cannot be written (its lock, say): nothing was run
+        say(f"sweep.py: error: {e.strerror or e}: {e.filename or ''}; nothing was run", err=True)
+        return 1
+    finally:
+        stopper.uninstall()

@@ -16,19 +16,22 @@ import torch
 def visible() -> list[str]:
     """The GPUs configuration processes may be given, as ``CUDA_VISIBLE_DEVICES`` names them.
 
-    When the sweep runs under a ``CUDA_VISIBLE_DEVICES`` (a scheduler's allocation, a user's choice), its
-    entries, in order, up to the first that CUDA would stop at (empty or negative: ``-1`` hides every GPU); an
-    entry may be an index or a ``GPU-``/``MIG-`` UUID, passed on as it is. Otherwise the indices
-    ``0 .. torch.cuda.device_count() - 1`` (0 GPUs on a CPU-only torch)."""
+    As many as torch counts (``torch.cuda.device_count()``, which follows ``CUDA_VISIBLE_DEVICES`` where CUDA
+    exists and is 0 where it does not: a mask set on a machine without CUDA names no GPU). When the sweep runs
+    under a ``CUDA_VISIBLE_DEVICES`` (a scheduler's allocation, a user's choice), its entries, in order, up to
+    the first that CUDA would stop at (empty or negative: ``-1`` hides every GPU), and no more than torch
+    counts; an entry may be an index or a ``GPU-``/``MIG-`` UUID, passed on as it is. Otherwise the indices
+    ``0 .. count - 1``."""
+    count = torch.cuda.device_count()
     mask = os.environ.get("CUDA_VISIBLE_DEVICES")
     if mask is None:
-        return [str(i) for i in range(torch.cuda.device_count())]
+        return [str(i) for i in range(count)]
     ids = []
     for entry in (e.strip() for e in mask.split(",")):
         if not entry or entry.startswith("-"):
             break
         ids.append(entry)
-    return ids
+    return ids[:count]
 
 
 class GpuSlots:

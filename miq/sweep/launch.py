@@ -32,6 +32,7 @@ from submitit.core.job_environment import JobEnvironment
 from submitit.helpers import DelayedSubmission
 
 from miq import atomic
+from miq.sweep import owned
 
 ERROR_LINES = 20  # log lines kept in a failure note
 STOP_GRACE_S = 10  # a configuration still alive this long after SIGTERM is killed
@@ -126,12 +127,32 @@ def readable(result: Path) -> bool | None:
         return False
 
 
-def start_log(log: Path, command: Sequence[str]):
-    """OUT/<id>.log opened for the child, its first line the command."""
+def start_log(log: Path, command: Sequence[str], env: dict[str, str] | None = None):
+    """OUT/<id>.log opened for the child, its first line the command (what proves the log the sweep's:
+    ``owned.own_log``), then the variables the sweep set for it (its threads, its GPU). A file there that the
+    sweep did not write is kept aside first."""
+    cfg_id = log.name.removesuffix(".log")
+    owned.make_way(log, lambda p: owned.own_log(p, cfg_id), lambda line: say(line, err=True))
     f = open(log, "w")  # noqa: SIM115 (closed by the caller once the child is started)
-    f.write(f"# {shlex.join(command)}\n")
-    f.flush()  # before the child writes after it, through the same file offset
+    try:
+        f.write(f"# {shlex.join(command)}\n")
+        if env:
+            f.write(f"# env: {' '.join(f'{k}={v}' for k, v in sorted(env.items()))}\n")
+        f.flush()  # before the child writes after it, through the same file offset
+    except BaseException:
+        f.close()
+        raise
     return f
+
+
+def note_path(out: Path, cfg_id: str) -> tuple[Path, Callable[[Path], bool]]:
+    """OUT/<id>.failed.json and the test of whether a file there is the sweep's own."""
+    return out / f"{cfg_id}.failed.json", lambda p: owned.own_failure(p, cfg_id)
+
+
+def remove_failure(out: Path, cfg_id: str) -> None:
+    """A retry: the old failure note no longer stands (one the sweep did not write is kept aside)."""
+    owned.remove_own(*note_path(out, cfg_id), lambda line: say(line, err=True))
 
 
 def write_failure(out: Path, cfg_id: str, command: Sequence[str], rc: int) -> None:
@@ -141,7 +162,9 @@ def write_failure(out: Path, cfg_id: str, command: Sequence[str], rc: int) -> No
     except OSError as e:
         error = f"(no log: {e})"
     note = {"id": cfg_id, "command": shlex.join(command), "returncode": rc, "error": error}
-    atomic.write_text(out / f"{cfg_id}.failed.json", json.dumps(note, indent=1))
+    path, own = note_path(out, cfg_id)
+    owned.make_way(path, own, lambda line: say(line, err=True))
+    atomic.write_text(path, json.dumps(note, indent=1))
 
 
 def append_log(log: Path, line: str) -> None:
@@ -178,7 +201,7 @@ class ConfigJob:
         result, log = out / f"{self.id}.json", out / f"{self.id}.log"
         if result.is_file() and readable(result) is not False:
             return Outcome("exists")
-        (out / f"{self.id}.failed.json").unlink(missing_ok=True)  # a retry: the old failure no longer stands
+        remove_failure(out, self.id)
         with start_log(log, self.command) as f:
             self._proc = spawn(list(self.command), f, ignore=(PREEMPT_SIGNAL,))
         try:

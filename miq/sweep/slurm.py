@@ -23,6 +23,7 @@ jobs as local processes, without a cluster).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -34,11 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
-from submitit.core.utils import FailedJobError, UncompletedJobError
+from submitit.core.utils import FailedJobError, FailedSubmissionError, UncompletedJobError
 
 from miq import atomic, slurm_queue
 from miq.errors import ConfigError, bad_value
 from miq.sweep.launch import ConfigJob, Outcome, fmt_dur, say
+from miq.sweep.stopping import Interrupted
 
 CLUSTER = "slurm"
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: the jobs import the miq package from it
@@ -171,7 +173,26 @@ class Task:
 
 
 class SubmitError(Exception):
-    """The jobs could not be submitted: ``str(e)`` is the one line the sweep prints before exiting with 2."""
+    """The jobs could not be submitted: ``str(e)`` is the one line the sweep prints before exiting with
+    ``status``: 2 when nothing was submitted (sbatch refused the options, submitit refused them first), 1 when
+    sbatch may have queued them under an id it did not print."""
+
+    def __init__(self, line: str, status: int = 2):
+        super().__init__(line)
+        self.status = status
+
+
+def submission_error(e: Exception) -> SubmitError:
+    """The one line for an error submitit raised while submitting: sbatch's own complaint (its last line), an
+    answer without a job id, or submitit's errors (a parameter it does not know, a job it cannot pickle)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    if isinstance(e, FailedSubmissionError):  # sbatch exited 0: the array may be queued, its id unknown
+        answer = re.sub(r'^Could not make sense of sbatch output "?|"$', "", lines[0])
+        return SubmitError(f"--executor slurm: sbatch's answer names no job id ({answer!r}): the jobs may be "
+                           "queued under an id this sweep cannot follow; look with squeue --me --name miq-sweep "
+                           "and cancel them (scancel --name miq-sweep) before running the same command again", 1)
+    why = lines[-1] if isinstance(e, FailedJobError) else lines[0]  # sbatch's error comes last in its output
+    return SubmitError(f"--executor slurm: submitting the jobs failed: {why}")
 
 
 @dataclass
@@ -233,13 +254,18 @@ class Batch:
             elif t in tasks:
                 new.append(t)
         if new:
-            ex = executor(self.folder, self.opts)
+            staged = set(self.folder.glob("*.pkl"))
             try:
-                with importable(), ex.batch():
+                ex = executor(self.folder, self.opts)
+                # submitit echoes sbatch's complaint itself: it is in the one line below instead
+                with importable(), contextlib.redirect_stderr(io.StringIO()), ex.batch():
                     submitted = [ex.submit(ConfigJob(t.id, t.command, str(self.out))) for t in new]
-            except (FailedJobError, OSError) as e:  # sbatch refused them (a partition, an account) or is missing
-                lines = [ln for ln in str(e).splitlines() if ln.strip()] or [repr(e)]
-                raise SubmitError(f"--executor slurm: submitting the jobs failed: {lines[-1]}") from None
+            except Interrupted:
+                raise
+            except Exception as e:  # whatever submitit raises (its own types too): one line, never a traceback
+                for p in set(self.folder.glob("*.pkl")) - staged:  # the jobs it pickled for this submission
+                    p.unlink(missing_ok=True)
+                raise submission_error(e) from None
             for t, job in zip(new, submitted, strict=True):
                 say(f"[{t.n}/{self.total}] {t.id} submitted as job {job.job_id}")
                 self.jobs[t.id] = (t, job)
