@@ -1,7 +1,7 @@
 """sweep.py --executor slurm without a cluster: submitit's LocalExecutor runs the same jobs (``launch.ConfigJob``
 pickled, unpickled and run by submitit's worker, as on a Slurm node) as local processes.
 
-The configurations are test_sweep's fake opt_mi.py, behind a wrapper (``WRAPPER``) that can have one
+The configurations are sweep_helpers' fake opt_mi.py, behind a wrapper (``WRAPPER``) that can have one
 configuration die the first time it runs: killed by SIGKILL mid-run (as Slurm's kill or the out-of-memory
 killer does; it leaves a staged file behind, as a killed opt_mi.py would), or preempted (it sends submitit's
 preemption signal to its worker, as Slurm does before a preemption, and then waits to be stopped).
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import md_table
 from submitit.core.utils import FailedJobError
-from test_sweep import ROOT, FakeRunner, alive, results, wait_for
+from sweep_helpers import ROOT, FakeRunner, alive, results, start, wait_for
 
 from miq import atomic
 from miq.report import markdown as report
@@ -277,13 +277,8 @@ def test_stopping_the_waiting_sweep_cancels_its_jobs(tmp_path, fake):
     recorded for it, as with the local executor."""
     slow = dataclasses.replace(fake, sleep=60)
     out = tmp_path / "slurm"
-    code = ("import json, sys; sys.path[:0] = sys.argv[1:3]; import test_sweep; "
-            "from miq.sweep import slurm; from miq.sweep import cli as sweep; slurm.CLUSTER = 'local'; "
-            "sys.exit(sweep.main(sys.argv[4:], runner=test_sweep.FakeRunner(**json.loads(sys.argv[3]))))")
-    p = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(ROOT / "tests"),
-                          json.dumps(dataclasses.asdict(slow)), "--out", str(out), "--methods", "dense",
-                          "--executor", "slurm"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+    p = start(out, slow, "--methods", "dense", "--executor", "slurm",
+              setup="from miq.sweep import slurm; slurm.CLUSTER = 'local'")
     wait_for(lambda: slow.pid("dense") and alive(slow.pid("dense")))
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
