@@ -89,6 +89,7 @@ def test_sweep_runs_matrix_then_rerun_does_nothing_new(tmp_path, fake, run):
     assert "[2/10] magnitude_s0.5 exists, skipped" in r2.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, sig", [("sweep", signal.SIGTERM), ("group", signal.SIGINT),
                                          ("everything", signal.SIGTERM)])
 def test_killed_sweep_resumes_to_the_same_results(tmp_path, fake, run, reference, target, sig):
@@ -133,6 +134,7 @@ def test_killed_sweep_resumes_to_the_same_results(tmp_path, fake, run, reference
     assert r.stdout.count("exists, skipped") == len(partial)
 
 
+@pytest.mark.slow
 def test_configuration_killed_by_sigterm_stops_the_sweep_unrecorded(tmp_path, fake):
     """A child that dies of SIGTERM/SIGINT means the run is being stopped: nothing is recorded for it."""
     slow = dataclasses.replace(fake, sleep=5)
@@ -148,6 +150,7 @@ def test_configuration_killed_by_sigterm_stops_the_sweep_unrecorded(tmp_path, fa
     assert not list(out.glob("*.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the children die with the sweep through PR_SET_PDEATHSIG")
 def test_sigkilled_sweep_leaves_no_configuration_running(tmp_path, fake):
     slow = dataclasses.replace(fake, sleep=30)
@@ -221,6 +224,7 @@ def test_failed_configuration_is_recorded_and_the_sweep_goes_on(tmp_path, fake, 
     assert set(results(out)) == DEFAULT_IDS
 
 
+@pytest.mark.slow
 def test_parallel_jobs_give_the_same_results(tmp_path, fake, run):
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"
     args = ("--sparsities", "0.5 0.6", "--groups", "4 8", "--wbits", "4")
@@ -327,6 +331,7 @@ def test_help(run, tmp_path):
     assert all(flag in r.stdout for flag in [*sweep_args.FLAGS, "--retry-failed"])
 
 
+@pytest.mark.slow
 def test_compare_methods_sh_runs_sweep_py(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     r = subprocess.run(["bash", str(ROOT / "compare_methods.sh"), "--jobs", "0", "--out", str(tmp_path / "x")],
