@@ -245,10 +245,45 @@ def get_calibration(name: str, nsamples: int, seed: int, seqlen: int, tokenizer)
         raise DataError(f"need nsamples >= 0 and seqlen >= 1, got nsamples={nsamples}, seqlen={seqlen}")
     if name == "c4":
         return _c4_calibration(nsamples, seed, seqlen, tokenizer)
-    ids = _tokenize(_text(name, "train"), tokenizer)
+    ids = _calibration_stream(name, tokenizer)
     _check_calibration_length(name, ids.shape[1], seqlen)
     _warn_if_windows_overlap(name, ids.shape[1], nsamples, seqlen)
     return _windows(ids, nsamples, seed, seqlen)
+
+
+def _calibration_stream(name: str, tokenizer) -> torch.LongTensor:
+    """The calibration text of ``name`` tokenized, kept for the next call with the same text and tokenizer:
+    runs in one process (a search over recipes, the test suite) tokenize a corpus once, not once per run
+    (half a second for the synthetic one, more for wikitext2). Only the latest stream is kept, so a process
+    holds at most one beyond its windows; the windows are copies, so nobody can write into it."""
+    key = _stream_key(name, tokenizer)
+    if key is not None and key in _CALIBRATION_CACHE:
+        return _CALIBRATION_CACHE[key]
+    ids = _tokenize(_text(name, "train"), tokenizer)
+    if key is not None:
+        _CALIBRATION_CACHE.clear()
+        _CALIBRATION_CACHE[key] = ids
+    return ids
+
+
+_CALIBRATION_CACHE: dict[tuple, torch.LongTensor] = {}
+
+
+def _stream_key(name: str, tokenizer, *extra) -> tuple | None:
+    """What a token stream of ``name`` depends on: the text (a local file by its path, size and time of change:
+    an edited file must not hit a stale entry) and the tokenizer; None (not cached) for a tokenizer built in
+    memory, which has no name to key on, and for a file that cannot be looked at (its reader says why)."""
+    tok_name = getattr(tokenizer, "name_or_path", "")
+    if not tok_name:
+        return None
+    key: tuple = (name, type(tokenizer).__name__, tok_name, len(tokenizer), *extra)
+    if is_local_path(name):
+        try:
+            stat = Path(name).expanduser().stat()
+        except OSError:
+            return None
+        key += (str(Path(name).expanduser().resolve()), stat.st_mtime_ns, stat.st_size)
+    return key
 
 
 def _warn_if_windows_overlap(name: str, ntokens: int, nsamples: int, seqlen: int) -> None:
@@ -272,12 +307,8 @@ def get_eval_tokens(name: str, seqlen: int, tokenizer) -> torch.LongTensor:
     validate_name(name)
     if seqlen < 1:
         raise DataError(f"need seqlen >= 1, got {seqlen}")
-    tok_name = getattr(tokenizer, "name_or_path", "")
-    key: tuple = (name, type(tokenizer).__name__, tok_name, len(tokenizer), seqlen)
-    if is_local_path(name):
-        stat = Path(name).expanduser().stat()  # an edited file must not hit a stale entry
-        key += (str(Path(name).expanduser().resolve()), stat.st_mtime_ns, stat.st_size)
-    if not tok_name:  # a tokenizer built in memory has no name to key on
+    key = _stream_key(name, tokenizer, seqlen)
+    if key is None:
         return _eval_tokens(name, seqlen, tokenizer)
     if key not in _EVAL_CACHE:
         _EVAL_CACHE[key] = _eval_tokens(name, seqlen, tokenizer)

@@ -325,6 +325,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(c: Case, workdir, capsy
     assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--json", "out/r.json"], ["--save", "out/m", "--json", "out/r.json"]])
 def test_disk_full_at_publishing_is_one_line_exit_1_and_leaves_nothing(flags, tmp_path, capsys, monkeypatch):
     """The work is done, its outputs cannot be written: exit 1 (not 2: nothing was wrong with the input)."""
@@ -401,6 +402,7 @@ def _paused(tmp_path: Path, step: str) -> tuple[subprocess.Popen, Path]:
     return p, work
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step, sig", [("load_model", signal.SIGINT), ("write", signal.SIGTERM),
                                        ("write_json", signal.SIGINT)])
 def test_interrupt_is_one_line_exit_130_and_leaves_nothing(tmp_path, step, sig):
@@ -414,6 +416,7 @@ def test_interrupt_is_one_line_exit_130_and_leaves_nothing(tmp_path, step, sig):
     assert sorted(snapshot(work)) == ["short_eval.txt"]
 
 
+@pytest.mark.slow
 def test_interrupt_while_importing_is_one_line_exit_130(tmp_path):
     p = subprocess.Popen([sys.executable, str(ROOT / "opt_mi.py"), "toy", "synthetic", *RUN], cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -432,6 +435,7 @@ def _result(path: Path) -> dict:
     return r
 
 
+@pytest.mark.slow
 def test_killed_run_is_cleaned_up_and_repeated_runs_are_bit_identical(tmp_path, capsys, monkeypatch):
     """A run killed with SIGKILL while saving leaves its staged folder (nothing can remove it then); the next
     run removes it, publishes, and a second run gives the same JSON (timings aside) and the same weights."""
@@ -462,6 +466,7 @@ def test_killed_run_is_cleaned_up_and_repeated_runs_are_bit_identical(tmp_path, 
 # valid edge inputs: they run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--sparsity", "0.5", "--wbits", "4", "--groups", "100000", "--prune_only", "fc1",
                                     "--bit-alloc", "uniform", "--analysis-dir", "an"],
                                    ["--sparsity", "0.5", "--eval-batch", "100000"],

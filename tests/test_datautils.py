@@ -35,8 +35,10 @@ def tok():
 @pytest.fixture(autouse=True)
 def fresh_eval_cache():
     datautils._EVAL_CACHE.clear()
+    datautils._CALIBRATION_CACHE.clear()
     yield
     datautils._EVAL_CACHE.clear()
+    datautils._CALIBRATION_CACHE.clear()
 
 
 def words_of(n_words: int, seed: int = 0) -> str:
@@ -193,6 +195,35 @@ def test_eval_cache_gives_copies_and_sees_edits(tmp_path):
     assert len(datautils._EVAL_CACHE) == 1
     path.write_text(words_of(300, seed=5))
     assert get_eval_tokens(str(path), 16, tok).shape[1] == len(tok(path.read_text()).input_ids)
+
+
+def test_calibration_stream_is_tokenized_once_per_text_and_sees_edits(tmp_path, monkeypatch):
+    """Runs in one process share the tokenized calibration text (the same windows as tokenizing it afresh), and
+    an edited file, or another tokenizer, is tokenized again."""
+    path = tmp_path / "c.txt"
+    path.write_text(words_of(2000))
+    tok = build_tokenizer()
+    tok.name_or_path = "toy-for-test"  # only named tokenizers are cached
+    calls = []
+    real = datautils._tokenize
+    monkeypatch.setattr(datautils, "_tokenize", lambda text, t: calls.append(t) or real(text, t))
+    first = get_calibration(str(path), 8, 0, 32, tok)
+    again = get_calibration(str(path), 8, 1, 64, tok)  # other windows of the same stream
+    stream = tok(path.read_text(), return_tensors="pt").input_ids
+    assert len(calls) == 1
+    assert all(torch.equal(a[0], r) for a, r in zip(first, reference_windows(stream, 8, 0, 32), strict=True))
+    assert all(torch.equal(a[0], r) for a, r in zip(again, reference_windows(stream, 8, 1, 64), strict=True))
+    first[0][0][0, 0] = -7  # a window is a copy: writing into it changes no later call
+    assert torch.equal(get_calibration(str(path), 8, 0, 32, tok)[0][0], reference_windows(stream, 8, 0, 32)[0])
+    path.write_text(words_of(2500, seed=5))
+    edited = tok(path.read_text(), return_tensors="pt").input_ids
+    got = get_calibration(str(path), 8, 0, 32, tok)
+    assert len(calls) == 2
+    assert all(torch.equal(a[0], r) for a, r in zip(got, reference_windows(edited, 8, 0, 32), strict=True))
+    other = build_tokenizer()
+    other.name_or_path = "another-tokenizer"
+    get_calibration(str(path), 8, 0, 32, other)
+    assert len(calls) == 3
 
 
 def test_no_long_sequence_warning(tmp_path):

@@ -1,5 +1,5 @@
 """The local executor on a machine with GPUs, faked: ``gpu_slots.visible`` says which GPUs there are, and each
-configuration (test_sweep's fake opt_mi.py behind a recorder) logs the CUDA_VISIBLE_DEVICES it was started with
+configuration (sweep_helpers' fake opt_mi.py behind a recorder) logs the CUDA_VISIBLE_DEVICES it was started with
 when it starts and ends. Replaying those events checks that no GPU ever held more than --jobs-per-gpu
 configurations at once."""
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_sweep import FakeRunner, results
+from sweep_helpers import FakeRunner, results
 
 from miq import atomic
 from miq.sweep import cli as sweep

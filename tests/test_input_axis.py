@@ -9,20 +9,25 @@ import opt_mi
 from miq.checkpoint import packed
 
 pytestmark = pytest.mark.slow
-FAST = ["--nsamples", "16", "--seqlen", "64", "--analysis-dir", "", "--eval", "synthetic", "--sparsity", "0.5"]
+FAST = ["--nsamples", "16", "--seqlen", "64", "--analysis-dir", "", "--sparsity", "0.5"]
 
 
-def run(toy_path, tmp_path, *extra, name="r") -> dict:
-    out = tmp_path / f"{name}.json"
-    assert opt_mi.main([toy_path, "synthetic", *FAST, "--json", str(out), *extra]) == 0
-    return json.loads(out.read_text())
+@pytest.fixture
+def run(toy_path, tmp_path, small_eval):
+    """run(*flags, name=...): opt_mi.py on the toy in this process, evaluated on the session's small_eval (a
+    tenth of the synthetic test text: what is checked here does not depend on the eval set); its JSON."""
+    def run(*extra, name="r") -> dict:
+        out = tmp_path / f"{name}.json"
+        assert opt_mi.main([toy_path, "synthetic", *FAST, "--eval", small_eval, "--json", str(out), *extra]) == 0
+        return json.loads(out.read_text())
+    return run
 
 
-def test_contiguous_input_groups_equal_gptq_groups_bit_for_bit(toy_path, tmp_path):
+def test_contiguous_input_groups_equal_gptq_groups_bit_for_bit(run):
     """K = in_features / G consecutive column groups at the uniform width are GPTQ's --groupsize G."""
     sel = ["--prune_only", "self_attn", "--wbits", "3"]  # the attention projections: 64 input columns each
-    g = run(toy_path, tmp_path, *sel, "--groupsize", "32", name="g")
-    c = run(toy_path, tmp_path, *sel, "--groups", "2", "--mi-axis", "input", "--cluster", "contiguous",
+    g = run(*sel, "--groupsize", "32", name="g")
+    c = run(*sel, "--groups", "2", "--mi-axis", "input", "--cluster", "contiguous",
             "--bit-alloc", "uniform", name="c")
     assert c["method"] == "sparsegpt+contiguous-in[uniform]" and g["method"] == "sparsegpt+uniform-g32"
     assert c["ppl"] == g["ppl"]
@@ -38,9 +43,9 @@ def test_contiguous_input_groups_equal_gptq_groups_bit_for_bit(toy_path, tmp_pat
     ["--cluster", "range", "--strategy", "shared"],
     ["--act-order"],
 ], ids=["mi-in", "mi-in-act-order", "random-in", "range-in", "range-A", "mi-B-act-order"])
-def test_methods_hold_the_budget_and_the_levels(toy_path, tmp_path, extra):
+def test_methods_hold_the_budget_and_the_levels(run, tmp_path, extra):
     save = tmp_path / "model"
-    r = run(toy_path, tmp_path, "--wbits", "3.5", "--groups", "4", "--save", str(save), *extra)
+    r = run("--wbits", "3.5", "--groups", "4", "--save", str(save), *extra)
     weights = packed.load_compressed(str(save)).state_dict()  # the saved (packed) model, decoded
     for layer in r["layers"]:
         sizes, bits, labels = layer["group_sizes"], layer["group_bits"], layer["labels"]
@@ -58,9 +63,9 @@ def test_methods_hold_the_budget_and_the_levels(toy_path, tmp_path, extra):
     assert abs(r["sparsity"] - 0.5) < 1e-9
 
 
-def test_input_axis_predicted_and_incurred_losses_are_close(toy_path, tmp_path):
+def test_input_axis_predicted_and_incurred_losses_are_close(run):
     """Column groups are coupled, so the trial's per-column losses only predict the mixed-width pass."""
-    r = run(toy_path, tmp_path, "--wbits", "3.5", "--groups", "4", "--mi-axis", "input")
+    r = run("--wbits", "3.5", "--groups", "4", "--mi-axis", "input")
     for layer in r["layers"]:
         p, i = layer["loss"]["predicted"], layer["loss"]["incurred"]
         assert i == pytest.approx(layer["loss"]["obs"], rel=1e-3)  # the loop's losses add up to the error

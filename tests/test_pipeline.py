@@ -14,14 +14,25 @@ from miq.checkpoint import packed
 from miq.model import layerwalk
 
 pytestmark = pytest.mark.slow
-FAST = ["--nsamples", "16", "--seqlen", "64", "--analysis-dir", "", "--eval", "synthetic"]
+FAST = ["--nsamples", "16", "--seqlen", "64", "--analysis-dir", ""]
 
 
-def run(toy_path, tmp_path, *extra, name="r") -> dict:
-    out = tmp_path / f"{name}.json"
-    code = opt_mi.main([toy_path, "synthetic", *FAST, "--json", str(out), *extra])
-    assert code == 0
-    return json.loads(out.read_text())
+@pytest.fixture
+def run(toy_path, tmp_path, small_eval):
+    """run(*flags, name=...): opt_mi.py on the toy in this process, evaluated on a tenth of the synthetic test
+    text (the comparisons below hold on it; evaluating the whole text was a third of each run); its JSON."""
+    def run(*extra, name="r") -> dict:
+        out = tmp_path / f"{name}.json"
+        code = opt_mi.main([toy_path, "synthetic", *FAST, "--eval", small_eval, "--json", str(out), *extra])
+        assert code == 0
+        return json.loads(out.read_text())
+    return run
+
+
+def ppl(result: dict) -> float:
+    """The run's one perplexity (it was evaluated on one set)."""
+    (value,) = result["ppl"].values()
+    return value
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -30,7 +41,7 @@ def test_dense_walker_equals_full_forward(toy_path, attn):
     The walker replays whatever the model passed, so both must equal the full forward pass."""
     model = AutoModelForCausalLM.from_pretrained(toy_path, attn_implementation=attn).eval()
     tok = AutoTokenizer.from_pretrained(toy_path)
-    tokens = datautils.get_eval_tokens("synthetic", 128, tok)[:, : 128 * 60]
+    tokens = datautils.get_eval_tokens("synthetic", 128, tok)[:, : 128 * 20]
     dev = torch.device("cpu")
     a = layerwalk.perplexity(model, tokens, 128, dev)
     b = layerwalk.full_forward_perplexity(model, tokens, 128, dev)
@@ -46,11 +57,11 @@ def test_walker_matches_testbed_documented_ppl(testbed):
     assert abs(ppl - 240.963) < 0.01  # TRAINED.md's full-forward figure
 
 
-def test_sparsegpt_beats_magnitude_and_hits_sparsity(toy_path, tmp_path):
-    dense = run(toy_path, tmp_path, name="dense")
-    sgpt = run(toy_path, tmp_path, "--sparsity", "0.5", name="sgpt")
-    mag = run(toy_path, tmp_path, "--sparsity", "0.5", "--gmp", name="mag")
-    d, s, m = dense["ppl"]["synthetic"], sgpt["ppl"]["synthetic"], mag["ppl"]["synthetic"]
+def test_sparsegpt_beats_magnitude_and_hits_sparsity(run):
+    dense = run(name="dense")
+    sgpt = run("--sparsity", "0.5", name="sgpt")
+    mag = run("--sparsity", "0.5", "--gmp", name="mag")
+    d, s, m = ppl(dense), ppl(sgpt), ppl(mag)
     assert d < s < m
     assert abs(sgpt["sparsity"] - 0.5) < 0.005
     assert abs(mag["sparsity"] - 0.5) < 0.005
@@ -58,19 +69,19 @@ def test_sparsegpt_beats_magnitude_and_hits_sparsity(toy_path, tmp_path):
     assert dense["bits"]["bpw"] == 16 and sgpt["bits"]["mask_bpw"] == 1.0
 
 
-def test_same_seed_same_result_and_seed_matters(toy_path, tmp_path):
-    a = run(toy_path, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--groups", "4", name="a")
-    b = run(toy_path, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--groups", "4", name="b")
-    c = run(toy_path, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--groups", "4", "--seed", "1", name="c")
+def test_same_seed_same_result_and_seed_matters(run):
+    a = run("--sparsity", "0.5", "--wbits", "4", "--groups", "4", name="a")
+    b = run("--sparsity", "0.5", "--wbits", "4", "--groups", "4", name="b")
+    c = run("--sparsity", "0.5", "--wbits", "4", "--groups", "4", "--seed", "1", name="c")
     assert a["ppl"] == b["ppl"]
     assert [r["labels"] for r in a["layers"]] == [r["labels"] for r in b["layers"]]
     assert [r["group_bits"] for r in a["layers"]] == [r["group_bits"] for r in b["layers"]]
     assert a["ppl"] != c["ppl"]
 
 
-def test_groups_all_uniform_alloc_equals_per_channel_baseline(toy_path, tmp_path):
-    base = run(toy_path, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--save", str(tmp_path / "m0"), name="u")
-    allg = run(toy_path, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--groups", "all", "--bit-alloc", "uniform",
+def test_groups_all_uniform_alloc_equals_per_channel_baseline(run, tmp_path):
+    base = run("--sparsity", "0.5", "--wbits", "4", "--save", str(tmp_path / "m0"), name="u")
+    allg = run("--sparsity", "0.5", "--wbits", "4", "--groups", "all", "--bit-alloc", "uniform",
                "--save", str(tmp_path / "m1"), name="all")
     assert base["ppl"] == allg["ppl"]
     w0 = packed.load_compressed(str(tmp_path / "m0")).state_dict()
@@ -110,9 +121,9 @@ def _levels_within_bits(save_dir, result: dict) -> tuple[int, float]:
     ],
     ids=["mi-B", "mi-A", "random", "contiguous", "hierarchical", "hessian-mi"],
 )
-def test_mi_methods_end_to_end_with_budget_and_levels(toy_path, tmp_path, extra):
+def test_mi_methods_end_to_end_with_budget_and_levels(run, tmp_path, small_eval, extra):
     save = tmp_path / "model"
-    r = run(toy_path, tmp_path, "--sparsity", "0.5", "--wbits", "3.5", "--groups", "6", "--save", str(save), *extra)
+    r = run("--sparsity", "0.5", "--wbits", "3.5", "--groups", "6", "--save", str(save), *extra)
     assert all(math.isfinite(v) for v in r["ppl"].values())
     for layer in r["layers"]:
         sizes = layer["group_sizes"]
@@ -132,16 +143,16 @@ def test_mi_methods_end_to_end_with_budget_and_levels(toy_path, tmp_path, extra)
     assert r["bits"]["bits_per_kept_weight"] == pytest.approx(stored / kept, rel=1e-12)
     assert stored <= 3.5 * kept  # --wbits: the mean width of the kept weights
     # reload gives the same perplexity
-    code = opt_mi.main([str(save), "synthetic", *FAST, "--json", str(tmp_path / "re.json")])
+    code = opt_mi.main([str(save), "synthetic", *FAST, "--eval", small_eval, "--json", str(tmp_path / "re.json")])
     assert code == 0
     again = json.loads((tmp_path / "re.json").read_text())
-    assert again["ppl"]["synthetic"] == pytest.approx(r["ppl"]["synthetic"], rel=1e-6)
+    assert ppl(again) == pytest.approx(ppl(r), rel=1e-6)
 
 
-def test_layer_records_and_figures(toy_path, tmp_path):
+def test_layer_records_and_figures(toy_path, tmp_path, small_eval):
     out = tmp_path / "r.json"
     code = opt_mi.main([toy_path, "synthetic", "--nsamples", "16", "--seqlen", "64", "--wbits", "4", "--groups", "4",
-                        "--eval", "synthetic", "--analysis-dir", str(tmp_path / "an"), "--json", str(out)])
+                        "--eval", small_eval, "--analysis-dir", str(tmp_path / "an"), "--json", str(out)])
     assert code == 0
     r = json.loads(out.read_text())
     names = [x["name"] for x in r["layers"]]
@@ -151,10 +162,10 @@ def test_layer_records_and_figures(toy_path, tmp_path):
     assert r["bits"]["mask_bpw"] == 0 and r["method"] == "mi-B"
 
 
-def test_layer_selection_flags(toy_path, tmp_path):
-    r = run(toy_path, tmp_path, "--sparsity", "0.5", "--minlayer", "1", "--prune_only", "fc")
+def test_layer_selection_flags(run):
+    r = run("--sparsity", "0.5", "--minlayer", "1", "--prune_only", "fc")
     assert [x["name"] for x in r["layers"]] == ["model.decoder.layers.1.fc1", "model.decoder.layers.1.fc2"]
-    inv = run(toy_path, tmp_path, "--sparsity", "0.5", "--minlayer", "1", "--prune_only", "fc", "--invert", name="i")
+    inv = run("--sparsity", "0.5", "--minlayer", "1", "--prune_only", "fc", "--invert", name="i")
     assert len(inv["layers"]) == 10
 
 
@@ -174,8 +185,8 @@ def test_walker_handles_opt350m_layout():
     assert abs(a - b) / b < 1e-5
 
 
-def test_k_above_channels_warns_once_and_clips(toy_path, tmp_path, capsys):
-    r = run(toy_path, tmp_path, "--wbits", "4", "--groups", "100")  # toy: 64-row attention, 256-row fc1
+def test_k_above_channels_warns_once_and_clips(run, capsys):
+    r = run("--wbits", "4", "--groups", "100")  # toy: 64-row attention, 256-row fc1
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning: --groups 100")]
     assert len(warnings) == 1 and "64 channels" in warnings[0]
     assert {(x["channels"], x["groups"]) for x in r["layers"]} == {(64, 64), (256, 100)}

@@ -1,7 +1,7 @@
 """sweep.py --executor slurm without a cluster: submitit's LocalExecutor runs the same jobs (``launch.ConfigJob``
 pickled, unpickled and run by submitit's worker, as on a Slurm node) as local processes.
 
-The configurations are test_sweep's fake opt_mi.py, behind a wrapper (``WRAPPER``) that can have one
+The configurations are sweep_helpers' fake opt_mi.py, behind a wrapper (``WRAPPER``) that can have one
 configuration die the first time it runs: killed by SIGKILL mid-run (as Slurm's kill or the out-of-memory
 killer does; it leaves a staged file behind, as a killed opt_mi.py would), or preempted (it sends submitit's
 preemption signal to its worker, as Slurm does before a preemption, and then waits to be stopped).
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import md_table
 from submitit.core.utils import FailedJobError
-from test_sweep import ROOT, FakeRunner, alive, results, wait_for
+from sweep_helpers import ROOT, FakeRunner, alive, results, start, wait_for
 
 from miq import atomic
 from miq.report import markdown as report
@@ -95,6 +95,7 @@ def tables(out: Path) -> dict[str, list[dict[str, str]]]:
     return {"Results": md_table(md, "Results"), "verdict": verdict.replace(str(out), "OUT")}
 
 
+@pytest.mark.slow
 def test_killed_job_leaves_nothing_and_runs_again_on_resubmission(tmp_path, fake, capsys):
     dying = Dying(fake, hit="sparsegpt_s0.5", mode="kill")
     out = tmp_path / "slurm"
@@ -127,6 +128,7 @@ def test_killed_job_leaves_nothing_and_runs_again_on_resubmission(tmp_path, fake
     assert len(tables(out)["Results"]) == 3
 
 
+@pytest.mark.slow
 def test_preempted_job_is_requeued_by_submitit_and_finishes(tmp_path, fake, capsys):
     """Slurm's warning signal before a preemption: submitit calls ConfigJob.checkpoint(), which stops the run,
     and requeues the job, which runs the configuration again from the start in the same submission."""
@@ -142,6 +144,7 @@ def test_preempted_job_is_requeued_by_submitit_and_finishes(tmp_path, fake, caps
     assert "Calling checkpoint method" in worker_logs and "Requeued job" in worker_logs
 
 
+@pytest.mark.slow
 def test_no_wait_submits_and_exits_then_the_report_is_built_later(tmp_path, fake, capsys):
     out = tmp_path / "slurm"
     rc, stdout, _ = run(capsys, out, fake, "--executor", "slurm", "--no-wait")
@@ -153,6 +156,7 @@ def test_no_wait_submits_and_exits_then_the_report_is_built_later(tmp_path, fake
     assert report.main([str(out)]) == 0 and (out / "performance_report.md").exists()
 
 
+@pytest.mark.slow
 def test_failed_configuration_leaves_its_note(tmp_path, fake, capsys):
     out = tmp_path / "slurm"
     rc, stdout, stderr = run(capsys, out, dataclasses.replace(fake, fail="uniform"), "--executor", "slurm")
@@ -285,18 +289,14 @@ def test_checkpoint_stops_the_run_and_hands_back_a_fresh_job(tmp_path):
     assert again.function._proc is None and again.args == () and again.kwargs == {}
 
 
+@pytest.mark.slow
 def test_stopping_the_waiting_sweep_cancels_its_jobs(tmp_path, fake):
     """SIGTERM to a sweep waiting for its jobs cancels them: the running configuration is stopped and nothing is
     recorded for it, as with the local executor."""
     slow = dataclasses.replace(fake, sleep=60)
     out = tmp_path / "slurm"
-    code = ("import json, sys; sys.path[:0] = sys.argv[1:3]; import test_sweep; "
-            "from miq.sweep import slurm; from miq.sweep import cli as sweep; slurm.CLUSTER = 'local'; "
-            "sys.exit(sweep.main(sys.argv[4:], runner=test_sweep.FakeRunner(**json.loads(sys.argv[3]))))")
-    p = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(ROOT / "tests"),
-                          json.dumps(dataclasses.asdict(slow)), "--out", str(out), "--methods", "dense",
-                          "--executor", "slurm"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+    p = start(out, slow, "--methods", "dense", "--executor", "slurm",
+              setup="from miq.sweep import slurm; slurm.CLUSTER = 'local'")
     wait_for(lambda: slow.pid("dense") and alive(slow.pid("dense")))
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
@@ -306,6 +306,7 @@ def test_stopping_the_waiting_sweep_cancels_its_jobs(tmp_path, fake):
     assert "no result recorded" in (out / "dense.log").read_text()
 
 
+@pytest.mark.slow
 def test_compare_methods_sh_passes_the_executor_flags_on(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     r = subprocess.run(["bash", str(ROOT / "compare_methods.sh"), "--executor", "slurm", "--jobs", "2", "--out",
@@ -366,6 +367,7 @@ class InFlight:
         return launch.Outcome("done", 0, 0.0)
 
 
+@pytest.mark.slow
 def test_rerun_waits_for_the_jobs_still_in_flight_instead_of_submitting_them_again(tmp_path, fake, capsys,
                                                                                   monkeypatch):
     slow = dataclasses.replace(fake, sleep=4)  # still running when the rerun starts

@@ -95,6 +95,7 @@ def test_pruning_half_the_weights_hurts(loaded):
     assert toy.window_perplexity(pruned, ids) > MAGNITUDE_50_MIN_RATIO * dense
 
 
+@pytest.mark.slow  # three toy builds each (30 s CPU and more): end to end
 @pytest.mark.parametrize("name,layer", [("toy", "model.decoder.layers.0.fc1.weight"),
                                         ("toy-llama", "model.layers.0.mlp.up_proj.weight")])
 def test_build_is_deterministic(tmp_path, name, layer):
@@ -146,6 +147,7 @@ def test_toy_llama_layout_and_quality(toy_llama_path, toy_dir):
     assert ppl < HELDOUT_PPL_MAX, ppl
 
 
+@pytest.mark.slow  # two toy builds
 def test_cache_is_atomic_reused_and_rebuilt_when_outdated(tmp_path, monkeypatch):
     # the machinery, not the quality, is under test here
     monkeypatch.setitem(toy.TOYS, "toy", dataclasses.replace(toy.OPT_TOY, steps=1))
