@@ -149,12 +149,12 @@ def draw_figures(res: CompressionResult, cfg: RunConfig, total_rows: int, stage:
                  f"{cfg.mi_estimator} estimator, {min(cfg.mi_samples, total_rows)} samples")
         paths.append(os.path.join(cfg.analysis_dir, "mi_matrix.png"))
         figures.plot_nmi_heatmap(plan.nmi, plan.labels, stage.file(paths[-1]), title=title)
-    rec = next(r for r in res.layers if r["name"] == name)
+    rec = next(r for r in res.layers if r.name == name)
     how = "column groups" if plan.axis == "input" else f"{cfg.strategy} strategy"
     paths.append(os.path.join(cfg.analysis_dir, "grouping_result.png"))
-    figures.plot_grouping_result(rec["group_sizes"], rec["group_bits"], rec["nmi_intra"], rec["nmi_inter"],
+    figures.plot_grouping_result(rec.group_sizes, rec.group_bits, rec.nmi_intra, rec.nmi_inter,
                                stage.file(paths[-1]), title=f"{name}: {how} of {what}, {cfg.bit_alloc} allocation",
-                               h_mass=rec.get("h_mass"))
+                               h_mass=rec.h_mass)
     return paths
 
 

@@ -44,7 +44,7 @@ def sink(model, cfg: RunConfig) -> list:
     bits (a few per weight) rather than a float32 copy of every compressed weight until the end; the other
     formats need the layers themselves (a list)."""
     if cfg.save and cfg.save_format == "packed":
-        return packed.PackedLayers(model.dtype, (cfg.prunen, cfg.prunem) if cfg.prunen else None)
+        return packed.PackedLayers(model.dtype, cfg.nm)
     return []
 
 
@@ -57,8 +57,7 @@ def write(folder: str, model, tokenizer, res: CompressionResult, cfg: RunConfig)
         # these writers take the whole model: read back (the compressed layers from their temporary files)
         onload.of(model).materialize()
     if cfg.save_format == "packed":
-        nm = (cfg.prunen, cfg.prunem) if cfg.prunen else None
-        disk = packed.write_packed(folder, model, tokenizer, res.saved, nm=nm, run=cfg.as_dict())
+        disk = packed.write_packed(folder, model, tokenizer, res.saved, nm=cfg.nm, run=cfg.as_dict())
     elif cfg.save_format == "compressed-tensors":
         disk = export_ct.write_ct(folder, model, tokenizer, res.saved, cfg.groupsize)
     else:
@@ -74,8 +73,8 @@ def write_dense(folder: str, model, tokenizer, res: CompressionResult, cfg: RunC
     tokenizer.save_pretrained(folder)
     bits = None if not cfg.quantizing else int(cfg.wbits)
     qinfo = {"format": "dense", "wbits": cfg.wbits, "strategy": cfg.strategy, "groupsize": cfg.groupsize,
-             "layers": {r["name"]: {"labels": r.get("labels"), "group_bits": r.get("group_bits"),
-                                    "bits": None if "group_bits" in r else bits}
+             "layers": {r.name: {"labels": r.labels, "group_bits": r.group_bits,
+                                 "bits": None if r.group_bits is not None else bits}
                         for r in res.layers}}
     with open(os.path.join(folder, "quantization.json"), "w", encoding="utf-8") as f:
         json.dump(qinfo, f, indent=1, allow_nan=False)
