@@ -146,8 +146,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-
-
 _D = RunConfig  # every flag's default: the record's field of the same name
 
 
