@@ -129,13 +129,13 @@ def run(cfg: RunConfig) -> dict:
                 "ppl": {k: (v if math.isfinite(v) else None) for k, v in ppl.items()},
                 **({"tasks": task_results} if task_results else {}),  # present only with --tasks
                 "sparsity": mask_sparsity(res),
-                "zero_fraction": zero_fraction(model, [r["name"] for r in res.layers]),
+                "zero_fraction": zero_fraction(model, [r.name for r in res.layers]),
                 "bits": {**bitstats.summarize(res.bits, decoder_linear_weights(model)), **(disk or {})},
                 "timing": {**timing, **res.timing, "total_s": time.time() - t0},
                 "env": outputs.env_info(dev),
                 "figures": outputs.draw_figures(res, cfg, calib.numel(), stage),
                 **searched,  # --search only: the levels per linear, the budget, the trace, the database
-                "layers": res.layers,
+                "layers": [r.to_json() for r in res.layers],
             }
             if cfg.json:
                 outputs.write_json(stage.file(cfg.json, outputs.guard("--json", cfg.json, "file")), out)

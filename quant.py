@@ -215,6 +215,30 @@ def static_grid(q: Quantizer, W: torch.Tensor, g_idx: torch.Tensor, group_bits: 
     return grid.scale, grid.zero, grid.maxq
 
 
+@dataclass(frozen=True)
+class Grid:
+    """A kind of quantization grid as storage sees it: the float16 parameters kept per (parameter set, column
+    group), and the zero-point a grid implies rather than stores. The packed format (``packed_layer``: encode,
+    decode and ``GridLayout``'s metadata bits, which the bits account and ``--target-bpw`` charge) and the
+    compressed-tensors export read this description instead of each re-deriving it from ``sym``; a new grid
+    kind is one entry in ``GRIDS`` plus how ``Quantizer`` finds its parameters."""
+
+    name: str
+    stored: tuple[str, ...]  # parameters stored per (set, column group), fp16 each
+    symmetric: bool
+
+    def implied_zero(self, bits: torch.Tensor) -> torch.Tensor | None:
+        """The zero-point of widths ``bits`` when the grid does not store one: 2^(b-1) = (maxq + 1) / 2, the
+        middle of the codes (``Quantizer._params``); None when it is stored."""
+        return None if "zero" in self.stored else 2.0 ** (bits - 1).float()
+
+    def parameter_bits(self) -> float:
+        return 16.0 * len(self.stored)
+
+
+GRIDS = {False: Grid("asymmetric", ("scale", "zero"), False), True: Grid("symmetric", ("scale",), True)}  # by sym
+
+
 @dataclass
 class QuantizedLayer:
     """A compressed linear layer as a checkpoint stores it.
@@ -236,6 +260,10 @@ class QuantizedLayer:
     sym: bool = False
     perm: torch.Tensor | None = None
     row_groups: torch.Tensor | None = None
+
+    @property
+    def grid(self) -> Grid:
+        return GRIDS[self.sym]
 
     def bits(self) -> torch.Tensor | None:
         """[R, G] bit-width of every (row, column group)."""

@@ -3,8 +3,9 @@
 Same interface and mathematics as IST-DASLab/sparsegpt: accumulate H = (2/n) sum x x^T over calibration
 sequences, then prune column by column with OBS updates driven by the upper Cholesky factor of H^-1,
 choosing an adaptive mask per block of columns. Quantization (``self.quantizer``) happens inside the column
-loop so that its error is propagated too. The loop is ``obs_pass``, kept line for line comparable with the
-reference's ``fasterprune``. Additions:
+loop so that its error is propagated too. The loop is ``obs_pass``: the reference's ``fasterprune`` loop, its
+OBS update step for step, on transposed blocks and with stacked candidates and column-group refits (its
+docstring says where it departs). Additions:
 GPTQ-style ``groupsize``; the grid used (scale, zero, maxq per row and column group) and the mask, returned;
 per-row and per-column OBS losses, and the layer error 1/2 (W0 - W) H (W0 - W)^T they add up to;
 ``run_pass(reps=S)``: the layer stacked S times, masks chosen on the first copy's rows (``miq.plan.trials``);
@@ -76,22 +77,31 @@ def obs_pass(
     W: torch.Tensor,
     Hinv: torch.Tensor,
     q: Quantizer | None,
-    sparsity: float = 0.0,
-    prunen: int = 0,
-    prunem: int = 0,
-    blocksize: int = 128,
+    opts: PassOptions,
     cols: ColumnGrid | None = None,
     mask_rows: int | None = None,
     mask: torch.Tensor | None = None,
 ) -> PassResult:
     """The SparseGPT column loop over W [R, C] (a float copy, modified in place) with Hinv = U, H^-1 = U^T U,
-    both in processing order.
+    both in processing order; ``opts``: the mask (sparsity or n:m) and the block width (its damping, groups
+    and order were applied by the caller, ``SparseGPT.run_pass``).
 
-    Without ``cols``, ``q``'s parameters are found before the pass (the reference finds them on the weights
-    as loaded); with ``cols`` they change at group starts (``ColumnGrid``). ``mask_rows`` = m: masks are
-    chosen on rows [0, m) and repeated for the following blocks of m rows (``trial``'s stacked candidates).
-    ``mask`` [R, C]: a fixed prune mask instead of choosing one.
+    The OBS step reads as the reference's ``fasterprune``, line by line: per block of columns an adaptive mask
+    (``tmp``, or n:m every prunem columns), then per column ``q`` = the column pruned and quantized, its loss
+    (w - q)^2 / d^2, ``err1`` = (w - q) / d pushed onto the block's later columns through ``Hinv1[i, i:]``,
+    and at the block's end the lazy update of every later column. Where it departs:
+
+    - the block is held transposed, [count, R], so that column i is the contiguous row ``W1[i]``: a strided
+      column was most of a pass's time. Same arithmetic, same order;
+    - ``mask_rows`` = m stacks candidates: W is S copies of m rows (``miq.plan.trials``, every width at once),
+      masks are chosen on the first m rows and repeated, and ``col_loss`` is kept per copy [S, C];
+    - ``cols`` refits the quantizer at column-group starts: GPTQ's groups, found on the group's columns as they
+      stand then (pending block updates included), or static parameters fixed before the pass (act-order);
+      without ``cols``, ``q``'s parameters were found before the pass, as the reference finds them;
+    - ``mask`` [R, C] fixes the prune mask instead of choosing one; the adaptive mask prunes exactly k weights
+      per block (the reference's ``<=`` prunes k + 1).
     """
+    sparsity, prunen, prunem, blocksize = opts.sparsity, opts.prunen, opts.prunem, opts.blocksize
     rows, columns = W.shape
     ref = rows if mask_rows is None else mask_rows
     reps = rows // ref
@@ -305,8 +315,9 @@ class SparseGPT:
             self._factors[key] = U
         return self._factors[key]
 
-    def fasterprune(self, sparsity: float, prunen: int = 0, prunem: int = 0, blocksize: int = 128,
-                    percdamp: float = 0.01, groupsize: int = -1, act_order: bool = False) -> float:
+    def fasterprune(self, sparsity: float, prunen: int = PassOptions.prunen, prunem: int = PassOptions.prunem,
+                    blocksize: int = PassOptions.blocksize, percdamp: float = PassOptions.percdamp,
+                    groupsize: int = PassOptions.groupsize, act_order: bool = PassOptions.act_order) -> float:
         """The reference's entry point: prune ``sparsity`` of the weights (or n:m) and quantize with
         ``self.quantizer`` if set; returns the summed OBS error sum (w - q)^2 / [U]_ii^2 / 2."""
         opts = PassOptions(sparsity, prunen, prunem, blocksize, percdamp, groupsize, act_order)
@@ -344,8 +355,7 @@ class SparseGPT:
         W = W0.repeat(reps, 1)
         if perm is not None:
             W, mask = W[:, perm], (None if mask is None else mask[:, perm])
-        res = obs_pass(W, self.factor(perm), q, opts.sparsity, opts.prunen, opts.prunem, opts.blocksize, cols,
-                       mask_rows=self.rows if reps > 1 else None, mask=mask)
+        res = obs_pass(W, self.factor(perm), q, opts, cols, mask_rows=self.rows if reps > 1 else None, mask=mask)
         self.perm = perm
         if perm is not None:  # back to the layer's column order
             inv = torch.argsort(perm)

@@ -131,7 +131,8 @@ def oracle_widths(rows: int, cols: int, dev: torch.device, budget: float = 3.5) 
         q = Quantizer()
         q.configure(torch.cat([torch.full((rows,), b) for b in order]), perchannel=True, sym=False)
         q.find_params(g.layer.weight.data.float().repeat(len(order), 1), weight=True)
-        res = obs_pass(W0.repeat(len(order), 1)[:, :m].clone(), U[:m, :m], q, 0.5, mask_rows=rows)
+        res = obs_pass(W0.repeat(len(order), 1)[:, :m].clone(), U[:m, :m], q, options.PassOptions(sparsity=0.5),
+                       mask_rows=rows)
         partial.append(res.row_loss.reshape(len(order), rows)[back].T.double().cpu().numpy())
     costs, kept = partial[-1], (~res.mask[:rows]).sum(1).cpu().numpy()
     weights = kept[:, None] * (np.asarray(CHOICES) - CHOICES[0])[None, :]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from miq.options import DEFAULT_MI_ALPHA
+from miq.options import DEFAULT_MI_ALPHA, needs_mi
 from miq.run.config import RunConfig, parse
 
 Role = Literal["reference", "baseline", "method", "control"]
@@ -189,15 +189,13 @@ def allocation_details(cfg: RunConfig) -> list[str]:
     if not cfg.grouped:
         return []
     out = ["act-order"] if cfg.act_order else []
-    if cfg.bit_alloc != "hessian":
+    if cfg.bit_alloc != RunConfig.bit_alloc:
         out.append(cfg.bit_alloc)
     if cfg.bit_alloc == "hessian-mi" and cfg.mi_alpha != DEFAULT_MI_ALPHA:
         out.append(f"alpha={cfg.mi_alpha:g}")
-    if cfg.bit_alloc != "uniform" and cfg.alloc_cost != "obs":
+    if cfg.bit_alloc != "uniform" and cfg.alloc_cost != RunConfig.alloc_cost:
         out.append(f"cost={cfg.alloc_cost}")
-    uses_mi = cfg.groups != "all" and (cfg.cluster in ("spectral", "hierarchical", "random")
-                                       or cfg.bit_alloc == "hessian-mi")
-    if uses_mi and cfg.mi_estimator != "histogram":
+    if needs_mi(cfg.groups, cfg.cluster, cfg.bit_alloc) and cfg.mi_estimator != RunConfig.mi_estimator:
         out.append(cfg.mi_estimator)
     return out
 

@@ -3,8 +3,10 @@
 Every flag's allowed values and defaults live here, so that the command line (``miq.run.config``), the
 algorithms that check their arguments and the reports that read a run's config agree without importing each
 other (the reports import no torch). The frozen records are what one step of a run is given whole:
-``MIOptions`` (how MI is estimated) and ``PassOptions`` (one SparseGPT pass). ``pick`` builds any of them from a
-``RunConfig``, whose fields carry the same names.
+``MIOptions`` (how MI is estimated), ``PassOptions`` (one SparseGPT pass) and ``PlanOptions`` (what one
+layer's MI plan is asked for). Each holds the defaults of its fields, once: ``RunConfig``'s fields of the same
+names default to them and the command line's flags to ``RunConfig``'s. ``pick`` builds any of the records from
+a ``RunConfig``, whose fields carry the same names.
 """
 
 from __future__ import annotations
@@ -115,6 +117,53 @@ def needs_mi(groups, cluster: str, bit_alloc: str) -> bool:
     """Whether a plan computes MI: for clustering by dependence (random keeps spectral's sizes) or for
     hessian-mi; never with every channel its own group."""
     return groups not in (0, "all") and (cluster in NEEDS_MI or bit_alloc == "hessian-mi")
+
+
+def nm_pattern(prunen: int, prunem: int) -> tuple[int, int] | None:
+    """The n:m pattern of a pruning mask, or None (unstructured or no pruning): what the packed format and the
+    bits account are told, so that an aligned n:m mask is stored as indices rather than a bitmask."""
+    return (prunen, prunem) if prunen else None
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What a layer's plan is asked for: K groups (or "all"), how to find them, how to give them bits
+    (``miq.plan.mi_plan.plan_layer``).
+
+    groups: K >= 1 or "all" (every row alone); a K above a layer's rows is clipped to its rows.
+    wbits: the mean-bits budget; bits_choices: candidate widths; mi_alpha: the hessian-mi exponent.
+    seed: seeds the clustering; sym, groupsize: the quantizer's, so the costs are those of its grid.
+    alloc_cost: "obs" (SparseGPT's own losses from trial passes) or "rtn" (the dense round-to-nearest proxy).
+    mi_axis: "output" groups rows (channels of the layer's outputs), "input" groups columns (its inputs): a
+    column group is a quantization group (a grid per row and group), as GPTQ's groups.
+    """
+
+    groups: int | str
+    wbits: float
+    cluster: str = "spectral"
+    strategy: str = "independent"
+    bit_alloc: str = "hessian"
+    bits_choices: tuple[int, ...] = DEFAULT_BITS_CHOICES
+    mi: MIOptions = MIOptions()
+    mi_alpha: float = 0.0
+    seed: int = 0
+    sym: bool = False
+    groupsize: int = PassOptions.groupsize
+    alloc_cost: str = "obs"
+    mi_axis: str = "output"
+
+    @property
+    def uniform_bits(self) -> int:
+        """The width uniform allocation gives every group: the largest choice within the budget."""
+        return max(b for b in self.bits_choices if b <= self.wbits)
+
+    def needs_trial(self) -> bool:
+        """Trial passes at every width: whenever widths are allocated (the obs costs need them, and with
+        rtn costs the rows are still taken from them, so that the two costs differ in nothing else)."""
+        return self.bit_alloc != "uniform"
+
+    def needs_mi(self) -> bool:
+        return needs_mi(self.groups, self.cluster, self.bit_alloc)
 
 
 def pick(cls, source):

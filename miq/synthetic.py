@@ -57,7 +57,6 @@ class _Language:
         rng = random.Random(seed)
         self.used = set(_DET["sg"] + _DET["pl"] + _PRON["sg"] + _PRON["pl"] + _PREPS + _CONJ + _MODALS)
         self.used.update(_OTHER + _COPULA["sg"] + _COPULA["pl"] + tuple(_DO.values()))
-        self.function_words = sorted(self.used)
         self.nouns = self._words(rng, _N_NOUNS, lambda s: (s, s + "s"))  # (singular, plural)
         self.verbs = self._words(rng, _N_VERBS, lambda s: (s, s + "s", s + "ed"))  # (base, 3sg, past)
         self.adjs = [w[0] for w in self._words(rng, _N_ADJS, lambda s: (s + rng.choice(_ADJ_SUFFIXES),))]

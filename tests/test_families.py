@@ -120,9 +120,9 @@ def _compress_recording(model, calib: torch.Tensor, cfg: RunConfig, monkeypatch)
     seen = {}
     real = compress.compress_linear
 
-    def recording(name, g, cfg, res):
+    def recording(name, g, *rest):
         seen[name] = (g.layer.weight.data.clone(), g.H.clone())
-        return real(name, g, cfg, res)
+        return real(name, g, *rest)
 
     with monkeypatch.context() as m:
         m.setattr(compress, "compress_linear", recording)

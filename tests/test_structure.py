@@ -18,7 +18,6 @@ LAZY = {("miq.run.outputs", "miq.run.figures")}
 MAX_FLOORS = 8
 MAX_LINES = 420
 MAX_PARAMS = 8
-LONG_SIGNATURES = {("sparsegpt_mi", "obs_pass")}  # the reference's column loop, kept line for line
 
 
 def _modules() -> dict[str, Path]:
@@ -99,7 +98,7 @@ def test_functions_take_few_parameters():
                 a = node.args
                 params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, [a.vararg, a.kwarg])]
                 n = len([p for p in params if p.arg not in ("self", "cls")])
-                if n > MAX_PARAMS and (name, node.name) not in LONG_SIGNATURES:
+                if n > MAX_PARAMS:
                     wide.append((name, node.name, n))
     assert wide == []
 

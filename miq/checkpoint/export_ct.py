@@ -65,7 +65,7 @@ def schemes(layers: list[QuantizedLayer], groupsize: int) -> dict[str, tuple[dic
     whole = groupsize > 0 and all(q.weight.shape[1] % groupsize == 0 for q in layers)
     out: dict[str, tuple[dict, list[str]]] = {}
     for q in layers:
-        args = {"num_bits": int(q.bits()[0, 0]), "type": "int", "symmetric": bool(q.sym)}
+        args = {"num_bits": int(q.bits()[0, 0]), "type": "int", "symmetric": q.grid.symmetric}
         if groupsize <= 0:
             args["strategy"] = "channel"
         elif whole:

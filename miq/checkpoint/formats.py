@@ -11,9 +11,8 @@ import hashlib
 import json
 import os
 
-from miq.options import SAVE_FORMATS, fmt_num
+from miq.options import fmt_num
 
-FORMATS = SAVE_FORMATS
 USE_PACKED = "use --save-format packed"
 MARKER = "miq_save.json"  # in every saved folder: {"written_by": WRITER, "format": ...}
 WRITER = "mutual_info_quantization"

@@ -17,7 +17,7 @@ import torch
 
 from miq.bitstats import index_bits
 from miq.checkpoint import packbits
-from quant import QuantizedLayer
+from quant import GRIDS, QuantizedLayer
 
 DTYPE_NAMES = {torch.uint8: "uint8", torch.int32: "int32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                torch.float32: "float32", torch.float64: "float64"}
@@ -49,7 +49,7 @@ class GridLayout:
     perm: bool = False
 
     def metadata_bits(self) -> float:
-        meta = (16.0 if self.sym else 32.0) * self.sets * self.groups  # fp16 scales (+ fp16 zero-points)
+        meta = GRIDS[self.sym].parameter_bits() * self.sets * self.groups  # fp16 scales (+ fp16 zero-points)
         meta += self.rows * index_bits(self.sets) if self.shared_rows else 0
         meta += self.cols * index_bits(self.groups) if self.g_idx else 0
         meta += self.width_indices * index_bits(self.widths) if self.width_indices else 0
@@ -154,14 +154,14 @@ def _encode_grid(q: QuantizedLayer, dtype: torch.dtype, t: dict) -> dict:
     if sets is not None:
         t["row_groups"] = packbits.pack_bits(sets, index_bits(len(first)))
     info["widths"] = _encode_widths(bits, t)
-    t["scale"] = scale.half()
-    if q.sym:
-        if not torch.equal(zero, 2.0 ** (bits - 1).float()):
-            raise ValueError(f"layer {q.name}: a symmetric grid's zero-point must be 2^(bits-1)")
-    else:
-        if not torch.equal(zero, zero.round()) or bool(((zero < 0) | (zero > maxq)).any()):
-            raise ValueError(f"layer {q.name}: zero-points must be integers in [0, maxq]")
-        t["zero"] = zero.half()
+    implied = q.grid.implied_zero(bits)
+    if implied is not None and not torch.equal(zero, implied):
+        raise ValueError(f"layer {q.name}: a {q.grid.name} grid's zero-point must be 2^(bits-1)")
+    if implied is None and (not torch.equal(zero, zero.round()) or bool(((zero < 0) | (zero > maxq)).any())):
+        raise ValueError(f"layer {q.name}: zero-points must be integers in [0, maxq]")
+    for part, x in (("scale", scale), ("zero", zero)):
+        if part in q.grid.stored:
+            t[part] = x.half()
     info["codes"] = _encode_codes(q, (scale, zero, bits), row_set, g_idx, dtype, t)
     info["codes_of"] = "kept"  # version 3: a pruned weight stores no code (version 1 and 2 stored every weight's)
     return info
@@ -246,7 +246,8 @@ def decode(name: str, entry: dict, get: Callable[[str], torch.Tensor], dtype: to
         raise ValueError("row_groups or g_idx name a parameter set or column group beyond the manifest's")
     bits = _decode_widths(entry["widths"], get, P, G)
     scale = _grid_tensor(get("scale"), "scale", P, G)
-    zero = 2.0 ** (bits - 1).float() if entry["sym"] else _grid_tensor(get("zero"), "zero", P, G)
+    zero = GRIDS[bool(entry["sym"])].implied_zero(bits)
+    zero = _grid_tensor(get("zero"), "zero", P, G) if zero is None else zero
     b = bits[row_set][:, g_idx]
     z = zero[row_set][:, g_idx]
     kept_only = entry.get("codes_of", "all") == "kept" and mask is not None  # version 3 stores kept codes only

@@ -398,10 +398,3 @@ def close(model: nn.Module) -> None:
     o = of(model)
     if o is not None:
         o.store.close()
-
-
-def resident_layers(model: nn.Module) -> list[int]:
-    """The decoder layers holding any tensor off the meta device (what the residency test counts)."""
-    layers = layouts.of(model).decoder_layers(model)
-    return [i for i, m in enumerate(layers)
-            if any(t.device.type != "meta" for t in [*m.parameters(), *m.buffers()])]

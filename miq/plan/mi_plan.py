@@ -22,53 +22,13 @@ import torch
 import channel_grouping
 import mutual_info
 from miq.errors import PlanError
-from miq.options import DEFAULT_BITS_CHOICES, MIOptions, needs_mi
+from miq.options import PlanOptions
 from miq.plan import allocation
 from miq.plan.trials import TrialResult
 from quant import Quantizer
 
 # (row groups for strategy A, column groups g_idx for the input axis) -> every width's pass
 Trial = Callable[[torch.Tensor | None, torch.Tensor | None], TrialResult]
-
-
-@dataclass(frozen=True)
-class PlanOptions:
-    """What a layer's plan is asked for: K groups (or "all"), how to find them, how to give them bits.
-
-    groups: K >= 1 or "all" (every row alone); a K above a layer's rows is clipped to its rows.
-    wbits: the mean-bits budget; bits_choices: candidate widths; mi_alpha: the hessian-mi exponent.
-    seed: seeds the clustering; sym, groupsize: the quantizer's, so the costs are those of its grid.
-    alloc_cost: "obs" (SparseGPT's own losses from trial passes) or "rtn" (the dense round-to-nearest proxy).
-    mi_axis: "output" groups rows (channels of the layer's outputs), "input" groups columns (its inputs): a
-    column group is a quantization group (a grid per row and group), as GPTQ's groups.
-    """
-
-    groups: int | str
-    cluster: str = "spectral"
-    strategy: str = "independent"
-    bit_alloc: str = "hessian"
-    wbits: float = 4
-    bits_choices: tuple[int, ...] = DEFAULT_BITS_CHOICES
-    mi: MIOptions = MIOptions()
-    mi_alpha: float = 0.0
-    seed: int = 0
-    sym: bool = False
-    groupsize: int = -1
-    alloc_cost: str = "obs"
-    mi_axis: str = "output"
-
-    @property
-    def uniform_bits(self) -> int:
-        """The width uniform allocation gives every group: the largest choice within the budget."""
-        return max(b for b in self.bits_choices if b <= self.wbits)
-
-    def needs_trial(self) -> bool:
-        """Trial passes at every width: whenever widths are allocated (the obs costs need them, and with
-        rtn costs the rows are still taken from them, so that the two costs differ in nothing else)."""
-        return self.bit_alloc != "uniform"
-
-    def needs_mi(self) -> bool:
-        return needs_mi(self.groups, self.cluster, self.bit_alloc)
 
 
 @dataclass

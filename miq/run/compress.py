@@ -24,11 +24,12 @@ from miq import bitstats
 from miq.checkpoint import packed_layer
 from miq.model import layerwalk, layouts, onload
 from miq.model.layouts import Layout
-from miq.options import PassOptions, Recipe, pick
+from miq.options import PassOptions, PlanOptions, Recipe, pick
 from miq.plan import trials
-from miq.plan.mi_plan import LayerPlan, PlanOptions, plan_layer
+from miq.plan.mi_plan import LayerPlan, plan_layer
 from miq.run import target
 from miq.run.config import RunConfig
+from miq.run.records import LayerRecord
 from quant import QuantizedLayer, Quantizer, rtn_grid
 from sparsegpt_mi import PassResult, SparseGPT, column_groups, layer_error, magnitude_prune
 
@@ -37,12 +38,26 @@ STAGES = ("mi_s", "cluster_s", "alloc_s", "prune_s")  # per-stage seconds, summe
 
 @dataclass
 class CompressionResult:
-    layers: list[dict] = field(default_factory=list)  # one record per compressed linear, in walk order
+    layers: list[LayerRecord] = field(default_factory=list)  # one per compressed linear, in walk order
     bits: list[bitstats.LayerBits] = field(default_factory=list)
     timing: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     plot: tuple[str, LayerPlan] | None = None  # the layer the figures show, with its plan
     saved: list[QuantizedLayer] = field(default_factory=list)  # every compressed layer as stored (with --save)
     ledger: target.Ledger | None = None  # --target-bpw: the bits the layers so far left unspent
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The step records of one run's compression, built once from its RunConfig (``of``) and handed down the
+    walk: the SparseGPT pass every linear gets, and what a grouped run's plan asks of every layer (None
+    ungrouped; under --target-bpw each layer's budget replaces ``wbits``)."""
+
+    passes: PassOptions
+    plan: PlanOptions | None
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> RunOptions:
+        return cls(pick(PassOptions, cfg), pick(PlanOptions, cfg) if cfg.grouped else None)
 
 
 def selected(cfg: RunConfig, index: int, name: str) -> bool:
@@ -94,6 +109,7 @@ def compress_sparsegpt(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.de
     ``recipe``: each linear's level (default the run's own, ``cfg.recipe``; a search gives one per linear)."""
     res = CompressionResult(saved=[] if saved is None else saved)
     recipe = recipe or cfg.recipe
+    options = {cfg.level: RunOptions.of(cfg)}  # built once per run, and once per level a search adds
     layout = layouts.of(model)
     _warn_if_k_exceeds_channels(model, cfg)
     plot_layer = cfg.plot_layer or layout.default_plot_layer(model)
@@ -103,7 +119,10 @@ def compress_sparsegpt(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.de
         groups = linear_groups(cfg, layout, i, layer)
         for group in groups:
             for name, g in _accumulate(cfg, group, layer, inps, layer_kwargs[i], calib.numel()).items():
-                plan = compress_linear(name, g, cfg.at(recipe.of(name)), res)
+                lcfg = cfg.at(recipe.of(name))
+                if recipe.of(name) not in options:
+                    options[recipe.of(name)] = RunOptions.of(lcfg)
+                plan = compress_linear(name, g, lcfg, options[recipe.of(name)], res)
                 if plan is not None and name == plot_layer:
                     res.plot = (name, plan)
         return bool(groups)  # a layer the selection leaves alone is read from the checkpoint again
@@ -132,43 +151,44 @@ def _accumulate(cfg: RunConfig, subset: dict[str, nn.Linear], layer: nn.Module, 
     return gpts
 
 
-def compress_linear(name: str, g: SparseGPT, cfg: RunConfig, res: CompressionResult) -> LayerPlan | None:
+def compress_linear(name: str, g: SparseGPT, cfg: RunConfig, opts: RunOptions,
+                    res: CompressionResult) -> LayerPlan | None:
     """Plan (if grouped), quantizer, SparseGPT pass for one linear; appends its record and bits to res."""
-    plan = None
+    plan, budget = None, None
     t = time.time()
-    if cfg.grouped:
+    if opts.plan is not None:
         acts = g.sampler.samples() if g.sampler is not None else None
-        opts = pick(PlanOptions, cfg)
+        asked = opts.plan
         if cfg.target_bpw is not None:
             res.ledger = res.ledger or target.Ledger(cfg)
-            opts = dataclasses.replace(opts, wbits=res.ledger.budget(g.rows, g.columns))
-        plan = plan_layer(name, g.layer.weight.data.float(), g.H, acts, opts, trial=_trial_fn(g, cfg, opts))
+            budget = res.ledger.budget(g.rows, g.columns)
+            asked = dataclasses.replace(asked, wbits=budget)
+        plan = plan_layer(name, g.layer.weight.data.float(), g.H, acts, asked,
+                          trial=_trial_fn(g, cfg, asked, opts.passes))
         for key in ("mi_s", "cluster_s", "alloc_s"):
             res.timing[key] += plan.timing[key]
     t_prune = time.time()
-    _final_pass(g, cfg, plan)
+    _final_pass(g, cfg, opts, plan)
     prune_s = time.time() - t_prune
     res.timing["prune_s"] += prune_s
-    W0, Hd = g.prepare(cfg.percdamp)
+    W0, Hd = g.prepare(opts.passes.percdamp)
     loss = {"incurred": float(layer_error(W0, g.result.W, Hd).sum()), "obs": g.error}
     if plan is not None and plan.predicted_loss is not None:
         loss["predicted"] = plan.predicted_loss
     stored = _stored(name, g.result, g.perm, cfg, plan)
-    _record(res, cfg, LayerStats(name, g.rows, g.columns, g.result.mask.cpu(), prune_s, loss), plan, stored)
+    bits = _bits(cfg, g.result.mask, stored)
     if res.ledger is not None:
-        b = res.bits[-1]
-        res.ledger.spend(g.rows, g.columns, b.code_bits + b.metadata_bits + b.mask_bits)
-        res.layers[-1]["wbits_budget"] = opts.wbits
-    if g.percdamp_used is not None and g.percdamp_used != cfg.percdamp:
-        res.layers[-1]["percdamp_used"] = g.percdamp_used
-    res.layers[-1]["timing"]["total_s"] = time.time() - t
+        res.ledger.spend(g.rows, g.columns, bits.code_bits + bits.metadata_bits + bits.mask_bits)
+    raised = g.percdamp_used if g.percdamp_used not in (None, opts.passes.percdamp) else None
+    st = LayerStats(name, g.rows, g.columns, g.result.mask.cpu(), prune_s, loss)
+    _record(res, bits, _layer_record(st, bits, plan, time.time() - t, wbits_budget=budget, percdamp_used=raised))
     if cfg.save:
         res.saved.append(stored)
     g.free()
     return plan
 
 
-def _final_pass(g: SparseGPT, cfg: RunConfig, plan: LayerPlan | None) -> None:
+def _final_pass(g: SparseGPT, cfg: RunConfig, opts: RunOptions, plan: LayerPlan | None) -> None:
     """The layer's compressed weights: rows at their widths taken from the trial (output axis, rows are
     independent), or one pass (no plan; uniform widths; input-axis column groups, under the trial's mask)."""
     if plan is not None and plan.axis == "output" and plan.trial is not None:
@@ -179,12 +199,11 @@ def _final_pass(g: SparseGPT, cfg: RunConfig, plan: LayerPlan | None) -> None:
         q = plan.quantizer(sym=cfg.sym)
     elif cfg.quantizing:  # uniform, or the input axis (its group widths replace this width group by group)
         q = Quantizer()
-        q.configure(int(cfg.wbits) if plan is None else pick(PlanOptions, cfg).uniform_bits, perchannel=True,
-                    sym=cfg.sym)
+        q.configure(int(cfg.wbits) if plan is None else opts.plan.uniform_bits, perchannel=True, sym=cfg.sym)
         if plan is not None:
             kw = {"g_idx": plan.labels.to(g.dev), "group_bits": plan.group_bits,
                   "mask": None if plan.trial is None else plan.trial.mask}
-    g.prune(pick(PassOptions, cfg), q, **kw)
+    g.prune(opts.passes, q, **kw)
 
 
 def _g_idx(columns: int, cfg: RunConfig, plan: LayerPlan | None) -> torch.Tensor:
@@ -208,11 +227,11 @@ def _stored(name: str, r: PassResult, perm: torch.Tensor | None, cfg: RunConfig,
                           perm=cpu(perm) if cfg.act_order else None, row_groups=cpu(plan.labels) if shared else None)
 
 
-def _trial_fn(g: SparseGPT, cfg: RunConfig, opts: PlanOptions):
+def _trial_fn(g: SparseGPT, cfg: RunConfig, asked: PlanOptions, passes: PassOptions):
     """The plan's trial: every candidate width at once, masks of the uniform width (see trials.trial)."""
 
     def trial(row_groups: torch.Tensor | None, g_idx: torch.Tensor | None):
-        return trials.trial(g, list(cfg.bits_choices), opts.uniform_bits, pick(PassOptions, cfg), sym=cfg.sym,
+        return trials.trial(g, list(asked.bits_choices), asked.uniform_bits, passes, sym=cfg.sym,
                             row_groups=row_groups, g_idx=None if g_idx is None else g_idx.to(g.dev))
 
     return trial
@@ -231,28 +250,33 @@ class LayerStats:
     loss: dict | None = None
 
 
-def _record(res: CompressionResult, cfg: RunConfig, st: LayerStats, plan: LayerPlan | None,
-            stored: QuantizedLayer) -> None:
-    """Append one layer's bits account (what the packed format stores for it) and JSON record."""
-    rows, cols = st.rows, st.cols
-    nm = (cfg.prunen, cfg.prunem) if cfg.prunen else None
-    bits = bitstats.LayerBits(rows * cols, int((~st.mask).sum()), *packed_layer.stored_bits(stored, nm))
-    res.bits.append(bits)
-    rec = {"name": st.name, "channels": rows, "in_features": cols, "groups": None if plan is None else
-           int(plan.group_bits.numel()), "pruned": int(st.mask.sum()),
-           "code_bits": bits.code_bits, "timing": {"mi_s": 0.0, "cluster_s": 0.0, "alloc_s": 0.0,
-                                                   "prune_s": st.prune_s}}
-    if st.loss is not None:
-        rec["loss"] = st.loss
+def _bits(cfg: RunConfig, mask: torch.Tensor, stored: QuantizedLayer) -> bitstats.LayerBits:
+    """One layer's bits account: what the packed format stores for it (mask [R, C], True = pruned)."""
+    rows, cols = stored.weight.shape
+    return bitstats.LayerBits(rows * cols, int((~mask).sum()), *packed_layer.stored_bits(stored, cfg.nm))
+
+
+def _layer_record(st: LayerStats, bits: bitstats.LayerBits, plan: LayerPlan | None, total_s: float | None = None,
+                  **extra) -> LayerRecord:
+    """One layer's record: its stats, code bits and, with a plan, its groups (``extra``: the optional fields)."""
+    timing = {"mi_s": 0.0, "cluster_s": 0.0, "alloc_s": 0.0, "prune_s": st.prune_s}
+    grouping = {}
     if plan is not None:
-        sizes = torch.bincount(plan.labels, minlength=rec["groups"]).tolist()
-        rec.update({"axis": plan.axis, "labels": plan.labels.tolist(), "group_sizes": sizes,
-                    "group_bits": plan.group_bits.tolist(), "nmi_intra": plan.nmi_intra, "nmi_inter": plan.nmi_inter})
-        if plan.charged_bits is not None:
-            rec["charged_code_bits"] = plan.charged_bits
-        if plan.axis == "input":
-            rec["h_mass"] = plan.h_mass
-        rec["timing"].update({k: plan.timing[k] for k in ("mi_s", "cluster_s", "alloc_s")})
+        timing.update({k: plan.timing[k] for k in ("mi_s", "cluster_s", "alloc_s")})
+        k = int(plan.group_bits.numel())
+        grouping = {"groups": k, "axis": plan.axis, "labels": plan.labels.tolist(),
+                    "group_sizes": torch.bincount(plan.labels, minlength=k).tolist(),
+                    "group_bits": plan.group_bits.tolist(), "nmi_intra": plan.nmi_intra, "nmi_inter": plan.nmi_inter,
+                    "charged_code_bits": plan.charged_bits, "h_mass": plan.h_mass if plan.axis == "input" else None}
+    if total_s is not None:
+        timing["total_s"] = total_s
+    return LayerRecord(**{"groups": None, **grouping}, name=st.name, channels=st.rows, in_features=st.cols,
+                       pruned=int(st.mask.sum()), code_bits=bits.code_bits, timing=timing, loss=st.loss, **extra)
+
+
+def _record(res: CompressionResult, bits: bitstats.LayerBits, rec: LayerRecord) -> None:
+    """Append one layer's bits account and record."""
+    res.bits.append(bits)
     res.layers.append(rec)
 
 
@@ -283,7 +307,8 @@ def _magnitude_layer(res: CompressionResult, cfg: RunConfig, linears: dict[str, 
         res.timing["prune_s"] += dt
         rows, cols = W.shape
         stored = _stored(n, PassResult(W.float(), mask, torch.zeros(0), torch.zeros(0), *grid), None, cfg, None)
-        _record(res, cfg, LayerStats(n, rows, cols, mask.cpu(), dt), None, stored)
+        bits = _bits(cfg, mask, stored)
+        _record(res, bits, _layer_record(LayerStats(n, rows, cols, mask.cpu(), dt), bits, None))
         if cfg.save:
             res.saved.append(stored)
 
@@ -309,8 +334,8 @@ def decoder_linear_weights(model) -> int:
 
 def mask_sparsity(res: CompressionResult) -> float:
     """Fraction of the compressed layers' weights that the pruning masks removed."""
-    total = sum(r["channels"] * r["in_features"] for r in res.layers)
-    return sum(r["pruned"] for r in res.layers) / max(total, 1)
+    total = sum(r.weights for r in res.layers)
+    return sum(r.pruned for r in res.layers) / max(total, 1)
 
 
 def zero_fraction(model, names: list[str]) -> float:

@@ -1,8 +1,9 @@
-"""The command line of ``opt_mi.py`` validated into one frozen ``RunConfig`` (the flags are in ``flags.py``).
+"""The command line of ``opt_mi.py`` validated into one frozen ``RunConfig`` (the record, its defaults and the flags
+are in ``flags.py``).
 
-Every choice list and default comes from ``miq.options`` (which the algorithms check their arguments against)
-and the save formats from ``miq.checkpoint.formats``, so the CLI cannot drift from what the code accepts; the
-module imports no torch, so reports read a run's config without it. ``parse(argv)`` returns a ``RunConfig``
+Every choice list comes from ``miq.options`` (which the algorithms check their arguments against) and the save
+formats from ``miq.checkpoint.formats``, so the CLI cannot drift from what the code accepts; the module
+imports no torch, so reports read a run's config without it. ``parse(argv)`` returns a ``RunConfig``
 whose fields keep one type each (``groups`` is an int or the string "all", ``bits_choices`` a tuple of ints,
 ``mi_alpha`` a float); a bad value raises ``ConfigError``, whose text is the one line the CLI prints before
 exiting with code 2.
@@ -15,175 +16,20 @@ import dataclasses
 import math
 import os
 import re
-from dataclasses import dataclass
 from typing import Literal
 
 from miq.checkpoint import formats
 from miq.data_names import validate_name
 from miq.errors import ConfigError, DataError, bad_value
-from miq.options import (
-    DEFAULT_BITS_CHOICES,
-    DEFAULT_EVAL,
-    DEFAULT_MI_ALPHA,
-    DEFAULT_SEARCH_GENERATIONS,
-    DEFAULT_SEARCH_GROUPSIZE,
-    DEFAULT_SEARCH_SPARSITIES,
-    DEFAULT_SEARCH_WBITS,
-    DEFAULT_SEARCH_WINDOWS,
-    TOY_EVAL,
-    TOY_NAMES,
-    Level,
-    MIOptions,
-    Recipe,
-    fmt_num,
-)
+from miq.options import DEFAULT_MI_ALPHA, fmt_num
 from miq.run import no_effect, search_flags
-from miq.run.flags import build_parser
+from miq.run.flags import RunConfig, build_parser
 
-_MI = MIOptions()  # the estimator defaults
 SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's random_state take 0 .. 2**32 - 1
 PERCDAMP_MAX = 100.0  # damping of 100x the mean diagonal already makes H^-1 a scaled identity (RTN)
 PERCDAMP_MIN = 1e-12  # below, the damping is lost to float32 rounding of H's diagonal: Cholesky of a singular H
 DEVICE = re.compile(r"(cpu|cuda)(:(0|[1-9][0-9]*))?")  # --device syntax; preflight checks the machine has it
 COUNT_MAX = 2**31 - 1  # the largest window count, length, block, bin or sample count a flag may give
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """One validated run of opt_mi.py. Field names are the flags' (``--bit-alloc`` -> ``bit_alloc``)."""
-
-    model: str
-    dataset: str
-    seed: int = 0
-    nsamples: int = 128
-    percdamp: float = 0.01
-    sparsity: float = 0.0
-    prunen: int = 0
-    prunem: int = 0
-    blocksize: int = 128
-    gmp: bool = False
-    wbits: float = 16
-    minlayer: int = -1
-    maxlayer: int = 1000
-    prune_only: str = ""
-    invert: bool = False
-    save: str = ""
-    true_sequential: bool = False
-    save_format: str = "packed"
-    groupsize: int = -1
-    sym: bool = False
-    act_order: bool = False
-    seqlen: int | None = None  # None until the model's positions are known (``with_seqlen``)
-    eval: str | None = None
-    device: str | None = None
-    dtype: str = "auto"
-    load: str = "layers"
-    eval_batch: int = 16
-    json: str = ""
-    trust_remote_code: bool = False
-    groups: int | Literal["all"] = 0
-    mi_axis: str = "output"
-    strategy: str = "independent"
-    cluster: str = "spectral"
-    bit_alloc: str = "hessian"
-    alloc_cost: str = "obs"
-    bits_choices: tuple[int, ...] = DEFAULT_BITS_CHOICES
-    mi_samples: int = 8192
-    mi_bins: int = _MI.bins
-    mi_binning: str = _MI.binning
-    mi_bias: str = _MI.bias
-    mi_normalize: str = _MI.normalize
-    mi_estimator: str = _MI.estimator
-    mi_alpha: float = 0.0
-    target_bpw: float | None = None  # --wbits is then the kept weights' mean width that meets it (miq/run/target.py)
-    analysis_dir: str = "analysis"
-    plot_layer: str | None = None
-    tasks: str = ""  # comma-separated harness task names and task YAML paths; "" = none (``task_names``)
-    tasks_fewshot: int | None = None  # None: each task's own number of examples
-    tasks_limit: int | None = None
-    tasks_batch: int = 8
-    search: str = ""  # "knapsack" or "evo": per-linear levels under --target-bpw (miq/search/); "" = uniform
-    search_sparsities: str = DEFAULT_SEARCH_SPARSITIES  # the level grid, as given (``search_flags.levels``)
-    search_wbits: str = DEFAULT_SEARCH_WBITS
-    search_groupsize: str = DEFAULT_SEARCH_GROUPSIZE
-    search_cache: str = ""  # "" = MIQ_CACHE_DIR (or ~/.cache/mutual_info_quantization)/search
-    search_generations: int = DEFAULT_SEARCH_GENERATIONS
-    search_windows: int = DEFAULT_SEARCH_WINDOWS
-    warnings: tuple[str, ...] = ()  # flags given that change nothing in this run (no_effect.py), said on stderr
-
-    # --- what the run does, derived (never stored twice)
-    @property
-    def quantizing(self) -> bool:
-        return self.wbits != 16 or self.target_bpw is not None
-
-    @property
-    def pruning(self) -> bool:
-        return self.sparsity > 0 or self.prunen > 0
-
-    @property
-    def compressing(self) -> bool:
-        return self.pruning or self.quantizing
-
-    @property
-    def grouped(self) -> bool:
-        """Quantization follows a per-layer plan of channel groups (--groups K or all)."""
-        return self.quantizing and self.groups != 0
-
-    @property
-    def mask(self) -> str | tuple[int, int] | None:
-        """The pruning mask's kind, as bits accounting charges it."""
-        if self.prunen:
-            return (self.prunen, self.prunem)
-        return "unstructured" if self.sparsity > 0 else None
-
-    @property
-    def level(self) -> Level:
-        """Every compressed linear's level in a uniform run (``wbits`` as given: a float budget with --groups)."""
-        return Level(self.sparsity, self.prunen, self.prunem, self.wbits, self.groupsize)
-
-    @property
-    def recipe(self) -> Recipe:
-        """A uniform run's recipe: every linear at ``level``; a search replaces it with one level per linear."""
-        return Recipe(self.level)
-
-    def at(self, level: Level) -> RunConfig:
-        """The config one linear is compressed with: this run's, or at a searched level (the budget is then
-        met by the search, not by the mean width: --target-bpw and --search dropped)."""
-        if level == self.level and not self.search:
-            return self
-        return dataclasses.replace(self, sparsity=level.sparsity, prunen=level.prunen, prunem=level.prunem,
-                                   wbits=level.wbits, groupsize=level.groupsize, target_bpw=None, search="")
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        """The n:m pattern a save encodes masks with: the run's, or the one the search grid holds."""
-        if self.prunen:
-            return (self.prunen, self.prunem)
-        return next((lv.nm for lv in search_flags.levels(self) if lv.nm), None) if self.search else None
-
-    @property
-    def mi(self) -> MIOptions:
-        return MIOptions(self.mi_bins, self.mi_binning, self.mi_bias, self.mi_normalize, self.mi_estimator)
-
-    def eval_names(self) -> list[str]:
-        spec = self.eval if self.eval is not None else (TOY_EVAL if self.model in TOY_NAMES else DEFAULT_EVAL)
-        return [s.strip() for s in spec.split(",") if s.strip()]
-
-    def task_names(self) -> list[str]:
-        """--tasks split: harness task names and paths of task YAML files, in the order given."""
-        return [s.strip() for s in self.tasks.split(",") if s.strip()]
-
-    def with_seqlen(self, positions: int) -> RunConfig:
-        """This config with --seqlen resolved against the model's ``positions``."""
-        if self.seqlen is None:
-            return dataclasses.replace(self, seqlen=min(2048, positions))
-        if self.seqlen > positions:
-            raise ConfigError(f"--seqlen {self.seqlen}: larger than the model's {positions} positions")
-        return self
-
-    def as_dict(self) -> dict:
-        """The JSON ``config`` block: every field, under its flag's name."""
-        return dataclasses.asdict(self)
 
 
 def _groups(text: str) -> int | Literal["all"]:

@@ -173,7 +173,7 @@ def write_json(path: str, obj) -> None:
 def draw_figures(res: CompressionResult, cfg: RunConfig, total_rows: int, stage: Staging) -> list[str]:
     """mi_matrix.png and grouping_result.png of the plotted layer, staged; their final paths ([] when there is
     nothing to draw)."""
-    searched = [r for r in res.layers if "level" in r]  # --search: each record's level
+    searched = [r for r in res.layers if r.level is not None]  # --search: each record's level
     if not cfg.analysis_dir or (res.plot is None and not searched):
         return []
     from miq.run import figures  # matplotlib takes a second to import: only runs that draw pay for it
@@ -181,7 +181,7 @@ def draw_figures(res: CompressionResult, cfg: RunConfig, total_rows: int, stage:
     paths = []
     if searched:
         paths.append(os.path.join(cfg.analysis_dir, "search_levels.png"))
-        figures.plot_search_levels([r["name"] for r in searched], [r["level"] for r in searched],
+        figures.plot_search_levels([r.name for r in searched], [r.level for r in searched],
                                    stage.file(paths[-1]), title=f"--search {cfg.search} at --target-bpw "
                                    f"{cfg.target_bpw:g}: each linear's sparsity and width")
     if res.plot is None:
@@ -193,12 +193,12 @@ def draw_figures(res: CompressionResult, cfg: RunConfig, total_rows: int, stage:
                  f"{cfg.mi_estimator} estimator, {min(cfg.mi_samples, total_rows)} samples")
         paths.append(os.path.join(cfg.analysis_dir, "mi_matrix.png"))
         figures.plot_nmi_heatmap(plan.nmi, plan.labels, stage.file(paths[-1]), title=title)
-    rec = next(r for r in res.layers if r["name"] == name)
+    rec = next(r for r in res.layers if r.name == name)
     how = "column groups" if plan.axis == "input" else f"{cfg.strategy} strategy"
     paths.append(os.path.join(cfg.analysis_dir, "grouping_result.png"))
-    figures.plot_grouping_result(rec["group_sizes"], rec["group_bits"], rec["nmi_intra"], rec["nmi_inter"],
+    figures.plot_grouping_result(rec.group_sizes, rec.group_bits, rec.nmi_intra, rec.nmi_inter,
                                stage.file(paths[-1]), title=f"{name}: {how} of {what}, {cfg.bit_alloc} allocation",
-                               h_mass=rec.get("h_mass"))
+                               h_mass=rec.h_mass)
     return paths
 
 

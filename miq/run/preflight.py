@@ -19,8 +19,7 @@ from torch import nn
 import mutual_info
 from miq.errors import ConfigError
 from miq.model import layerwalk, layouts
-from miq.options import pick
-from miq.plan.mi_plan import PlanOptions
+from miq.options import needs_mi
 from miq.run import compress, target
 from miq.run.config import RunConfig
 from miq.search import budget
@@ -179,8 +178,8 @@ def check_calibration_memory(cfg: RunConfig, model: nn.Module, dev: torch.device
 
 def _mi_bytes(cfg: RunConfig, n: int, c: int, bins: int) -> int:
     """MI of one layer (c channels, n sampled rows) plus the output sampler (a permutation of every row)."""
-    plan = pick(PlanOptions, cfg)
-    mi = mutual_info.pairwise_mi_bytes(n, c, bins, cfg.mi_estimator) if plan.needs_mi() else 0
+    mi = mutual_info.pairwise_mi_bytes(n, c, bins, cfg.mi_estimator) if needs_mi(cfg.groups, cfg.cluster,
+                                                                                 cfg.bit_alloc) else 0
     return mi + 8 * cfg.nsamples * cfg.seqlen + 4 * n * c
 
 

@@ -30,8 +30,10 @@ from safetensors import SafetensorError
 
 from miq.checkpoint import export_ct, formats, packed
 from miq.model import onload
+from miq.run import search_flags
 from miq.run.compress import CompressionResult
 from miq.run.config import RunConfig
+from miq.run.records import LayerRecord
 from miq.staging import Staging
 
 # what writing a saved model may raise when the disk is full or a folder goes away: the OS's error, and
@@ -54,13 +56,20 @@ def save(model, tokenizer, res: CompressionResult, cfg: RunConfig, out: str) -> 
         return write(stage.folder(out), model, tokenizer, res, cfg)
 
 
+def save_nm(cfg: RunConfig) -> tuple[int, int] | None:
+    """The n:m pattern the packed format encodes masks with: the run's, or the one a search's levels hold."""
+    if cfg.nm or not cfg.search:
+        return cfg.nm
+    return next((lv.nm for lv in search_flags.levels(cfg) if lv.nm), None)
+
+
 def sink(model, cfg: RunConfig) -> list:
     """What compression appends each compressed linear to (``compress.compress``'s ``saved``): for the packed
     format a ``packed.PackedLayers``, which encodes each layer as it comes, so that a run holds the packed
     bits (a few per weight) rather than a float32 copy of every compressed weight until the end; the other
     formats need the layers themselves (a list)."""
     if cfg.save and cfg.save_format == "packed":
-        return packed.PackedLayers(model.dtype, cfg.nm)
+        return packed.PackedLayers(model.dtype, save_nm(cfg))
     if cfg.save and cfg.save_format == "compressed-tensors":
         return export_ct.SpilledLayers()
     return []
@@ -75,8 +84,7 @@ def write(folder: str, model, tokenizer, res: CompressionResult, cfg: RunConfig)
         # save_pretrained takes the whole model: read back (the compressed layers from their temporary files)
         onload.of(model).materialize()
     if cfg.save_format == "packed":
-        nm = cfg.nm
-        disk = packed.write_packed(folder, model, tokenizer, res.saved, nm=nm, run=cfg.as_dict())
+        disk = packed.write_packed(folder, model, tokenizer, res.saved, nm=save_nm(cfg), run=cfg.as_dict())
     elif cfg.save_format == "compressed-tensors":
         disk = export_ct.write_ct(folder, model, tokenizer, res.saved, cfg.groupsize)
     else:
@@ -92,14 +100,14 @@ def write_dense(folder: str, model, tokenizer, res: CompressionResult, cfg: RunC
     tokenizer.save_pretrained(folder)
     bits = None if not cfg.quantizing else int(cfg.wbits)
     qinfo = {"format": "dense", "wbits": cfg.wbits, "strategy": cfg.strategy, "groupsize": cfg.groupsize,
-             "layers": {r["name"]: _dense_layer(r, bits) for r in res.layers}}
+             "layers": {r.name: _dense_layer(r, bits) for r in res.layers}}
     with open(os.path.join(folder, "quantization.json"), "w", encoding="utf-8") as f:
         json.dump(qinfo, f, indent=1, allow_nan=False)
 
 
-def _dense_layer(r: dict, bits: int | None) -> dict:
+def _dense_layer(r: LayerRecord, bits: int | None) -> dict:
     """One layer's entry in a dense save's quantization.json: its groups' widths, or its width (a searched
     run's own level, with the level itself)."""
-    if "level" in r:
-        return {"labels": None, "group_bits": None, "bits": r["level"]["wbits"], "level": r["level"]}
-    return {"labels": r.get("labels"), "group_bits": r.get("group_bits"), "bits": None if "group_bits" in r else bits}
+    if r.level is not None:
+        return {"labels": None, "group_bits": None, "bits": r.level["wbits"], "level": r.level}
+    return {"labels": r.labels, "group_bits": r.group_bits, "bits": None if r.group_bits is not None else bits}

@@ -74,7 +74,7 @@ def overhead(rows: int, cols: int, cfg: RunConfig) -> float:
     """A [rows, cols] layer's mask and metadata bits under cfg (metadata: the upper bound ``grid_bound``).
     Under act-order an n:m mask holds n of every m columns in processing order, not in the stored one: a
     bitmask then (unless the order happens to keep the columns' m-blocks, which the bound ignores)."""
-    nm = (cfg.prunen, cfg.prunem) if cfg.prunen and not cfg.act_order else None
+    nm = None if cfg.act_order else cfg.nm
     return grid_bound(rows, cols, cfg).metadata_bits() + (mask_bits(rows, cols, nm) if cfg.pruning else 0.0)
 
 

@@ -103,16 +103,16 @@ def finish(res: CompressionResult, found: Searched) -> dict:
     AssertionError when a linear stored other bits than the database charged its level (the budget would
     no longer hold)."""
     index = {n: i for i, n in enumerate(found.db.names)}
-    if sorted(r["name"] for r in res.layers) != sorted(found.db.names):  # --true-sequential: another order
+    if sorted(r.name for r in res.layers) != sorted(found.db.names):  # --true-sequential: another order
         raise AssertionError("the final run compressed other linears than the level database holds")
-    for rec, bits in zip(res.layers, res.bits, strict=True):
-        i = index[rec["name"]]
+    for k, (rec, bits) in enumerate(zip(res.layers, res.bits, strict=True)):
+        i = index[rec.name]
         level = found.db.levels[found.choice[i]]
         stored = bits.code_bits + bits.metadata_bits + bits.mask_bits
         if stored != found.db.bits[i][found.choice[i]]:
-            raise AssertionError(f"{rec['name']} at {level.label()} stored {stored} bits, the database charged "
+            raise AssertionError(f"{rec.name} at {level.label()} stored {stored} bits, the database charged "
                                  f"{found.db.bits[i][found.choice[i]]}")
-        rec["level"] = {"label": level.label(), **dataclasses.asdict(level)}
+        res.layers[k] = dataclasses.replace(rec, level={"label": level.label(), **dataclasses.asdict(level)})
     levels_by_name = {n: found.db.levels[j].label() for n, j in zip(found.db.names, found.choice, strict=True)}
     return {**found.record, "bpw": found.budget.bpw(found.stored_bits()), "levels": levels_by_name}
 
