@@ -70,7 +70,7 @@ def test_a_level_from_the_database_is_the_linear_compressed_directly(request, to
         by_name = {q.name: q for q in res.saved}
         for i, name in enumerate(db.names):
             assert torch.equal(db.weight(i, j), by_name[name].weight), (name, lv.label())
-            b = res.bits[[r["name"] for r in res.layers].index(name)]
+            b = res.bits[[r.name for r in res.layers].index(name)]
             assert db.bits[i][j] == b.code_bits + b.metadata_bits + b.mask_bits
 
 

@@ -127,7 +127,7 @@ def _linear(db: LevelDB, name: str, g, cfg: RunConfig) -> None:
     bits, losses, entries, tensors = [], [], [], {}
     for j, level in enumerate(db.levels):
         lcfg = cfg.at(level)
-        compress._final_pass(g, lcfg, None)
+        compress._final_pass(g, lcfg, compress.RunOptions.of(lcfg), None)
         W0, Hd = g.prepare(lcfg.percdamp)
         losses.append(float(sparsegpt_mi.layer_error(W0, g.result.W, Hd).sum()))
         stored = compress._stored(str(j), g.result, g.perm, lcfg, None)
