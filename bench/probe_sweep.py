@@ -31,17 +31,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from test_sweep import FakeRunner  # noqa: E402 (after the path: the fake lives with the tests)
+from sweep_helpers import FakeRunner  # noqa: E402 (after the path: the fake lives with the tests)
 
 HARNESS = r"""
 import json, os, signal, sys
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # as python -m miq.sweep does
 sys.path[:0] = sys.argv[1:3]
-import test_sweep
+import sweep_helpers
 from miq.sweep import cli, gpu_slots
 if os.environ.get("PROBE_GPUS") is not None:  # a machine with this many CUDA devices, as torch counts them
     gpu_slots.torch.cuda.device_count = lambda: int(os.environ["PROBE_GPUS"])
-sys.exit(cli.main(sys.argv[4:], runner=test_sweep.FakeRunner(**json.loads(sys.argv[3]))))
+sys.exit(cli.main(sys.argv[4:], runner=sweep_helpers.FakeRunner(**json.loads(sys.argv[3]))))
 """
 FOUR = ["--methods", "dense magnitude sparsegpt uniform"]
 

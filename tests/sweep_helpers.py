@@ -1,7 +1,8 @@
-"""What the sweep tests share (test_sweep, test_gpu_slots, test_slurm): a fake opt_mi.py runner whose
-configurations are cheap child processes, the sweep started in a process of its own for signals, and small
-readers of what a sweep leaves behind. Kept apart from any test module so that each test file stands on its
-own and a child process can import the fake without importing a test module.
+"""What the sweep tests share (test_sweep, test_gpu_slots, test_slurm, test_slurm_real, test_reliability_sweep):
+a fake opt_mi.py runner whose configurations are cheap child processes, a recorder of the GPU each one got, the
+sweep started in a process of its own for signals, and small readers of what a sweep leaves behind.
+Kept apart from any test module so that each test file stands on its own and a child process can import the
+fake without importing a test module.
 
 ``FakeRunner`` reads each configuration's flags with the real ``config.parse`` and names the run with
 ``methods.label``, as opt_mi.py does, and writes a plausible result JSON whose PPL is a deterministic function
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,3 +123,52 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"fake_opt_mi.py" in cmdline
+
+
+# DIR/recorder.py: argv = events file, "--", the command; one line per start and end: event id gpu threads
+RECORDER = r"""
+import os, subprocess, sys
+events, command = sys.argv[1], sys.argv[3:]
+rid = os.path.basename(command[command.index("--json") + 1])[: -len(".json")]
+gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "-")
+threads = os.environ.get("OMP_NUM_THREADS", "-")
+def note(event):
+    with open(events, "a") as f:
+        f.write(f"{event} {rid} {gpu} {threads}\n")
+note("start")
+rc = subprocess.call(command)
+note("end")
+sys.exit(rc)
+"""
+
+
+@dataclass(frozen=True)
+class Recording:
+    """A sweep runner that wraps ``fake`` in a recorder logging each configuration's start and end with the
+    CUDA_VISIBLE_DEVICES and OMP_NUM_THREADS it was given, so a test can replay which GPU held what."""
+
+    fake: FakeRunner
+
+    def __call__(self, args: list[str]) -> list[str]:
+        script = Path(self.fake.dir, "recorder.py")
+        if not script.exists():  # written once, atomically: a recorder starting meanwhile must not read it half
+            atomic.write_text(script, RECORDER)  # written (an empty script exits 0 having run nothing)
+        return [sys.executable, str(script), str(self.events), "--", *self.fake(args)]
+
+    @property
+    def events(self) -> Path:
+        return Path(self.fake.dir, "events.txt")
+
+    def replay(self) -> tuple[dict[str, str], int]:
+        """(id -> the GPU it got, the most configurations one GPU held at once)."""
+        got, busy, most = {}, Counter(), 0
+        for line in self.events.read_text().splitlines():
+            event, rid, gpu, _ = line.split()
+            if event == "start":
+                got[rid] = gpu
+                busy[gpu] += 1
+                most = max(most, busy[gpu])
+            else:
+                busy[gpu] -= 1
+        assert not +busy, "a configuration never ended"
+        return got, most

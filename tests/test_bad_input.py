@@ -23,15 +23,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import FAST, GROUPED, PAUSED, ROOT, RUN, check_one_line, snapshot
 from safetensors.torch import load_file, save_file
 
 import opt_mi
 from miq.run import preflight
 from miq.synthetic import synthetic_text
-
-ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--nsamples", "4", "--seqlen", "32", "--eval", "short_eval.txt", "--mi-samples", "128"]
-GROUPED = ["--sparsity", "0.5", "--wbits", "4", "--groups", "4"]
 
 
 @dataclass(frozen=True)
@@ -287,29 +284,6 @@ def workdir(tmp_path_factory, toy_path) -> Path:
     return d
 
 
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every file and folder under root, hidden ones included, with what would show a change (a file's
-    content by its sha256)."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            digest = hashlib.sha256(Path(p).read_bytes()).hexdigest() if os.path.isfile(p) else ""
-            out[os.path.relpath(p, root)] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
-    return out
-
-
-def check_one_line(err: str, code: int, expected_code: int, expect=()) -> str:
-    assert code == expected_code, err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for piece in expect:
-        assert piece in lines[0], (piece, lines[0])
-    return lines[0]
-
-
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(c: Case, workdir, capsys, monkeypatch):
     monkeypatch.chdir(workdir)
@@ -364,28 +338,6 @@ def test_the_matrix_is_large_enough():
 # ----------------------------------------------------------------------------------------------------------
 # interrupts: opt_mi.py in a process of its own, paused at a chosen step until the signal comes
 
-# argv: root, marker, step, then opt_mi.py's arguments. The step's function runs, then the marker is written
-# and the process sleeps until a signal ends it.
-PAUSED = r"""
-import pathlib, sys, time
-sys.path.insert(0, sys.argv[1])
-import opt_mi
-from miq.run import saving
-from miq.run import outputs
-marker, step, argv = sys.argv[2], sys.argv[3], sys.argv[4:]
-owner = {"load_model": opt_mi, "write": saving, "write_json": outputs}[step]
-real = getattr(owner, step)
-def paused(*args, **kwargs):
-    result = real(*args, **kwargs)
-    pathlib.Path(marker).write_text("paused")
-    time.sleep(120)
-    return result
-setattr(owner, step, paused)
-sys.exit(opt_mi.main(argv))
-"""
-# every output (model, figure, JSON), at a small cost: MI grouping of the two fc1 layers
-RUN = [*GROUPED, *FAST, "--prune_only", "fc1", "--bit-alloc", "uniform", "--save", "out/model", "--json", "out/r.json",
-       "--analysis-dir", "out/analysis"]
 
 
 def _paused(tmp_path: Path, step: str) -> tuple[subprocess.Popen, Path]:

@@ -7,19 +7,13 @@ import math
 import random
 
 import pytest
+from report_helpers import run
 
 from miq import methods
 from miq.report import frontier, naming
 from miq.report.markdown import build
 from miq.report.results import Run, load_dir, units
 from miq.run import config
-
-
-def run(method: str, sparsity: str, wbits: str, bpw: float, ppl: float, seed: int = 0) -> Run:
-    flags = methods.run_flags(methods.BY_ID[method], sparsity, wbits, None)
-    cfg = config.parse(["toy", "synthetic", *flags, "--seed", str(seed)])
-    rid = f"{method}_s{sparsity.replace(':', 'of')}_w{wbits}" + (f"_seed{seed}" if seed else "")
-    return Run(rid, {"config": cfg.as_dict(), "ppl": {"syn": ppl}, "bits": {"bpw": bpw, "code_bpw": bpw}})
 
 
 def random_units(n: int, seed: int):

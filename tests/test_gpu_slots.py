@@ -4,66 +4,16 @@ when it starts and ends. Replaying those events checks that no GPU ever held mor
 configurations at once."""
 
 import os
-import sys
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sweep_helpers import FakeRunner, results
+from sweep_helpers import FakeRunner, Recording, results
 
-from miq import atomic
 from miq.sweep import cli as sweep
 from miq.sweep import gpu_slots
 
 METHODS = ("--methods", "dense magnitude sparsegpt uniform g128 perchannel")  # 6 configurations
 ORDER = ["dense", "magnitude_s0.5", "sparsegpt_s0.5", "uniform_s0.5_w4", "g128_s0.5_w4", "perchannel_s0.5_w4"]
-
-# DIR/recorder.py: argv = events file, "--", the command; one line per start and end: event id gpu threads
-RECORDER = r"""
-import os, subprocess, sys
-events, command = sys.argv[1], sys.argv[3:]
-rid = os.path.basename(command[command.index("--json") + 1])[: -len(".json")]
-gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "-")
-threads = os.environ.get("OMP_NUM_THREADS", "-")
-def note(event):
-    with open(events, "a") as f:
-        f.write(f"{event} {rid} {gpu} {threads}\n")
-note("start")
-rc = subprocess.call(command)
-note("end")
-sys.exit(rc)
-"""
-
-
-@dataclass(frozen=True)
-class Recording:
-    fake: FakeRunner
-
-    def __call__(self, args: list[str]) -> list[str]:
-        script = Path(self.fake.dir, "recorder.py")
-        if not script.exists():  # written once, atomically: a recorder starting meanwhile must not read it half
-            atomic.write_text(script, RECORDER)  # written (an empty script exits 0 having run nothing)
-        return [sys.executable, str(script), str(self.events), "--", *self.fake(args)]
-
-    @property
-    def events(self) -> Path:
-        return Path(self.fake.dir, "events.txt")
-
-    def replay(self) -> tuple[dict[str, str], int]:
-        """(id -> the GPU it got, the most configurations one GPU held at once)."""
-        got, busy, most = {}, Counter(), 0
-        for line in self.events.read_text().splitlines():
-            event, rid, gpu, _ = line.split()
-            if event == "start":
-                got[rid] = gpu
-                busy[gpu] += 1
-                most = max(most, busy[gpu])
-            else:
-                busy[gpu] -= 1
-        assert not +busy, "a configuration never ended"
-        return got, most
-
 
 @pytest.fixture
 def recording(tmp_path) -> Recording:

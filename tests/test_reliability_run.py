@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import FAST, PAUSED, ROOT, RUN, TASK_YAML, check_one_line, cloze_docs, snapshot
 from safetensors.torch import load_file, save_file
-from test_bad_input import FAST, PAUSED, ROOT, RUN, check_one_line, snapshot
-from test_tasks import TASK_YAML, cloze_docs
 
 import datautils
 import opt_mi

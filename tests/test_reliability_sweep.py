@@ -10,7 +10,7 @@ the sweep is told is either done or refused.
   travels between machines (--jobs-per-gpu without GPUs); the GPU count is torch's;
 - the report says what its rows count, and marks runs made on other devices or thread counts.
 
-The sweeps run test_sweep's fake opt_mi.py (``FakeRunner``) unless the real entry point is what is tested.
+The sweeps run sweep_helpers' fake opt_mi.py (``FakeRunner``) unless the real entry point is what is tested.
 """
 
 import contextlib
@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import md_table
-from test_gpu_slots import Recording
-from test_sweep import ROOT, FakeRunner, alive, results, start, wait_for
+from report_helpers import run as frontier_run
+from sweep_helpers import ROOT, FakeRunner, Recording, alive, results, start, wait_for
 
 from miq import atomic
 from miq.report import markdown as report
@@ -296,7 +296,7 @@ def test_repeated_signals_while_configurations_run(tmp_path, fake, sig):
 REPORT_STORM = r"""
 import json, os, signal, sys
 sys.path[:0] = sys.argv[1:3]
-import test_sweep
+import sweep_helpers
 from miq.report import plots
 from miq.sweep import cli as sweep
 real, sig = plots.plot_ppl_vs_bpw, int(sys.argv[4])
@@ -306,7 +306,7 @@ def plot(*a, **k):
         os.kill(os.getpid(), sig)
     real(*a, **k)
 plots.plot_ppl_vs_bpw = plot
-sys.exit(sweep.main(sys.argv[5:], runner=test_sweep.FakeRunner(**json.loads(sys.argv[3]))))
+sys.exit(sweep.main(sys.argv[5:], runner=sweep_helpers.FakeRunner(**json.loads(sys.argv[3]))))
 """
 
 
@@ -426,8 +426,6 @@ def test_runs_on_other_thread_counts_are_marked_where_they_are_paired(tmp_path, 
 
 
 def test_the_frontier_marks_a_best_and_runner_up_of_other_thread_counts():
-    from test_frontier import run as frontier_run
-
     from miq.report import frontier
     from miq.report.results import units
 

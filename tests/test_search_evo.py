@@ -9,7 +9,7 @@ from itertools import pairwise
 
 import pytest
 import torch
-from test_families import FAMILIES, tiny_model
+from family_helpers import FAMILIES, tiny_model
 
 from miq.model import layouts, loading
 from miq.search import evo

@@ -19,7 +19,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from test_sweep import results, wait_for
+from sweep_helpers import results, wait_for
 
 from miq import atomic
 from miq.report import markdown as report

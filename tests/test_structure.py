@@ -109,3 +109,39 @@ def test_reading_results_needs_no_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
+
+
+def _imported_tests(path: Path, tests: set[str]) -> list[tuple[int, str]]:
+    """(line, test module) for each import of one of ``tests`` in the file: at any depth, and in the Python
+    source a test hands a child process as a string, since a test module imported there runs its module-level
+    code (and its fixtures' imports) in that child too."""
+    found = []
+
+    def scan(tree: ast.AST, offset: int) -> None:
+        for node in ast.walk(tree):
+            found.extend((offset + node.lineno, t.split(".")[0]) for t in _targets(node) if t.split(".")[0] in tests)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and "import" in node.value:
+                try:
+                    scan(ast.parse(node.value), offset + node.lineno - 1)
+                except SyntaxError:
+                    pass
+
+    scan(ast.parse(path.read_text()), 0)
+    return sorted(set(found))
+
+
+def test_no_test_module_imports_another():
+    """Each test file stands on its own: what tests share lives in conftest.py or a tests/*_helpers.py module,
+    so running, moving or deleting one test file never changes another."""
+    files = sorted((ROOT / "tests").glob("test_*.py"))
+    tests = {f.stem for f in files}
+    assert {f.name: hits for f in files if (hits := _imported_tests(f, tests))} == {}
+
+
+def test_the_test_import_check_sees_every_form(tmp_path):
+    src = tmp_path / "test_a.py"
+    src.write_text('import os\nfrom test_b import x\n\n\ndef f():\n    import test_c.sub\n\n\n'
+                   'CHILD = r"""\nimport sys\nimport test_d\n"""\nNOTE = "import what you need"\n'
+                   'from sweep_helpers import y\n')
+    assert _imported_tests(src, {"test_a", "test_b", "test_c", "test_d"}) == [(2, "test_b"), (6, "test_c"),
+                                                                             (11, "test_d")]

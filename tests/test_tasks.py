@@ -10,7 +10,6 @@ and exit 2 before any work.
 
 import json
 import math
-import random
 import socket
 import statistics
 import sys
@@ -19,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compress_toy, md_table
+from run_helpers import TASK_YAML, cloze_docs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import opt_mi
-from miq import methods, synthetic
+from miq import methods
 from miq.errors import ConfigError, DataError, NoEffectError
 from miq.model import loading, onload, toy
 from miq.report import markdown as report
@@ -34,48 +34,6 @@ from miq.sweep import args as sweep_args
 
 DOCS = 24  # cloze documents in the task file
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "report"
-
-
-def cloze_docs(n: int, seed: int = 0) -> list[dict]:
-    """n cloze items: {"context": first words of a sentence, "choices": 4 words, "label": index of the true
-    next word}. Distractors are other words of the toy's vocabulary, so a trained model beats chance."""
-    rng = random.Random(seed)
-    words = [w for w in synthetic.synthetic_vocabulary() if w.isalpha()]
-    sentences = [s.split() for s in synthetic.synthetic_text("test").replace("\n", " ").split(".")]
-    docs = []
-    for s in (s for s in sentences if len(s) > 6):
-        k = rng.randrange(4, len(s))
-        gold = s[k].strip(",;?!")
-        if not gold.isalpha():
-            continue
-        choices = [gold, *rng.sample([w for w in words if w != gold], 3)]
-        rng.shuffle(choices)
-        docs.append({"context": " ".join(s[:k]), "choices": choices, "label": choices.index(gold)})
-        if len(docs) == n:
-            return docs
-    raise AssertionError("the synthetic text has too few sentences")
-
-
-TASK_YAML = """task: miq_cloze
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 2.0
-"""
 
 
 @pytest.fixture(scope="module")
