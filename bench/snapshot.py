@@ -11,6 +11,7 @@ files are identical.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,6 +21,9 @@ import tempfile
 
 import torch
 from safetensors import safe_open
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from miq.run.config import RunConfig  # noqa: E402  (the checkout's own, run from anywhere)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--nsamples", "8", "--seqlen", "64", "--eval-batch", "4", "--analysis-dir", ""]
@@ -60,9 +64,20 @@ SAVES = {  # configuration -> formats saved and then evaluated again from the fo
 VOLATILE = {"timing", "env", "model_path", "save", "json", "analysis_dir", "figures", "bytes_path"}
 
 
+def _at_default(key: str, value) -> bool:
+    """A config entry at its field's default: a flag added since the other checkout changes no digest while it is
+    left at its default (what it changes, if anything, shows in the results and files)."""
+    field = RunConfig.__dataclass_fields__.get(key)
+    default = getattr(field, "default", dataclasses.MISSING)
+    return default is not dataclasses.MISSING and (value == default or (isinstance(default, tuple)
+                                                                        and value == list(default)))
+
+
 def _clean(x):
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in sorted(x.items()) if k not in VOLATILE}
+        config = "model" in x and "dataset" in x  # a run's config block (result JSON, a save's manifest)
+        return {k: _clean(v) for k, v in sorted(x.items())
+                if k not in VOLATILE and not (config and _at_default(k, v))}
     if isinstance(x, list):
         return [_clean(v) for v in x]
     return x
