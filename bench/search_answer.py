@@ -34,7 +34,7 @@ from miq.report.stats import decide_runs  # noqa: E402
 TESTBED = "../shared/testbed/tiny-opt-dev"
 CALIB = "../shared/data/c4_train.jsonl"
 HELDOUT = "../shared/data/c4_heldout.jsonl"
-EVALSET = "c4_heldout"
+EVALSET = HELDOUT  # the JSON keys a file eval set by the path given
 BUDGETS = ("2.5", "3.0", "3.5")
 # the best uniform configuration within each budget (docs/results.md's frontier table), and dense 3-bit
 UNIFORM = {"u60_w3": ["--sparsity", "0.6", "--wbits", "3"],
@@ -82,14 +82,19 @@ class Queue:
     """The tasks, handed out in order to whichever worker asks, each once its dependency has its JSON."""
 
     def __init__(self, todo, out: Path):
-        self.todo, self.out, self.lock = [t for t in todo if not (out / f"{t[0]}.json").exists()], out, Lock()
+        self.todo, self.out, self.lock = todo, out, Lock()
+
+    def started(self, rid: str) -> bool:
+        """Its JSON or its log exists: it ran, or runs now (in this runner or an earlier one); delete the log of
+        a failed run to run it again."""
+        return (self.out / f"{rid}.json").exists() or (self.out / "logs" / f"{rid}.log").exists()
 
     def next(self):
         while True:
             with self.lock:
                 if not self.todo:
                     return None
-                self.todo = [t for t in self.todo if not (self.out / f"{t[0]}.json").exists()]
+                self.todo = [t for t in self.todo if not self.started(t[0])]
                 for t in self.todo:
                     if t[2] is None or (self.out / f"{t[2]}.json").exists():
                         self.todo.remove(t)
@@ -128,6 +133,34 @@ def verdict(u: dict[str, Unit], a: str, b: str) -> str:
     return f"| {a} | {b} | {pa:.2f} vs {pb:.2f} | {se} | {d} |"
 
 
+def where(u: dict[str, Unit]) -> None:
+    """Each search run's levels by linear type (rows) and layer (columns): "s0.7 w2" etc., and per run the
+    share of decoder linear weights under a mask; then the search's own figures (KL, times)."""
+    for k, unit in u.items():
+        if not k.startswith(("knapsack", "evo")):
+            continue
+        for r in unit.runs:
+            sr = r.data["search"]
+            by: dict[str, dict[int, str]] = {}
+            for name, label in sr["levels"].items():
+                layer = int(name.split(".layers.")[1].split(".")[0])
+                by.setdefault(name.rsplit(".", 1)[1], {})[layer] = label.replace("dense ", "")
+            sparse = sum(rec["channels"] * rec["in_features"] for rec in r.data["layers"]
+                         if rec["level"]["sparsity"] > 0 or rec["level"]["prunen"])
+            total = sum(rec["channels"] * rec["in_features"] for rec in r.data["layers"])
+            kl = f", KL {sr['kl']:.4f} (start {sr['start']['from']}, {sr['start']['kl']:.4f})" if "kl" in sr else ""
+            print(f"\n{r.id}: bpw {sr['bpw']:.3f}, {sparse / total:.0%} of the weights masked, "
+                  f"r.sparsity {r.data['sparsity']:.3f}{kl}; database {sr['db_s']:.0f} s "
+                  f"({'reused' if sr['db_reused'] else 'built'}, {sr['db_size_bytes'] / 2**20:.1f} MiB), "
+                  f"search {sr['search_s']:.1f} s")
+            layers = sorted({n for v in by.values() for n in v})
+            print("| linear | " + " | ".join(f"layer {n}" for n in layers) + " |")
+            print("|---|" + "---|" * len(layers))
+            for lin in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"):
+                if lin in by:
+                    print(f"| {lin} | " + " | ".join(by[lin].get(n, "") for n in layers) + " |")
+
+
 def summary(out: Path) -> None:
     u = units(out)
     print("| configuration | bpw (per seed) | C4 held-out PPL per seed | mean | wall s (per seed) |")
@@ -135,8 +168,7 @@ def summary(out: Path) -> None:
     for k, unit in u.items():
         bpw = ", ".join(f"{r.bpw:.3f}" for r in unit.runs)
         ppl = ", ".join(f"{r.config.seed}: {r.ppl_of(EVALSET):.2f}" for r in unit.runs)
-        secs = ", ".join(f"{r.data.get('time', {}).get('total', float('nan')):.0f}"
-                         if isinstance(r.data.get("time"), dict) else "?" for r in unit.runs)
+        secs = ", ".join(f"{r.data['timing']['total_s']:.0f}" for r in unit.runs)
         print(f"| {k} | {bpw} | {ppl} | {unit.ppl_of(EVALSET):.2f} | {secs} |")
     print("\npaired (reference PPL - first PPL, mean ± SE over seeds; 'better' = the first is better):\n")
     print("| first | reference | PPL | paired diff | verdict |")
@@ -145,6 +177,7 @@ def summary(out: Path) -> None:
         for a, ref in ((f"evo_{b}", f"knapsack_{b}"), (f"evo_{b}", BEST_UNIFORM[b]),
                        (f"knapsack_{b}", BEST_UNIFORM[b]), (f"evo_{b}", DENSE3), (f"knapsack_{b}", DENSE3)):
             print(verdict(u, a, ref))
+    where(u)
 
 
 def main() -> None:
