@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from miq.report.results import Run, Unit  # noqa: E402
-from miq.report.stats import decide_runs  # noqa: E402
+from miq.report.stats import decide_runs, sample_std  # noqa: E402
 
 TESTBED = "../shared/testbed/tiny-opt-dev"
 CALIB = "../shared/data/c4_train.jsonl"
@@ -149,7 +149,7 @@ def where(u: dict[str, Unit]) -> None:
                          if rec["level"]["sparsity"] > 0 or rec["level"]["prunen"])
             total = sum(rec["channels"] * rec["in_features"] for rec in r.data["layers"])
             kl = f", KL {sr['kl']:.4f} (start {sr['start']['from']}, {sr['start']['kl']:.4f})" if "kl" in sr else ""
-            print(f"\n{r.id}: bpw {sr['bpw']:.3f}, {sparse / total:.0%} of the weights masked, "
+            print(f"\n{r.id}: bpw {sr['bpw']:.3f}, {sparse / total:.0%} of the weights in masked linears, "
                   f"r.sparsity {r.data['sparsity']:.3f}{kl}; database {sr['db_s']:.0f} s "
                   f"({'reused' if sr['db_reused'] else 'built'}, {sr['db_size_bytes'] / 2**20:.1f} MiB), "
                   f"search {sr['search_s']:.1f} s")
@@ -163,13 +163,14 @@ def where(u: dict[str, Unit]) -> None:
 
 def summary(out: Path) -> None:
     u = units(out)
-    print("| configuration | bpw (per seed) | C4 held-out PPL per seed | mean | wall s (per seed) |")
+    print("| configuration | bpw (per seed) | C4 held-out PPL per seed | mean ± std | wall s (per seed) |")
     print("|---|---|---|---|---|")
     for k, unit in u.items():
         bpw = ", ".join(f"{r.bpw:.3f}" for r in unit.runs)
         ppl = ", ".join(f"{r.config.seed}: {r.ppl_of(EVALSET):.2f}" for r in unit.runs)
         secs = ", ".join(f"{r.data['timing']['total_s']:.0f}" for r in unit.runs)
-        print(f"| {k} | {bpw} | {ppl} | {unit.ppl_of(EVALSET):.2f} | {secs} |")
+        std = sample_std([r.ppl_of(EVALSET) for r in unit.runs])
+        print(f"| {k} | {bpw} | {ppl} | {unit.ppl_of(EVALSET):.2f} ± {std:.2f} | {secs} |")
     print("\npaired (reference PPL - first PPL, mean ± SE over seeds; 'better' = the first is better):\n")
     print("| first | reference | PPL | paired diff | verdict |")
     print("|---|---|---|---|---|")
