@@ -75,7 +75,7 @@ def tasks(args) -> list[tuple[str, list[str], str | None]]:
     out += [search("knapsack", b, s) for b in rest for s in args.seeds]
     out += [uniform(BEST_UNIFORM[b], s) for b in rest for s in args.seeds]
     out += [search("evo", b, s) for b in rest for s in args.seeds]
-    return [t for t in out if args.only in ("all", "search" if "search" in t[1] else "uniform")]
+    return [t for t in out if args.only in ("all", "search" if "--search" in t[1] else "uniform")]
 
 
 class Queue:
