@@ -109,7 +109,7 @@ def compress_sparsegpt(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.de
     ``recipe``: each linear's level (default the run's own, ``cfg.recipe``; a search gives one per linear)."""
     res = CompressionResult(saved=[] if saved is None else saved)
     recipe = recipe or cfg.recipe
-    options = {cfg.level: RunOptions.of(cfg)}  # built once per run, and once per level a search adds
+    options: dict = {}  # the step records of each level: one for a uniform run, one per level a search gives
     layout = layouts.of(model)
     _warn_if_k_exceeds_channels(model, cfg)
     plot_layer = cfg.plot_layer or layout.default_plot_layer(model)
@@ -119,10 +119,11 @@ def compress_sparsegpt(model, calib: torch.Tensor, cfg: RunConfig, dev: torch.de
         groups = linear_groups(cfg, layout, i, layer)
         for group in groups:
             for name, g in _accumulate(cfg, group, layer, inps, layer_kwargs[i], calib.numel()).items():
-                lcfg = cfg.at(recipe.of(name))
-                if recipe.of(name) not in options:
-                    options[recipe.of(name)] = RunOptions.of(lcfg)
-                plan = compress_linear(name, g, lcfg, options[recipe.of(name)], res)
+                level = recipe.of(name)
+                lcfg = cfg.at(level)
+                if level not in options:
+                    options[level] = RunOptions.of(lcfg)
+                plan = compress_linear(name, g, lcfg, options[level], res)
                 if plan is not None and name == plot_layer:
                     res.plot = (name, plan)
         return bool(groups)  # a layer the selection leaves alone is read from the checkpoint again
