@@ -24,7 +24,6 @@ import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.sparse.csgraph import laplacian
 from scipy.spatial.distance import squareform
-from sklearn.cluster import SpectralClustering
 
 from miq.options import GROUPINGS
 
@@ -107,6 +106,10 @@ def _split_to_k(labels: np.ndarray, aff: np.ndarray, k: int) -> np.ndarray:
 
 
 def _spectral(a: np.ndarray, k: int, seed: int, assign_labels: str) -> np.ndarray:
+    # scikit-learn is imported where it is used: its import (pandas, pyarrow) took 1.3 of the 3 s that every
+    # opt_mi.py process, a --help or a refused flag included, spent starting
+    from sklearn.cluster import SpectralClustering
+
     aff = np.maximum(_symmetric(a), AFFINITY_FLOOR)
     # arpack (shift-invert) is sklearn's default and, on dense NMI matrices, the solver that converged
     # every time; lobpcg was 2-4x faster at C = 3072 but stopped with unconverged eigenpairs

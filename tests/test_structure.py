@@ -111,6 +111,14 @@ def test_reading_results_needs_no_torch(module):
     assert r.stdout.strip() == "False"
 
 
+def test_starting_a_run_imports_neither_scikit_learn_nor_matplotlib():
+    """Every opt_mi.py process pays its imports, a --help or a refused flag included: scikit-learn (1.3 s with
+    pandas and pyarrow) and matplotlib (1 s) are imported by the code that uses them."""
+    code = "import sys, opt_mi; print(sorted({'sklearn', 'matplotlib', 'pandas'} & set(sys.modules)))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
+
+
 def _imported_tests(path: Path, tests: set[str]) -> list[tuple[int, str]]:
     """(line, test module) for each import of one of ``tests`` in the file: at any depth, and in the Python
     source a test hands a child process as a string, since a test module imported there runs its module-level
