@@ -3,6 +3,9 @@
 import dataclasses
 import json
 import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -175,6 +178,24 @@ def test_cache_is_atomic_reused_and_rebuilt_when_outdated(tmp_path, monkeypatch)
     assert json.loads((half / "TOY.json").read_text())["steps"] == 2
     assert (half / "model.safetensors").stat().st_mtime_ns != built
     assert {p.name for p in tmp_path.iterdir()} == {toy.OPT_TOY.version, stale.name}
+
+
+def test_processes_starting_together_build_the_toy_once(tmp_path, monkeypatch):
+    """Two callers on an empty cache (the suite's workers, a sweep's jobs on a fresh machine): one trains the
+    toy, the other waits for it and gets the same folder."""
+    monkeypatch.setitem(toy.TOYS, "toy", dataclasses.replace(toy.OPT_TOY, steps=1))
+    builds, real_build = [], toy.build_toy
+
+    def slow_build(*args, **kwargs):
+        builds.append(threading.get_ident())
+        time.sleep(0.5)  # long enough that the other caller arrives during the build
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(toy, "build_toy", slow_build)
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: toy.toy_model_path(str(tmp_path)), range(2)))
+    assert len(builds) == 1 and paths[0] == paths[1]
+    assert all((Path(paths[0]) / f).is_file() for f in toy.MODEL_FILES)
 
 
 def test_corpus_is_the_training_text():

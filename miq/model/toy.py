@@ -18,6 +18,7 @@ tokenizes (unknown words become ``<unk>``), so a local .txt can be evaluated on 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -95,14 +96,38 @@ def toy_model_path(cache_dir: str | None = None, name: str = OPT_TOY.name) -> st
 
     The folder is ``<cache_dir>/<version>`` (e.g. toy-opt-v1), cache_dir defaulting to $MIQ_CACHE_DIR, else
     ~/.cache/mutual_info_quantization. It is built in a temporary folder beside it and renamed into
-    place, so a folder found there is complete, whatever happened to other (concurrent, killed) builds.
-    A folder built by another recipe or from another corpus (see ``ToySpec.recipe``) is rebuilt.
+    place, so a folder found there is complete, whatever happened to other (concurrent, killed) builds; one
+    process builds at a time, and those that waited for it use its folder. A folder built by another recipe
+    or from another corpus (see ``ToySpec.recipe``) is rebuilt.
     """
     spec = TOYS[name]
     final = cache_root(cache_dir) / spec.version
     if _is_current(final, spec):
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    with _one_build_at_a_time(final.parent):
+        if _is_current(final, spec):  # built by the process we waited for
+            return str(final)
+        _build_into(final, spec, name)
+    return str(final)
+
+
+@contextlib.contextmanager
+def _one_build_at_a_time(folder: Path):
+    """An exclusive lock on the cache folder while a toy is built there: processes that start together on a
+    fresh machine (the test suite's workers, a sweep's jobs) wait for one build and use it, instead of each
+    training the same toy on the same cores. The lock goes with the process, so a killed build holds no one."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _build_into(final: Path, spec: ToySpec, name: str) -> None:
+    """Trains the toy in a temporary folder beside ``final`` and renames it into place (an outdated folder
+    there moved aside first); temporary folders that killed builds left are removed once stale."""
     for old in final.parent.glob(f".{spec.version}.tmp-*"):
         with contextlib.suppress(OSError):  # another process may be removing it too
             if time.time() - old.stat().st_mtime > STALE_TMP_SECONDS:
@@ -120,7 +145,6 @@ def toy_model_path(cache_dir: str | None = None, name: str = OPT_TOY.name) -> st
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return str(final)
 
 
 def _is_current(folder: Path, spec: ToySpec) -> bool:
