@@ -26,7 +26,7 @@ from miq.report import markdown as report
 from miq.sweep import cli as sweep
 from miq.sweep import slurm
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one worker runs them, on one cluster
 
 SETTINGS = ("--nsamples", "4", "--extra", "--seqlen 32", "--executor", "slurm", "--slurm-gpus-per-job", "0")
 STARTS = "Starting with JobEnvironment"  # submitit's worker log, once per start of the job
