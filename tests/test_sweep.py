@@ -24,6 +24,7 @@ from sweep_helpers import ROOT, FakeRunner, alive, results, start, wait_for
 
 from miq.sweep import args as sweep_args
 from miq.sweep import cli as sweep
+from miq.synthetic import synthetic_text
 
 DEFAULT_IDS = {"dense", "magnitude_s0.5", "sparsegpt_s0.5", "uniform_s0.5_w4", "g128_s0.5_w4",
                "perchannel_s0.5_w4", "miA_s0.5_w4_k8", "miB_s0.5_w4_k8", "random_s0.5_w4_k8",
@@ -345,8 +346,6 @@ def test_compare_methods_sh_runs_sweep_py(tmp_path):
 def test_real_sweep_on_the_toy_model(tmp_path):
     """The full method matrix at one sparsity, K and budget with the real opt_mi.py, through
     compare_methods.sh, then a rerun."""
-    from datautils import synthetic_text
-
     out = tmp_path / "sweep"
     evalset = tmp_path / "heldout.txt"  # a slice of the synthetic test split: evaluating all of it dominates
     evalset.write_text(synthetic_text("test")[:6_000])
@@ -389,7 +388,9 @@ def test_test_mi_sh_passes_and_catches_missing_outputs(tmp_path):
     assert "test_mi.sh: OK" in r.stdout
     # later flags win in opt_mi.py: no analysis dir -> no figures, which test_mi.sh must report
     env["TEST_MI_OUT"] = str(tmp_path / "no_figures")
-    r = subprocess.run(["bash", str(ROOT / "test_mi.sh"), "--analysis-dir", ""], env=env, cwd=tmp_path,
+    small = ["--nsamples", "4", "--seqlen", "32", "--mi-samples", "128", "--eval", str(tmp_path / "eval.txt")]
+    (tmp_path / "eval.txt").write_text(synthetic_text("test")[:3000])  # this run only has to draw nothing
+    r = subprocess.run(["bash", str(ROOT / "test_mi.sh"), "--analysis-dir", "", *small], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode != 0
     assert "FAIL: mi_matrix.png is missing" in r.stderr and "FAIL: grouping_result.png is missing" in r.stderr
