@@ -64,6 +64,9 @@ def mask_bits(rows: int, cols: int, nm: tuple[int, int] | None) -> float:
     return float(rows * cols // nm[1] * packbits.nm_index_bits(*nm))
 
 
+CODE_ROWS = 1 << 18  # weights whose widths stored_bits counts at a time (2 MB of int64)
+
+
 def stored_bits(q: QuantizedLayer, nm: tuple[int, int] | None) -> tuple[float, float, float]:
     """(codes, metadata, mask): the bits ``encode`` stores for layer q, each stream unpadded (on disk every
     stream rounds up to a byte). What the bits account charges, decided by the format's own rules; a pruned-only
@@ -84,8 +87,12 @@ def stored_bits(q: QuantizedLayer, nm: tuple[int, int] | None) -> tuple[float, f
                         width_indices=0 if stored is None else stored.numel(), widths=len(table),
                         perm=_keeps_perm(q))
     row_set = sets if sets is not None else torch.arange(R)
-    codes = float((bits[row_set][:, q.g_idx.long()] * kept).sum())
-    return codes, layout.metadata_bits(), mask
+    g_idx = q.g_idx.long()
+    # every weight's width, a few rows at a time: [R, C] of int64 at once (with its product) was 64 MB for a
+    # 1024 x 4096 layer, the largest term at the end of its compression; an integer sum either way
+    step = max(1, CODE_ROWS // C)
+    codes = sum(int((bits[row_set[r : r + step]][:, g_idx] * kept[r : r + step]).sum()) for r in range(0, R, step))
+    return float(codes), layout.metadata_bits(), mask
 
 
 def _bits_of(maxq: torch.Tensor) -> torch.Tensor:
