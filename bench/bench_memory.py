@@ -10,9 +10,11 @@ file) with the toys' tokenizer in a temporary folder (or ``--keep``), writes a 4
 synthetic corpus, and runs opt_mi.py on each (``--sparsity 0.5 --wbits 4 --nsamples 4 --seqlen 64`` on the
 synthetic corpus, perplexity on the file, on the CPU) in a fresh process: ``--load layers`` at every depth and
 ``--load whole`` at the deepest. A process that only imports torch, transformers and opt_mi gives the fixed
-cost. Each process reports its peak resident set (VmHWM, which counts the file pages safetensors maps as well
-as allocations) and, sampled every 10 ms in a thread, the peak of each stage (load, calibration capture,
-compression, evaluation's layers and head, outputs).
+cost; a second that also imports transformers' OPT modeling code (which building the model imports, and
+torch._dynamo with it) says how much of each figure that import is (it is not subtracted). Each process
+reports its peak resident set (VmHWM, which counts the file pages safetensors maps as well as allocations)
+and, sampled every 10 ms in a thread, the peak of each stage (load, calibration capture, compression,
+evaluation's layers and head, outputs).
 
 The law: a run with --load layers holds at most the embeddings and head (the tensors outside the decoder
 layers, a tied head once), three decoder layers (the one being compressed, its Hessians and their
@@ -46,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 FLAGS = ["--sparsity", "0.5", "--wbits", "4", "--nsamples", "4", "--seqlen", "64", "--analysis-dir", "",
          "--device", "cpu"]
 MiB = 2**20
+MODEL_MODULE = "transformers.models.opt.modeling_opt"  # what building an OPT imports (torch._dynamo among it)
 
 
 def build(folder: Path, layers: int, hidden: int, shard: str) -> int:
@@ -143,6 +146,9 @@ def child(args: list[str], out: str) -> None:
         setattr(m, fn, tagged(getattr(m, fn), name))
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
+    if args == [MODEL_MODULE]:  # the imports and the model's modeling code, as building the model imports it
+        importlib.import_module(MODEL_MODULE)
+        args = []
     code = opt_mi.main(args) if args else 0
     done.set()
     thread.join()
@@ -186,6 +192,9 @@ def main() -> None:
         print(f"machine     {platform.machine()}, {os.cpu_count()} cores, {_total_memory()}; one thread per run")
         print(f"imports     peak RSS {base['peak_rss'] / MiB:.0f} MiB (interpreter, torch, transformers, opt_mi): "
               "subtracted below")
+        module = measure([MODEL_MODULE])
+        print(f"model code  {(module['peak_rss'] - base['peak_rss']) / MiB:.0f} MiB more to import {MODEL_MODULE}, "
+              "which every run imports to build the model: part of every figure below, not subtracted")
         rows = []
         for depth in sorted(a.depths):
             folder = (Path(a.keep) if a.keep else work) / f"opt-random-{depth}x{a.hidden}"

@@ -64,6 +64,9 @@ def mask_bits(rows: int, cols: int, nm: tuple[int, int] | None) -> float:
     return float(rows * cols // nm[1] * packbits.nm_index_bits(*nm))
 
 
+CODE_ROWS = 1 << 18  # weights stored_bits counts and encode's codes go through at a time (2 MB of int64)
+
+
 def stored_bits(q: QuantizedLayer, nm: tuple[int, int] | None) -> tuple[float, float, float]:
     """(codes, metadata, mask): the bits ``encode`` stores for layer q, each stream unpadded (on disk every
     stream rounds up to a byte). What the bits account charges, decided by the format's own rules; a pruned-only
@@ -84,8 +87,12 @@ def stored_bits(q: QuantizedLayer, nm: tuple[int, int] | None) -> tuple[float, f
                         width_indices=0 if stored is None else stored.numel(), widths=len(table),
                         perm=_keeps_perm(q))
     row_set = sets if sets is not None else torch.arange(R)
-    codes = float((bits[row_set][:, q.g_idx.long()] * kept).sum())
-    return codes, layout.metadata_bits(), mask
+    g_idx = q.g_idx.long()
+    # every weight's width, a few rows at a time: [R, C] of int64 at once (with its product) was 64 MB for a
+    # 1024 x 4096 layer, the largest term at the end of its compression; an integer sum either way
+    step = max(1, CODE_ROWS // max(C, 1))
+    codes = sum(int((bits[row_set[r : r + step]][:, g_idx] * kept[r : r + step]).sum()) for r in range(0, R, step))
+    return float(codes), layout.metadata_bits(), mask
 
 
 def _bits_of(maxq: torch.Tensor) -> torch.Tensor:
@@ -99,7 +106,7 @@ def encode(q: QuantizedLayer, dtype: torch.dtype, nm: tuple[int, int] | None) ->
     entry: dict = {"shape": [R, C], "quantized": q.scale is not None, "mask": None, "perm": keep_perm}
     t: dict[str, torch.Tensor] = {}
     if q.mask is not None:
-        if bool(q.weight[q.mask].any()):
+        if bool((q.weight.ne(0) & q.mask).any()):  # not q.weight[q.mask]: a float copy of half the layer
             raise ValueError(f"layer {q.name}: pruned weights are not 0")
         entry["mask"] = _encode_mask(q.mask, nm, t)
     if keep_perm:  # at ceil(log2 C) bits per column
@@ -209,17 +216,28 @@ def _encode_widths(bits: torch.Tensor, t: dict) -> dict:
 def _encode_codes(q: QuantizedLayer, grid, row_set, g_idx, dtype, t: dict) -> dict[str, int]:
     """One stream per width of the kept weights' codes round(w / scale) + zero (row-major, as the mask
     enumerates kept weights), checked to decode to the weights exactly; grid: (scale, zero, bits) [P, G]."""
-    s, z, b = (x[row_set][:, g_idx] for x in grid)
-    kept = torch.ones_like(q.weight, dtype=torch.bool) if q.mask is None else ~q.mask
-    codes = torch.round(q.weight.float() / s) + z
-    in_range = bool(((codes >= 0) & (codes <= 2.0**b - 1)).all())
-    if not in_range or not torch.equal((s * (codes - z)).to(dtype), q.weight.to(dtype)):
-        raise ValueError(f"layer {q.name}: weights are not exactly on their stored grid; cannot pack them losslessly")
+    widths = sorted(set(grid[2].flatten().tolist()))
+    kept_codes: dict[int, list[torch.Tensor]] = {w: [] for w in widths}
+    R, C = q.weight.shape
+    step = max(1, CODE_ROWS // max(C, 1))
+    # a few rows at a time, kept codes gathered as bytes (widths are at most 8 bits): the whole layer's grid,
+    # codes and checks at once were [R, C] float and int64 tensors, 130 MB for a 1024 x 4096 layer
+    for r in range(0, R, step):
+        s, z, b = (x[row_set[r : r + step]][:, g_idx] for x in grid)
+        weight = q.weight[r : r + step]
+        kept = torch.ones_like(weight, dtype=torch.bool) if q.mask is None else ~q.mask[r : r + step]
+        codes = torch.round(weight.float() / s) + z
+        in_range = bool(((codes >= 0) & (codes <= 2.0**b - 1)).all())
+        if not in_range or not torch.equal((s * (codes - z)).to(dtype), weight.to(dtype)):
+            raise ValueError(f"layer {q.name}: weights are not exactly on their stored grid; cannot pack them "
+                             "losslessly")
+        for w in widths:
+            kept_codes[w].append(codes[(b == w) & kept].to(torch.uint8))
     counts = {}
-    for w in sorted(set(grid[2].flatten().tolist())):
-        sel = (b == w) & kept
-        t[f"codes.w{w}"] = packbits.pack_bits(codes[sel].long(), w)
-        counts[str(w)] = int(sel.sum())
+    for w in widths:
+        codes = torch.cat(kept_codes.pop(w))
+        t[f"codes.w{w}"] = packbits.pack_bits(codes, w)
+        counts[str(w)] = codes.numel()
     return counts
 
 

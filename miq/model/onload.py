@@ -35,10 +35,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from miq.errors import ModelError
+from miq.finite import nonfinite
 from miq.model import layouts
 
 ATTR = "_miq_onloader"  # the model's attribute holding its Onloader
-CHECK_CHUNK = 1 << 22  # values checked for NaN/inf at a time (16 MB of float32)
 
 
 def _libc():
@@ -220,9 +220,8 @@ class Onloader:
         return out
 
     def _checked(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        # in chunks: isfinite over a whole embedding allocates about three times its size at once
         if name not in self.checked and t.is_floating_point():
-            bad = sum(c.numel() - int(torch.isfinite(c).sum()) for c in t.reshape(-1).split(CHECK_CHUNK))
+            bad = nonfinite(t)  # in chunks: isfinite over a whole embedding takes about twice its size more
             if bad:
                 raise ModelError(f"MODEL {self.name}: tensor {name} holds {bad} NaN or inf value(s) of "
                                  f"{t.numel()}; the weights are damaged")
@@ -333,6 +332,7 @@ def modules(model: nn.Module, mods: list[nn.Module]) -> Iterator[None]:
         yield
         return
     names = o.names_under(mods)
+    trim()  # what the run freed before (tokenized text, its strings) given back before the largest read
     o.load(names)
     try:
         yield

@@ -186,6 +186,7 @@ def compress_linear(name: str, g: SparseGPT, cfg: RunConfig, opts: RunOptions,
     if cfg.save:
         res.saved.append(stored)
     g.free()
+    onload.trim()  # the pass's small temporaries given back before the next linear's
     return plan
 
 
