@@ -115,6 +115,7 @@ def test_the_core_search_equals_the_dp_and_the_integer_program_at_kept_count_sca
             assert cost(bits) == pytest.approx(cost(dp), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_the_core_search_equals_the_integer_program_at_layer_scale():
     """fc1-sized tables (3072 rows), too large for the DP here: the core search and HiGHS agree, at
     budgets across the range."""

@@ -276,7 +276,7 @@ def _write_models(d: Path, toy: Path) -> None:
     (_model_copy(toy, d / "garbage") / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def workdir(tmp_path_factory, toy_path) -> Path:
     d = tmp_path_factory.mktemp("bad_input")
     _write_files(d)

@@ -29,7 +29,7 @@ def _binned_nmi(acts: np.ndarray, bins: int = N_BINS) -> np.ndarray:
     return nmi
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def latent():
     """NMI of channels driven by N_SOURCES independent sources through monotone nonlinearities.
 

@@ -80,6 +80,7 @@ def test_calibration_text_shorter_than_a_window(capsys, tmp_path, toy_path):
     _fails(capsys, tmp_path, [toy_path, str(short), "--seqlen", "64", "--eval", str(short)], "short.txt", "64")
 
 
+@pytest.mark.slow
 def test_user_error_has_no_traceback_as_a_process(tmp_path):
     out = tmp_path / "r.json"
     p = subprocess.run([sys.executable, "opt_mi.py", "toy", "synthetic", "--sparsity", "2", "--json", str(out)],

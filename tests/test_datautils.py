@@ -27,7 +27,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 WORD = re.compile(r"[a-z]+")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tok():
     return build_tokenizer()  # unnamed (name_or_path ""), so get_eval_tokens does not cache for it
 
@@ -506,6 +506,7 @@ def test_cached_hub_dataset_loads_offline(monkeypatch, tmp_path, tok):
 # --------------------------------------------------------------------------- the shared testbed
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared is absent")
 def test_shared_data_token_counts():
     from transformers import AutoTokenizer

@@ -120,6 +120,7 @@ def test_opt_mi_export_then_from_pretrained_ppl(toy_path, tmp_path, small_eval):
     assert ppl == pytest.approx(r["ppl"][small_eval], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_opt_mi_reopens_its_compressed_tensors_folder(toy_path, tmp_path, small_eval):
     """opt_mi.py DIR on a compressed-tensors folder: from_pretrained reads it whole (its tensors are the
     quantizer's, not the architecture's), and the perplexity is the saving run's."""

@@ -125,6 +125,7 @@ class Residency:
                    for m in layouts.of(model).decoder_layers(model))
 
 
+@pytest.mark.slow
 def test_twelve_sharded_layers_identical_and_at_most_two_resident(sharded, tmp_path, monkeypatch, small_eval):
     assert len(onload.checkpoint_files(sharded)) and len(set(onload.checkpoint_files(sharded).values())) > 3
     seen = Residency(monkeypatch)
@@ -217,6 +218,7 @@ def test_only_compressed_layers_are_kept_and_a_full_tmpdir_is_one_line(sharded, 
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["packed", "compressed-tensors"])
 def test_saving_holds_one_tensor_and_never_the_model(sharded, tmp_path, monkeypatch, small_eval, fmt):
     """--save of a model loaded layer by layer: the model is never read back whole, each compressed linear

@@ -28,7 +28,7 @@ from quant import QuantizedLayer, Quantizer, rtn_grid
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def toy(toy_path):
     model = AutoModelForCausalLM.from_pretrained(toy_path).eval()
     tokens = datautils.get_eval_tokens("synthetic", 32, AutoTokenizer.from_pretrained(toy_path))[:, : 32 * 12]

@@ -266,6 +266,7 @@ def storm(p: subprocess.Popen, sig: int, n: int = 5) -> tuple[str, str]:
     return p.communicate(timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_repeated_signals_while_the_entry_point_starts(tmp_path, sig):
     """python -m miq.sweep stopped while it imports torch: one line, 128 + N, nothing written."""
@@ -279,6 +280,7 @@ def test_repeated_signals_while_the_entry_point_starts(tmp_path, sig):
     assert not out.exists() or {f.name for f in out.iterdir()} <= {".sweep.lock"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_repeated_signals_while_configurations_run(tmp_path, fake, sig):
     slow = dataclasses.replace(fake, sleep=0.5)
@@ -310,6 +312,7 @@ sys.exit(sweep.main(sys.argv[5:], runner=sweep_helpers.FakeRunner(**json.loads(s
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_repeated_signals_while_the_report_is_written(tmp_path, fake, sig):
     out = tmp_path / "sweep"

@@ -41,12 +41,12 @@ def _db(toy_path, folder, *flags):
     return db, cfg
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def toy_db(toy_path, tmp_path_factory):
     return _db(toy_path, tmp_path_factory.mktemp("db") / "db", *GRID)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def toy_db_act(toy_path, tmp_path_factory):
     return _db(toy_path, tmp_path_factory.mktemp("db") / "db", *GRID_ACT)
 

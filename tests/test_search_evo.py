@@ -200,7 +200,7 @@ def _load(path):
     return loading.load_model(src, "auto", torch.device("cpu"))
 
 
-@pytest.fixture(scope="module", params=["toy", *FAMILIES[1:]])
+@pytest.fixture(scope="session", params=["toy", *FAMILIES[1:]])
 def toy(request):
     """The trained toy OPT, and a tiny random model of every other family (sliding windows shorter than the
     windows where the family has them)."""

@@ -73,7 +73,7 @@ def cluster(slurm_cluster, toy_path, monkeypatch):
     monkeypatch.setattr(slurm, "QUEUE_POLL_S", 1.0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def evalset(tmp_path_factory) -> str:
     from miq import synthetic
 

@@ -43,7 +43,7 @@ def fake(tmp_path) -> FakeRunner:
     return FakeRunner(str(tmp_path / "fake"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> dict[str, dict]:
     """The results of an uninterrupted default sweep (the fake's PPLs depend on the flags alone)."""
     out = tmp_path_factory.mktemp("reference")

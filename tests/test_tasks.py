@@ -36,7 +36,7 @@ DOCS = 24  # cloze documents in the task file
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "report"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cloze(tmp_path_factory) -> tuple[str, list[dict]]:
     """(path of the task YAML, its documents): a JSONL of cloze items and a harness task over it."""
     d = tmp_path_factory.mktemp("cloze")
@@ -187,6 +187,7 @@ def test_flags_checked_as_the_command_line_is_read(argv, expect):
     assert isinstance(e.value, NoEffectError) == ("acts on" in expect)
 
 
+@pytest.mark.slow
 def test_the_harness_checks_names_and_files_offline(cloze, tmp_path, no_network):
     """Names against the harness's own task index (local files, no network), a task file by the task it defines."""
     p = tasks.plan([cloze[0]])
@@ -223,6 +224,7 @@ def test_names_and_files_together(cloze, no_network):
 # sweeps, the report and the verdict
 
 
+@pytest.mark.slow  # the harness's task index: seconds
 def test_a_sweep_passes_tasks_to_every_configuration(cloze, tmp_path):
     s = sweep_args.parse_args(["--tasks", cloze[0], "--extra", "--tasks-limit 4", "--out", str(tmp_path / "o")])
     configs = [c for c in methods.matrix(s.matrix) if c.skip is None]

@@ -23,12 +23,12 @@ HELDOUT_PPL_MAX = 90.0
 MAGNITUDE_50_MIN_RATIO = 1.05
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def toy_dir() -> str:
     return toy.toy_model_path()  # the real cached toy: built once (~25 s), then reused
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def loaded(toy_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
