@@ -187,7 +187,12 @@ def test_flags_checked_as_the_command_line_is_read(argv, expect):
     assert isinstance(e.value, NoEffectError) == ("acts on" in expect)
 
 
+# the tests that index the harness's own tasks (seconds, once per process) run in one worker, which indexes once
+HARNESS_INDEX = pytest.mark.xdist_group("lm-eval-index")
+
+
 @pytest.mark.slow
+@HARNESS_INDEX
 def test_the_harness_checks_names_and_files_offline(cloze, tmp_path, no_network):
     """Names against the harness's own task index (local files, no network), a task file by the task it defines."""
     p = tasks.plan([cloze[0]])
@@ -212,6 +217,7 @@ def test_the_harness_checks_names_and_files_offline(cloze, tmp_path, no_network)
 
 
 @pytest.mark.slow
+@HARNESS_INDEX
 def test_names_and_files_together(cloze, no_network):
     """A harness task beside a task file: one index of both (the file's folder included), names in order."""
     p = tasks.plan(["piqa", cloze[0]])
@@ -224,7 +230,8 @@ def test_names_and_files_together(cloze, no_network):
 # sweeps, the report and the verdict
 
 
-@pytest.mark.slow  # the harness's task index: seconds
+@pytest.mark.slow
+@HARNESS_INDEX
 def test_a_sweep_passes_tasks_to_every_configuration(cloze, tmp_path):
     s = sweep_args.parse_args(["--tasks", cloze[0], "--extra", "--tasks-limit 4", "--out", str(tmp_path / "o")])
     configs = [c for c in methods.matrix(s.matrix) if c.skip is None]
