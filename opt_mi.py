@@ -44,10 +44,10 @@ import torch
 
 import datautils
 from miq import bitstats, methods
-from miq.errors import USER_ERRORS, DataError, PublishError
+from miq.errors import USER_ERRORS, DataError, PublishError, first_line
 from miq.model import layerwalk, loading, onload
 from miq.model.loading import ModelSource, load_model, open_source
-from miq.run import outputs, preflight, saving, tasks
+from miq.run import destinations, outputs, preflight, saving, task_plan, tasks
 from miq.run.compress import compress, decoder_linear_weights, mask_sparsity, zero_fraction
 from miq.run.config import RunConfig, parse
 from miq.search import run as search
@@ -56,19 +56,19 @@ from miq.staging import Staging
 OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
 
 
-def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelSource, object, torch.device, tasks.TaskPlan | None]:
+def prepare(cfg: RunConfig) -> tuple[RunConfig, ModelSource, object, torch.device, task_plan.TaskPlan | None]:
     """Every check that needs neither data nor weights, cheapest first, before any work: the device, the
     output paths, the model's config and tokenizer, its weights' headers, the run against the model's
     structure (selection, n:m, plotted layer, memory), and --tasks against the harness (installed, every task
     known). Returns the resolved config, source, tokenizer, device and the tasks' plan (None without --tasks)."""
     dev = preflight.device(cfg)
-    outputs.check_targets(cfg)
+    destinations.check_targets(cfg)
     src, tokenizer = open_source(cfg.model, cfg.trust_remote_code)
     cfg = cfg.with_seqlen(src.positions)
     skeleton = loading.skeleton(src)
     loading.check_weights(src, skeleton)
     cfg = preflight.check_model(cfg, skeleton, dev)
-    return cfg, src, tokenizer, dev, tasks.prepare(cfg)
+    return cfg, src, tokenizer, dev, task_plan.prepare(cfg)
 
 
 @contextlib.contextmanager
@@ -120,7 +120,7 @@ def run(cfg: RunConfig) -> dict:
               **({"tasks_s": time.time() - t} if task_results else {})}
     try:
         with Staging() as stage:
-            disk = saving.write(stage.folder(cfg.save, outputs.guard("--save", cfg.save, "replace")), model,
+            disk = saving.write(stage.folder(cfg.save, destinations.guard("--save", cfg.save, "replace")), model,
                                 tokenizer, res, cfg) if cfg.save else None
             out = {
                 "config": {**cfg.as_dict(), "model_path": src.path},
@@ -138,7 +138,7 @@ def run(cfg: RunConfig) -> dict:
                 "layers": [r.to_json() for r in res.layers],
             }
             if cfg.json:
-                outputs.write_json(stage.file(cfg.json, outputs.guard("--json", cfg.json, "file")), out)
+                outputs.write_json(stage.file(cfg.json, destinations.guard("--json", cfg.json, "file")), out)
     except saving.WRITE_ERRORS as e:  # at writing or publishing: Staging has removed whatever this run wrote
         raise PublishError(f"could not write the outputs ({saving.why(e)}); the run was done, nothing was "
                            "written") from None
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"opt_mi.py: error: {e}\n")
             return 1
         except OUT_OF_MEMORY as e:
-            sys.stderr.write(f"opt_mi.py: error: out of memory ({loading.first_line(e)}); lower --nsamples, "
+            sys.stderr.write(f"opt_mi.py: error: out of memory ({first_line(e)}); lower --nsamples, "
                              "--mi-samples or --eval-batch, or use a device with more memory\n")
             return 2
         except KeyboardInterrupt:

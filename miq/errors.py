@@ -46,3 +46,9 @@ USER_ERRORS = (ConfigError, DataError, ModelError, PlanError, LayerInputError)
 def bad_value(flag: str, value, allowed: str) -> ConfigError:
     """The one line bad input gets: the flag, the value as given, and what is allowed."""
     return ConfigError(f"{flag} {value}: {allowed}")
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line (at most 200 characters), or its type's name: what a one-line error quotes."""
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else type(e).__name__

@@ -37,6 +37,14 @@ def pytest_configure(config):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker more than the cores (pytest.ini caps it at 4). A fifth of the suite waits rather
+    than computes (a real Slurm scheduling, signals sent after pauses, sweeps polling their jobs), and a third
+    worker fills that time: on the idle 2-core machine the suite took 323 s with 2 workers, 296 s with 3 and
+    311 s with 4."""
+    return (os.cpu_count() or 1) + 1
+
+
 def pytest_collection_modifyitems(config, items):
     """The end-to-end tests (marked slow) first: pytest-xdist hands tests out in this order as workers free
     up, so the long ones start early and the short ones fill the gaps, instead of one worker finishing a long

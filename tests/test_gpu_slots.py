@@ -69,13 +69,13 @@ def test_on_cpu_no_gpu_is_set_and_threads_are_split(tmp_path, monkeypatch, capsy
                                             ("GPU-8a1b,MIG-77", ["GPU-8a1b", "MIG-77"]), (" 1 , 0", ["1", "0"])])
 def test_visible_follows_cuda_visible_devices(monkeypatch, mask, expected):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", mask)
-    monkeypatch.setattr(gpu_slots.torch.cuda, "device_count", lambda: 8)  # CUDA here: the mask decides
+    monkeypatch.setattr(gpu_slots, "device_count", lambda: 8)  # CUDA here: the mask decides
     assert gpu_slots.visible() == expected
 
 
 def test_visible_counts_the_devices_without_a_mask(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(gpu_slots.torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(gpu_slots, "device_count", lambda: 3)
     assert gpu_slots.visible() == ["0", "1", "2"]
 
 

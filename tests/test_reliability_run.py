@@ -28,7 +28,7 @@ import datautils
 import opt_mi
 from miq.errors import ConfigError
 from miq.model import loading
-from miq.run import config, outputs, saving, target, tasks
+from miq.run import config, outputs, saving, target, task_plan
 from miq.synthetic import synthetic_text
 
 
@@ -215,9 +215,9 @@ def test_a_task_function_module_missing_is_refused_before_work(work, capsys, mon
     check_one_line(capsys.readouterr().err, code, 2, ("!function gone_utils.process_docs", "gone_utils.py"))
     (work.parent / "gone_utils.py").write_text("def other(docs):\n    return docs\n")
     with pytest.raises(ConfigError, match="has no function process_docs"):
-        tasks.plan([str(work.parent / "fn.yaml")])
+        task_plan.plan([str(work.parent / "fn.yaml")])
     (work.parent / "gone_utils.py").write_text("def process_docs(docs):\n    return docs\n")
-    assert tasks.plan([str(work.parent / "fn.yaml")]).names == ("miq_cloze",)
+    assert task_plan.plan([str(work.parent / "fn.yaml")]).names == ("miq_cloze",)
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ def fake(tmp_path) -> FakeRunner:
 @pytest.fixture(autouse=True)
 def no_gpus(monkeypatch):
     """This machine as the tests see it: no CUDA, whatever CUDA_VISIBLE_DEVICES says."""
-    monkeypatch.setattr(gpu_slots.torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(gpu_slots, "device_count", lambda: 0)
 
 
 def run(capsys, out: Path, runner, *args: str) -> tuple[int, str, str]:
@@ -350,7 +350,7 @@ def test_the_gpu_count_is_torchs_not_the_mask_alone(tmp_path, fake, capsys, monk
     rc, _, stderr = run(capsys, tmp_path / "sweep", fake, *FOUR, "--jobs", "3")
     assert rc == 0, stderr
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")  # more entries than devices: CUDA stops at the last
-    monkeypatch.setattr(gpu_slots.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(gpu_slots, "device_count", lambda: 2)
     assert gpu_slots.visible() == ["3", "5"]
 
 

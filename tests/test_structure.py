@@ -104,8 +104,10 @@ def test_functions_take_few_parameters():
 
 
 @pytest.mark.parametrize("module", ["miq.report.markdown", "miq.report.results", "miq.run.config",
-                                    "miq.run.flags"])
-def test_reading_results_needs_no_torch(module):
+                                    "miq.run.flags", "miq.sweep.cli"])
+def test_reading_results_and_sweeping_need_no_torch(module):
+    """Reports read results without torch; the sweep starts without it too (it computes nothing itself, and
+    torch was a second of every start), whatever it is asked to check: its flags, --out, --tasks."""
     code = f"import sys, {module}; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"

@@ -29,7 +29,7 @@ from miq.report import markdown as report
 from miq.report import tasks_table
 from miq.report.results import Run, units
 from miq.report.verdict import judge
-from miq.run import config, tasks
+from miq.run import config, task_plan, tasks
 from miq.sweep import args as sweep_args
 
 DOCS = 24  # cloze documents in the task file
@@ -85,7 +85,7 @@ def test_harness_accuracy_equals_the_direct_computation(name, cloze, no_network)
     path, docs = cloze
     model, tokenizer, _, _ = compress_toy(toy.toy_model_path(name=name), "--sparsity", "0.5", "--wbits", "4")
     cfg = config.parse([name, "synthetic", "--tasks", path, "--tasks-batch", "5"])
-    block = tasks.evaluate(model, tokenizer, tasks.prepare(cfg), cfg, torch.device("cpu"))
+    block = tasks.evaluate(model, tokenizer, task_plan.prepare(cfg), cfg, torch.device("cpu"))
     r = block["results"]["miq_cloze"]
     acc, acc_norm = direct(model, tokenizer, docs)
     assert (r["acc"], r["acc_norm"]) == (acc, acc_norm)
@@ -109,7 +109,7 @@ def test_a_task_the_harness_cannot_run_is_one_line(toy_path, cloze, monkeypatch)
     cfg = config.parse([toy_path, "synthetic", "--tasks", cloze[0]])
     with pytest.raises(DataError, match=r"^--tasks .*cloze.yaml: the harness could not run them \(Couldn't find a "
                                         r"dataset script\)$"):
-        tasks.evaluate(model, tokenizer, tasks.prepare(cfg), cfg, torch.device("cpu"))
+        tasks.evaluate(model, tokenizer, task_plan.prepare(cfg), cfg, torch.device("cpu"))
 
 
 FAST = ["--nsamples", "8", "--seqlen", "32", "--analysis-dir", ""]
@@ -134,7 +134,7 @@ def test_run_json_summary_and_the_saved_folder(fmt, toy_path, cloze, small_eval,
                   "--save-format", fmt], tmp_path / "a.json")
     r = a["tasks"]["results"]["miq_cloze"]
     assert (r["samples"], a["tasks"]["limit"]) == (limit, limit)
-    assert a["tasks"]["harness_version"] == tasks.plan([path]).version
+    assert a["tasks"]["harness_version"] == task_plan.plan([path]).version
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tasks "))
     assert f"miq_cloze acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}" in line and f"first {limit} documents" in line
     assert a["timing"]["tasks_s"] > 0
@@ -147,7 +147,7 @@ def test_run_json_summary_and_the_saved_folder(fmt, toy_path, cloze, small_eval,
     if fmt == "compressed-tensors":
         model, tokenizer = AutoModelForCausalLM.from_pretrained(saved).eval(), AutoTokenizer.from_pretrained(saved)
         cfg = config.parse([saved, "synthetic", *tflags])
-        assert tasks.evaluate(model, tokenizer, tasks.prepare(cfg), cfg, torch.device("cpu")) == a["tasks"]
+        assert tasks.evaluate(model, tokenizer, task_plan.prepare(cfg), cfg, torch.device("cpu")) == a["tasks"]
     else:
         b = run_json([saved, "synthetic", *FAST, *tflags], tmp_path / "b.json")
         assert b["tasks"] == a["tasks"] and b["ppl"] == a["ppl"]
@@ -195,24 +195,24 @@ HARNESS_INDEX = pytest.mark.xdist_group("lm-eval-index")
 @HARNESS_INDEX
 def test_the_harness_checks_names_and_files_offline(cloze, tmp_path, no_network):
     """Names against the harness's own task index (local files, no network), a task file by the task it defines."""
-    p = tasks.plan([cloze[0]])
+    p = task_plan.plan([cloze[0]])
     assert (p.names, p.sources, p.local) == (("miq_cloze",), (cloze[0],), True)
     with pytest.raises(ConfigError, match=r"--tasks pika: not a task, group or tag of lm-eval .*did you mean .*piqa"):
-        tasks.plan(["pika"])
-    assert tasks.plan(["arc_easy", "lambada_openai"]).names == ("arc_easy", "lambada_openai")
+        task_plan.plan(["pika"])
+    assert task_plan.plan(["arc_easy", "lambada_openai"]).names == ("arc_easy", "lambada_openai")
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset_path: json\n")  # no task name
     with pytest.raises(ConfigError, match="not a task file the harness can read"):
-        tasks.plan([str(bad)])
+        task_plan.plan([str(bad)])
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "moved.yaml").write_text(TASK_YAML.format(data=tmp_path / "gone.jsonl"))
     with pytest.raises(ConfigError, match=r"moved.yaml: its data file .*gone.jsonl does not exist"):
-        tasks.plan([str(elsewhere / "moved.yaml")])
+        task_plan.plan([str(elsewhere / "moved.yaml")])
     twin = tmp_path / "twin.yaml"
     twin.write_text(Path(cloze[0]).read_text())
     with pytest.raises(ConfigError, match="defines task miq_cloze, as .* does; give each task once"):
-        tasks.plan([cloze[0], str(twin)])
+        task_plan.plan([cloze[0], str(twin)])
     assert not no_network
 
 
@@ -220,7 +220,7 @@ def test_the_harness_checks_names_and_files_offline(cloze, tmp_path, no_network)
 @HARNESS_INDEX
 def test_names_and_files_together(cloze, no_network):
     """A harness task beside a task file: one index of both (the file's folder included), names in order."""
-    p = tasks.plan(["piqa", cloze[0]])
+    p = task_plan.plan(["piqa", cloze[0]])
     assert (p.names, p.sources, p.local) == (("piqa", "miq_cloze"), ("piqa", cloze[0]), False)
     assert "piqa" in p.manager.all_tasks and "miq_cloze" in p.manager.all_tasks
     assert not no_network

@@ -13,6 +13,7 @@ import torch
 
 from datautils import get_eval_tokens
 from miq.model import toy
+from miq.model.toy_specs import LLAMA_TOY
 from miq.synthetic import synthetic_text
 
 # Measured here (torch 2.13 CPU): the held-out perplexity on synthetic_text("test") is 73.3 (toy) and 69.4
@@ -136,17 +137,17 @@ def test_toy_llama_layout_and_quality(toy_llama_path, toy_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(toy_llama_path)
-    assert folder.name == toy.LLAMA_TOY.version
+    assert folder.name == LLAMA_TOY.version
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
     assert config["num_key_value_heads"] < config["num_attention_heads"] and config["hidden_act"] == "silu"
-    assert config["tie_word_embeddings"] and config["max_position_embeddings"] == toy.LLAMA_TOY.seqlen
+    assert config["tie_word_embeddings"] and config["max_position_embeddings"] == LLAMA_TOY.seqlen
     facts = json.loads((folder / "TOY.json").read_text())
-    assert {k: facts[k] for k in toy.LLAMA_TOY.recipe()} == toy.LLAMA_TOY.recipe()
+    assert {k: facts[k] for k in LLAMA_TOY.recipe()} == LLAMA_TOY.recipe()
     assert (folder / "tokenizer.json").read_text() == (Path(toy_dir) / "tokenizer.json").read_text()
     model = AutoModelForCausalLM.from_pretrained(toy_llama_path).eval()
-    ids = get_eval_tokens("synthetic", toy.LLAMA_TOY.seqlen, AutoTokenizer.from_pretrained(toy_llama_path))
-    ppl = toy.window_perplexity(model, ids[:, : 64 * toy.LLAMA_TOY.seqlen])
+    ids = get_eval_tokens("synthetic", LLAMA_TOY.seqlen, AutoTokenizer.from_pretrained(toy_llama_path))
+    ppl = toy.window_perplexity(model, ids[:, : 64 * LLAMA_TOY.seqlen])
     assert ppl < HELDOUT_PPL_MAX, ppl
 
 

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 
 from miq.checkpoint import formats, packed
-from miq.errors import ModelError
+from miq.errors import ModelError, first_line
 from miq.finite import nonfinite
 from miq.model import dequantized, layouts, onload, toy
 from miq.options import TOY_NAMES
@@ -407,6 +407,3 @@ def check_finite(model, name: str) -> None:
                                  "the weights are damaged")
 
 
-def first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:200] if s else type(e).__name__

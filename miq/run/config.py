@@ -123,7 +123,7 @@ def is_task_file(name: str) -> bool:
 
 def _check_tasks(cfg: RunConfig) -> None:
     """--tasks names something, nothing twice, and every task file exists; whether the harness is installed and
-    knows the names is checked before any work too (``miq.run.tasks.prepare``), as that needs the harness."""
+    knows the names is checked before any work too (``miq.run.task_plan.prepare``), as that needs the harness."""
     names = cfg.task_names()
     if cfg.tasks.strip() and not names:
         raise bad_value("--tasks", repr(cfg.tasks), "names no task; give harness task names or task YAML files")

@@ -18,7 +18,7 @@ from pathlib import Path
 from miq import methods
 from miq.errors import ConfigError, NoEffectError
 from miq.options import DEFAULT_EVAL, TOY_EVAL, TOY_NAMES, fmt_num
-from miq.run import config, outputs, tasks
+from miq.run import config, destinations, task_plan
 from miq.sweep import extra_flags, gpu_slots, slurm
 from miq.sweep.slurm import SlurmOptions
 
@@ -240,11 +240,11 @@ def validate(raw: dict[str, str], retry: bool) -> Sweep:
         raise UsageError(f"--extra: {e}") from None
     try:  # before anything runs: a folder the results cannot go to is found now, not after the first run
         data = [("--calib", raw["--calib"]), *[("--eval", e) for e in raw["--eval"].split(",") if e]]
-        outputs.check_apart("--out", raw["--out"], "folder", outputs.inputs_of(raw["--model"], data))
-        outputs.check_target("--out", raw["--out"], "folder")
+        destinations.check_apart("--out", raw["--out"], "folder", destinations.inputs_of(raw["--model"], data))
+        destinations.check_target("--out", raw["--out"], "folder")
         task_names = [t.strip() for t in raw["--tasks"].split(",") if t.strip()]
         if task_names:  # installed, every name known: before the first job, not in every configuration's log
-            tasks.plan(task_names)
+            task_plan.plan(task_names)
         elif given := [a for a in extra if a.startswith("--tasks")]:  # would be dropped from every configuration
             raise ConfigError(f"--extra: {given[0]} acts on the harness's tasks; give the sweep --tasks")
     except ConfigError as e:

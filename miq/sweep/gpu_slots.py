@@ -10,7 +10,18 @@ from __future__ import annotations
 
 import os
 
-import torch
+# The device nodes of the drivers torch.cuda runs on (NVIDIA's, AMD's ROCm, WSL's): where none exists torch
+# counts no GPU, and the sweep need not import it (a second of its start) to be told so.
+DRIVER_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
+def device_count() -> int:
+    """``torch.cuda.device_count()``; 0 without importing torch where no GPU driver is present."""
+    if not any(os.path.exists(node) for node in DRIVER_NODES):
+        return 0
+    import torch  # only where a GPU may be: the sweep itself computes nothing
+
+    return torch.cuda.device_count()
 
 
 def visible() -> list[str]:
@@ -22,7 +33,7 @@ def visible() -> list[str]:
     the first that CUDA would stop at (empty or negative: ``-1`` hides every GPU), and no more than torch
     counts; an entry may be an index or a ``GPU-``/``MIG-`` UUID, passed on as it is. Otherwise the indices
     ``0 .. count - 1``."""
-    count = torch.cuda.device_count()
+    count = device_count()
     mask = os.environ.get("CUDA_VISIBLE_DEVICES")
     if mask is None:
         return [str(i) for i in range(count)]
