@@ -106,11 +106,11 @@ def test_build_is_deterministic(tmp_path, name, layer):
     from safetensors.torch import load_file
 
     a, b = tmp_path / "a", tmp_path / "b"
-    facts_a = toy.build_toy(str(a), steps=30, seed=1, name=name)  # few steps: determinism, not quality, is tested
+    facts_a = toy.build_toy(str(a), steps=8, seed=1, name=name)  # few steps: determinism, not quality, is tested
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else 3)  # the machine's thread count does not matter
     try:
-        facts_b = toy.build_toy(str(b), steps=30, seed=1, name=name)
+        facts_b = toy.build_toy(str(b), steps=8, seed=1, name=name)
         assert torch.get_num_threads() == (1 if threads > 1 else 3)  # given back as it was
     finally:
         torch.set_num_threads(threads)
