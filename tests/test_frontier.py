@@ -7,6 +7,7 @@ import math
 import random
 
 import pytest
+from conftest import md_table
 from report_helpers import run
 
 from miq import methods
@@ -135,6 +136,23 @@ def test_a_searched_point_is_paired_with_the_best_uniform_at_or_below_its_bpw(se
     assert "**search-evo beats the best uniform configuration at <= its bpw in 1 of 1 budget(s)**." in md
     assert ("**search-knapsack beats the best uniform configuration at <= its bpw in 0 of 1 budget(s)**; no "
             "significant difference in 1.") in md
+
+
+def test_the_tables_say_a_searched_run_was_searched_at_its_budget(searched_dir):
+    """Its --sparsity and --wbits stay 0 and 16 (the search chose both per linear): the tables name the search
+    and its --target-bpw instead, and its PPL is marked best among the runs of that search and budget only."""
+    md = build(searched_dir, searched_dir / "performance_report.md")
+    rows = {r["run"]: r for r in md_table(md, "Results")}
+    seeds = {r["configuration"]: r for r in md_table(md, "Over seeds")}
+    for m, b, *_ in SEARCHED:
+        for seed in range(3):
+            row = rows[f"{m}_b{b}_seed{seed}"]
+            assert (row["target sparsity"], row["wbits budget"]) == (f"searched ({m.split('-')[1]})", f"{b} bpw in all")
+        assert (seeds[f"{m}_b{b}"]["target sparsity"], seeds[f"{m}_b{b}"]["wbits budget"]) == (
+            f"searched ({m.split('-')[1]})", f"{b} bpw in all")
+    best = [r["run"] for r in rows.values() if r["PPL syn"].startswith("**")]
+    assert "search-evo_b3_seed2" in best and "search-knapsack_b3_seed2" in best  # each its own group
+    assert (rows["g128_s0.5_w3"]["target sparsity"], rows["g128_s0.5_w3"]["wbits budget"]) == ("0.5", "3")
 
 
 def test_the_frontier_figure_names_each_point_and_zooms_on_the_budgets_that_matter(searched_dir, monkeypatch):

@@ -8,7 +8,8 @@ import math
 from collections import Counter
 from collections.abc import Callable
 
-from miq.options import fmt_fixed
+from miq.options import fmt_fixed, fmt_num
+from miq.report import naming
 from miq.report.results import Run, dtype_of, threads_of, units
 
 BIT_KEYS = ("code_bpw", "metadata_bpw", "mask_bpw", "bpw")  # the table's bit columns, in order
@@ -87,9 +88,17 @@ def _ppl_cells(r: Run, sets: list[str], best: dict[tuple, float]) -> list[str]:
             cells.append("-")
             continue
         v = round(r.ppl_of(s), 3)  # compared as printed, so ties at 3 decimals are all bold
-        is_best = math.isfinite(v) and v == best[(r.sparsity_label, r.wbits, s)]
+        is_best = math.isfinite(v) and v == best[(*budget_cells(r), s)]
         cells.append(f"**{fmt_ppl(r.ppl[s])}**" if is_best else fmt_ppl(r.ppl[s]))
     return cells
+
+
+def budget_cells(r) -> list[str]:
+    """The target sparsity and wbits budget cells: as configured, or for a searched run (``--search``), which
+    chose both per linear, the search and its --target-bpw (its --sparsity and --wbits stay 0 and 16)."""
+    if naming.searched(r):
+        return [f"searched ({r.config.search})", f"{fmt_num(r.config.target_bpw)} bpw in all"]
+    return [r.sparsity_label, r.wbits_label]
 
 
 def results_table(runs: list[Run], sets: list[str]) -> list[str]:
@@ -97,13 +106,13 @@ def results_table(runs: list[Run], sets: list[str]) -> list[str]:
     best: dict[tuple, float] = {}
     for r in runs:
         for s in sets:
-            key = (r.sparsity_label, r.wbits, s)
+            key = (*budget_cells(r), s)
             best[key] = min(best.get(key, math.inf), round(r.ppl_of(s), 3))
     mixed = len({r.execution for r in runs}) > 1  # then each row says where it ran: PPLs move with it
     header = ["run", "method", "target sparsity", "measured sparsity", "wbits budget", "K", "strategy",
               "code bpw", "metadata bpw", "mask bpw", "bpw"] + [f"PPL {s}" for s in sets] + \
         (["device, threads"] if mixed else [])
-    rows = [[r.id, r.method, r.sparsity_label, fmt_bpw(r.data.get("sparsity")), r.wbits_label, fmt_k(r.groups),
+    rows = [[r.id, r.method, budget_cells(r)[0], fmt_bpw(r.data.get("sparsity")), budget_cells(r)[1], fmt_k(r.groups),
              r.strategy] + [fmt_bpw(r.bits.get(k)) for k in BIT_KEYS] + _ppl_cells(r, sets, best)
             + ([r.execution] if mixed else []) for r in runs]
     dtypes = Counter(dtype_of(r) for r in runs)
@@ -130,7 +139,7 @@ def seeds_table(runs: list[Run], sets: list[str]) -> list[str]:
         return []
     header = ["configuration", "method", "target sparsity", "wbits budget", "K", "seeds", "bpw (mean)"] + \
         [f"PPL {s} (mean +- std)" for s in sets]
-    rows = [[u.id, u.method, u.sparsity_label, u.wbits_label, fmt_k(u.groups), seeds_cell(u), fmt_bpw(u.bpw)]
+    rows = [[u.id, u.method, *budget_cells(u), fmt_k(u.groups), seeds_cell(u), fmt_bpw(u.bpw)]
             + [f"{fmt_ppl(u.ppl_of(s))} +- {u.spread(s):.3f}" if math.isfinite(u.ppl_of(s)) else "n/a"
                for s in sets] for u in many]
     return ["## Over seeds", "",
