@@ -3,6 +3,7 @@ testbed, the independent textbook OBS loop that every SparseGPT implementation d
 the check that a report's tables equal the result JSONs they were built from (used by the report and the
 sweep tests)."""
 
+import io
 import json
 import math
 import os
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+
+from miq import atomic
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TESTBED = SHARED / "testbed" / "tiny-opt-dev"
@@ -54,6 +58,17 @@ def pytest_collection_modifyitems(config, items):
     test alone at the end (the order is stable within each kind)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture
+def unrendered_figures(monkeypatch):
+    """The report's figures built but not rasterized: each is written, atomically and under its own name, as a
+    1x1 placeholder PNG. Rendering is most of a report's time (about 1 s for a small sweep here, half the CPU of
+    the sweep machinery's tests), and those tests read the report's tables only; test_report and test_frontier
+    render every figure, and the sweeps that run as processes (the real sweep, Slurm) render theirs."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1), 128).save(buf, format="PNG")
+    monkeypatch.setattr(atomic, "write_png", lambda fig, path, dpi=None: atomic.write_bytes(path, buf.getvalue()))
 
 
 @pytest.fixture(scope="session")

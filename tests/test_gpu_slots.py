@@ -12,6 +12,9 @@ from sweep_helpers import FakeRunner, Recording, results
 from miq.sweep import cli as sweep
 from miq.sweep import gpu_slots
 
+# the sweep machinery is under test here, and the report's tables; its figures are rendered in test_report
+pytestmark = pytest.mark.usefixtures("unrendered_figures")
+
 METHODS = ("--methods", "dense magnitude sparsegpt uniform g128 perchannel")  # 6 configurations
 ORDER = ["dense", "magnitude_s0.5", "sparsegpt_s0.5", "uniform_s0.5_w4", "g128_s0.5_w4", "perchannel_s0.5_w4"]
 

@@ -36,6 +36,9 @@ from miq.run import outputs
 from miq.sweep import cli as sweep
 from miq.sweep import gpu_slots, launch, slurm
 
+# the sweep machinery is under test here, and the report's tables; its figures are rendered in test_report
+pytestmark = pytest.mark.usefixtures("unrendered_figures")
+
 FOUR = ("--methods", "dense magnitude sparsegpt uniform")  # 4 configurations, in this order
 
 

@@ -26,6 +26,9 @@ from miq.sweep import args as sweep_args
 from miq.sweep import cli as sweep
 from miq.synthetic import synthetic_text
 
+# the sweep machinery is under test here, and the report's tables; its figures are rendered in test_report
+pytestmark = pytest.mark.usefixtures("unrendered_figures")
+
 DEFAULT_IDS = {"dense", "magnitude_s0.5", "sparsegpt_s0.5", "uniform_s0.5_w4", "g128_s0.5_w4",
                "perchannel_s0.5_w4", "miA_s0.5_w4_k8", "miB_s0.5_w4_k8", "random_s0.5_w4_k8",
                "contiguous_s0.5_w4_k8"}
