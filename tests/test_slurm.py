@@ -28,15 +28,15 @@ from miq.report import markdown as report
 from miq.sweep import cli as sweep
 from miq.sweep import launch, slurm
 
+# the sweep machinery is under test here, and the report's tables; its figures are rendered in test_report
+pytestmark = pytest.mark.usefixtures("unrendered_figures")
+
 METHODS = ("--methods", "dense sparsegpt uniform")  # 3 configurations
 IDS = {"dense", "sparsegpt_s0.5", "uniform_s0.5_w4"}
 
 # DIR/wrapper.py: argv = marker folder, mode (kill | preempt), the id to hit, "--", the command to run
 WRAPPER = r"""
 import os, signal, sys, time
-
-# the sweep machinery is under test here, and the report's tables; its figures are rendered in test_report
-pytestmark = pytest.mark.usefixtures("unrendered_figures")
 marker_dir, mode, hit = sys.argv[1:4]
 command = sys.argv[5:]
 target = command[command.index("--json") + 1]
