@@ -4,13 +4,19 @@ sizes, widths and MI; written straight to PNG files (matplotlib, headless "Agg" 
 
 from __future__ import annotations
 
-import matplotlib
 import numpy as np
-from matplotlib.figure import Figure
 
 from miq import atomic
 
-matplotlib.use("Agg")  # figures only ever go to files; no display needed
+
+def _figure(**kwargs):
+    """A matplotlib ``Figure``. matplotlib is imported here, on a run's first figure: its import takes a second,
+    and every opt_mi.py start (a --help, a refused flag, a run without figures) would pay it."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    matplotlib.use("Agg")  # figures only ever go to files; no display needed
+    return Figure(**kwargs)
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -41,7 +47,7 @@ def plot_nmi_heatmap(nmi, labels, path, title: str | None = None):
     vmax = float(np.quantile(off, 0.99)) if off.size else 1.0
     vmax = vmax if vmax > 0 else 1.0
 
-    fig = Figure(figsize=(9, 7.5), dpi=100)
+    fig = _figure(figsize=(9, 7.5), dpi=100)
     ax = fig.add_subplot()
     im = ax.imshow(m, cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
     for b in np.flatnonzero(sorted_labels[1:] != sorted_labels[:-1]) + 0.5:  # between the last and first
@@ -78,7 +84,7 @@ def plot_grouping_result(group_sizes, group_bits, nmi_intra, nmi_inter, path, ti
     intra, inter = floats(nmi_intra), floats(nmi_inter)
     order = np.lexsort((-sizes, bits))
     x = np.arange(k)
-    fig = Figure(figsize=(12, 9 if h_mass is None else 11.5), dpi=100)
+    fig = _figure(figsize=(12, 9 if h_mass is None else 11.5), dpi=100)
     axes = fig.subplots(3 if h_mass is None else 4, 1, sharex=True)
     ax1, ax2, ax3 = axes[:3]
     ax1.bar(x, sizes[order], color="tab:blue")
@@ -113,7 +119,7 @@ def plot_search_levels(names: list[str], levels: list[dict], path, title: str | 
     bar hatched where the grid has column groups. Writes a 1200 x 700 PNG atomically; returns path."""
     x = np.arange(len(levels))
     sparsity = [lv["prunen"] / lv["prunem"] if lv["prunen"] else lv["sparsity"] for lv in levels]
-    fig = Figure(figsize=(12, 7), dpi=100)
+    fig = _figure(figsize=(12, 7), dpi=100)
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     ax1.bar(x, sparsity, color=["tab:purple" if lv["prunen"] else "tab:blue" for lv in levels])
     ax1.set_ylabel("sparsity (n:m purple)")

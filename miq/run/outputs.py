@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from miq import atomic
+from miq.run import figures
 from miq.run.compress import CompressionResult
 from miq.run.config import RunConfig
 from miq.staging import Staging
@@ -35,8 +36,6 @@ def draw_figures(res: CompressionResult, cfg: RunConfig, total_rows: int, stage:
     searched = [r for r in res.layers if r.level is not None]  # --search: each record's level
     if not cfg.analysis_dir or (res.plot is None and not searched):
         return []
-    from miq.run import figures  # matplotlib takes a second to import: only runs that draw pay for it
-
     paths = []
     if searched:
         paths.append(os.path.join(cfg.analysis_dir, "search_levels.png"))
