@@ -27,7 +27,6 @@ from safetensors import safe_open
 
 from miq.checkpoint import formats, packed
 from miq.errors import ModelError, first_line
-from miq.finite import nonfinite
 from miq.model import dequantized, layouts, onload, toy
 from miq.options import TOY_NAMES
 
@@ -400,10 +399,7 @@ def check_finite(model, name: str) -> None:
     """Every floating tensor of the loaded model is finite: a NaN or inf weight gives NaN perplexity, or a
     failed Cholesky, long after loading; named here, before any work."""
     for key, t in model.state_dict().items():
-        if t.is_floating_point() and t.device.type != "meta":  # weights read layer by layer are checked then
-            bad = nonfinite(t)  # in chunks: isfinite over the whole embedding would take twice its size more
-            if bad:
-                raise ModelError(f"MODEL {name}: tensor {key} holds {bad} NaN or inf value(s) of {t.numel()}; "
-                                 "the weights are damaged")
+        if t.device.type != "meta":  # weights read layer by layer are checked then
+            onload.check_tensor_finite(t, name, key)
 
 

@@ -96,6 +96,16 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
+def check_tensor_finite(t: torch.Tensor, model: str, name: str) -> None:
+    """ModelError when the floating tensor ``name`` of MODEL ``model`` holds a NaN or inf (a damaged checkpoint:
+    it would give a NaN perplexity, or a failed Cholesky, long after loading). Counted in chunks: isfinite over
+    a whole embedding takes about twice its size more."""
+    bad = nonfinite(t) if t.is_floating_point() else 0
+    if bad:
+        raise ModelError(f"MODEL {model}: tensor {name} holds {bad} NaN or inf value(s) of {t.numel()}; the "
+                         "weights are damaged")
+
+
 def checkpoint_files(folder: str) -> dict[str, str]:
     """{stored tensor name: file} of a safetensors checkpoint: ``model.safetensors``, or the shards that
     ``model.safetensors.index.json`` maps (``{}`` when the folder has neither)."""
@@ -220,11 +230,8 @@ class Onloader:
         return out
 
     def _checked(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        if name not in self.checked and t.is_floating_point():
-            bad = nonfinite(t)  # in chunks: isfinite over a whole embedding takes about twice its size more
-            if bad:
-                raise ModelError(f"MODEL {self.name}: tensor {name} holds {bad} NaN or inf value(s) of "
-                                 f"{t.numel()}; the weights are damaged")
+        if name not in self.checked:
+            check_tensor_finite(t, self.name, name)
             self.checked.add(name)
         return t
 
