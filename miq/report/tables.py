@@ -81,14 +81,14 @@ def environment(runs: list[Run]) -> list[str]:
     return lines
 
 
-def _ppl_cells(r: Run, sets: list[str], best: dict[tuple, float]) -> list[str]:
+def _ppl_cells(r: Run, sets: list[str], best: dict[tuple, float], group: tuple) -> list[str]:
     cells = []
     for s in sets:
         if s not in r.ppl:
             cells.append("-")
             continue
         v = round(r.ppl_of(s), 3)  # compared as printed, so ties at 3 decimals are all bold
-        is_best = math.isfinite(v) and v == best[(*budget_cells(r), s)]
+        is_best = math.isfinite(v) and v == best[(*group, s)]
         cells.append(f"**{fmt_ppl(r.ppl[s])}**" if is_best else fmt_ppl(r.ppl[s]))
     return cells
 
@@ -99,6 +99,13 @@ def budget_cells(r) -> list[str]:
     if naming.searched(r):
         return [f"searched ({r.config.search})", f"{fmt_num(r.config.target_bpw)} bpw in all"]
     return [r.sparsity_label, r.wbits_label]
+
+
+def _result_row(r: Run, sets: list[str], best: dict[tuple, float], mixed: bool) -> list[str]:
+    target, budget = budget_cells(r)
+    return ([r.id, r.method, target, fmt_bpw(r.data.get("sparsity")), budget, fmt_k(r.groups), r.strategy]
+            + [fmt_bpw(r.bits.get(k)) for k in BIT_KEYS] + _ppl_cells(r, sets, best, (target, budget))
+            + ([r.execution] if mixed else []))
 
 
 def results_table(runs: list[Run], sets: list[str]) -> list[str]:
@@ -112,9 +119,7 @@ def results_table(runs: list[Run], sets: list[str]) -> list[str]:
     header = ["run", "method", "target sparsity", "measured sparsity", "wbits budget", "K", "strategy",
               "code bpw", "metadata bpw", "mask bpw", "bpw"] + [f"PPL {s}" for s in sets] + \
         (["device, threads"] if mixed else [])
-    rows = [[r.id, r.method, budget_cells(r)[0], fmt_bpw(r.data.get("sparsity")), budget_cells(r)[1], fmt_k(r.groups),
-             r.strategy] + [fmt_bpw(r.bits.get(k)) for k in BIT_KEYS] + _ppl_cells(r, sets, best)
-            + ([r.execution] if mixed else []) for r in runs]
+    rows = [_result_row(r, sets, best, mixed) for r in runs]
     dtypes = Counter(dtype_of(r) for r in runs)
     dtype = next(iter(dtypes)) if len(dtypes) == 1 else "; ".join(
         f"{d} ({n} run{'s' if n > 1 else ''})" for d, n in dtypes.most_common())
