@@ -208,15 +208,25 @@ def _check_functions(given: str) -> None:
             raise ConfigError(f"{where}: {file} has no function {func}")
 
 
-def _file_name(given: str, defined: dict, names: dict) -> str:
+def _defined(manager, files: list[str]) -> dict:
+    """{resolved path: (name, entry)} of the index entries read from ``files``. The index holds thousands of
+    entries: only those whose file bears the name of one of ``files`` are resolved (a look at the disk each)."""
+    wanted = {Path(f).resolve().name for f in files}
+    return {Path(path).resolve(): (name, entry) for name, entry in _entries(manager).items()
+            if (path := _field(entry, "yaml_path")) and os.path.basename(path) in wanted}
+
+
+def _file_name(given: str, defined: dict, manager) -> str:
     """The task (or group) the file ``given`` defines, as the harness indexed it; ConfigError when it did not."""
     found = defined.get(Path(given).resolve())
     if found is not None:
         return found[0]
     spec = _read_yaml(given)
     name = spec.get("task") or spec.get("group")
-    if isinstance(name, str) and name in names:  # the harness keeps one file per name
-        raise ConfigError(f"--tasks {given}: defines task {name}, as {names[name]} does; give each task once")
+    other = _field(_entries(manager).get(name), "yaml_path") if isinstance(name, str) else None
+    if other:  # the harness keeps one file per name
+        raise ConfigError(f"--tasks {given}: defines task {name}, as {Path(other).resolve()} does; "
+                          "give each task once")
     raise ConfigError(f"--tasks {given}: not a task file the harness can read (a YAML with a 'task:' or 'group:' "
                       "name; see the harness's docs/new_task_guide.md)")
 
@@ -238,18 +248,16 @@ def plan(given: list[str]) -> TaskPlan:
     local = len(files) == len(given)
     with quiet():
         manager = _manager(folders, defaults=not local)
-        defined = {Path(path).resolve(): (name, entry) for name, entry in _entries(manager).items()
-                   if (path := _field(entry, "yaml_path"))}
+        defined = _defined(manager, files)
         mine = [defined[k][1] for k in {Path(f).resolve() for f in files} if k in defined]
         local = local and all(_plain_task(e) and _reads_local_files(_field(e, "cfg") or
                                                                     _read_yaml(str(_field(e, "yaml_path"))))
                               for e in mine)
         if len(files) == len(given) and not local:  # a group, or a hub dataset: the harness's tasks may be named
             manager = _manager(folders, defaults=True)
-    by_name = {name: str(path) for path, (name, _) in defined.items()}
     names = []
     for g in given:
-        name = _file_name(g, defined, by_name) if is_task_file(g) else g
+        name = _file_name(g, defined, manager) if is_task_file(g) else g
         if is_task_file(g):
             entry = defined[Path(g).resolve()][1]
             _check_data_files(g, _field(entry, "cfg") or _read_yaml(g))
