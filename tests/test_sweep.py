@@ -365,9 +365,7 @@ def test_real_sweep_on_the_toy_model(tmp_path):
         return subprocess.run(["bash", str(ROOT / "compare_methods.sh"), *args], env=env, cwd=ROOT,
                               capture_output=True, text=True, timeout=900)
 
-    t = time.time()
     r = sweep_sh()
-    first = time.time() - t
     assert r.returncode == 0, r.stdout + r.stderr
     ids = {i.replace("_k8", "_k4") for i in DEFAULT_IDS if i.split("_")[0] in REAL_SWEEP}
     assert set(results(out)) == ids
@@ -379,12 +377,9 @@ def test_real_sweep_on_the_toy_model(tmp_path):
     assert "## Verdict" in report and "random-group control" in report
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
 
-    t = time.time()
-    r = sweep_sh()
-    again = time.time() - t
+    r = sweep_sh()  # nothing new to run: every result kept as it was
     assert r.returncode == 0, r.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == mtimes
-    assert again < 0.5 * first, (again, first)
 
 
 @pytest.mark.slow
