@@ -56,7 +56,7 @@ def _log_if_wide(ax: Axes, values: list[float]) -> None:
 
 def _spread_labels(ax: Axes, pts: list[tuple[float, float, str]], gap_px: float = 11.0) -> None:
     """Annotate points, pushing labels of nearby points apart vertically so they stay readable."""
-    ax.figure.draw_without_rendering()  # fixes limits and scales, so data -> pixel transforms are final
+    ax.get_xlim(), ax.get_ylim()  # autoscaled now: the data -> pixel transforms are final (no draw needed)
     placed: list[tuple[float, float]] = []
     for x, y, text in sorted(pts, key=lambda p: p[1]):
         px, py = ax.transData.transform((x, y))
@@ -70,7 +70,8 @@ def _spread_labels(ax: Axes, pts: list[tuple[float, float, str]], gap_px: float 
 
 
 def _report_figure() -> tuple[Figure, Axes]:
-    fig = Figure(figsize=REPORT_FIG_SIZE, dpi=REPORT_FIG_DPI)
+    """A figure whose tight layout is computed when it is drawn, as it is written: not in a draw of its own."""
+    fig = Figure(figsize=REPORT_FIG_SIZE, dpi=REPORT_FIG_DPI, layout="tight")
     return fig, fig.add_subplot()
 
 
@@ -117,7 +118,6 @@ def _finish_bpw_figure(fig: Figure, ax: Axes, drawn: bool, evalset: str, title: 
     ax.set_ylabel(f"perplexity on {name} ({'log scale, ' if log else ''}lower is better)")
     ax.set_title(f"{title} on {name}")
     ax.grid(True, which="both" if log else "major", alpha=0.3)
-    fig.tight_layout()
     atomic.write_png(fig, path, dpi=REPORT_FIG_DPI)
 
 
@@ -174,7 +174,6 @@ def plot_ppl_vs_k(runs: list[Run], evalset: str, path: Path | str) -> bool:
     ax.set_title(f"PPL vs K on {name} (horizontal: uniform and per-channel at the same sparsity/wbits)")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
     atomic.write_png(fig, path, dpi=REPORT_FIG_DPI)
     return True
 
