@@ -204,7 +204,8 @@ def from_namespace(a: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-_ACTIONS = [a for a in build_parser()._actions if a.dest != "help"]
+_PARSER = build_parser()  # built once: parse_args leaves it as it was (a sweep parses every configuration)
+_ACTIONS = [a for a in _PARSER._actions if a.dest != "help"]
 _DEFAULTS = {a.dest: a.default for a in _ACTIONS}
 
 
@@ -215,7 +216,7 @@ def takes_value(flag: str) -> bool:
 
 def parse(argv: list[str] | None = None) -> RunConfig:
     """Parse and validate opt_mi.py's command line (``-h`` prints help and exits 0)."""
-    return from_namespace(build_parser().parse_args(argv))
+    return from_namespace(_PARSER.parse_args(argv))
 
 
 def from_json(d: dict) -> RunConfig:
