@@ -64,8 +64,9 @@ def pytest_collection_modifyitems(config, items):
 def unrendered_figures(monkeypatch):
     """The report's figures built but not rasterized: each is written, atomically and under its own name, as a
     1x1 placeholder PNG. Rendering is most of a report's time (about 1 s for a small sweep here, half the CPU of
-    the sweep machinery's tests), and those tests read the report's tables only; test_report and test_frontier
-    render every figure, and the sweeps that run as processes (the real sweep, Slurm) render theirs."""
+    the sweep machinery's tests), and those tests read the report's text only; test_report renders the figures
+    in the test that reads them, test_frontier renders every figure, and the sweeps that run as processes (the
+    real sweep, Slurm, the report's command line) render theirs."""
     buf = io.BytesIO()
     Image.new("L", (1, 1), 128).save(buf, format="PNG")
     monkeypatch.setattr(atomic, "write_png", lambda fig, path, dpi=None: atomic.write_bytes(path, buf.getvalue()))

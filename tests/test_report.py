@@ -16,11 +16,14 @@ import matplotlib.image as mpimg
 import pytest
 from conftest import check_table_matches, md_table
 
+from miq import atomic
 from miq.report import markdown as report
 from miq.report import plots
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "report"
+RENDER = atomic.write_png  # the one test that reads the figures renders them; the others read the text
+pytestmark = pytest.mark.usefixtures("unrendered_figures")
 
 
 @pytest.fixture
@@ -162,7 +165,8 @@ def test_no_mi_run_and_no_random_run(src):
     assert "No MI-grouping run (family mi) in this directory: no verdict can be given." in build(src)
 
 
-def test_pngs_are_images_of_the_stated_size(src):
+def test_pngs_are_images_of_the_stated_size(src, monkeypatch):
+    monkeypatch.setattr(atomic, "write_png", RENDER)
     md = build(src)
     pngs = sorted(p.name for p in src.glob("*.png"))
     assert pngs == ["frontier.png", "frontier_1.png", "ppl_vs_bpw_synthetic.png", "ppl_vs_bpw_wikitext2.png",
@@ -270,8 +274,6 @@ def test_seeds_give_mean_std_and_a_paired_verdict(tmp_path):
 
 def test_a_full_disk_is_one_line_and_exit_1(src, tmp_path, capsys, monkeypatch):
     import errno
-
-    from miq import atomic
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
