@@ -14,25 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--nsamples", "4", "--seqlen", "32", "--eval", "short_eval.txt", "--mi-samples", "128"]
 GROUPED = ["--sparsity", "0.5", "--wbits", "4", "--groups", "4"]
 
-# argv: root, marker, step, then opt_mi.py's arguments. The step's function runs, then the marker is written
-# and the process sleeps until a signal ends it.
-PAUSED = r"""
-import pathlib, sys, time
-sys.path.insert(0, sys.argv[1])
-import opt_mi
-from miq.run import saving
-from miq.run import outputs
-marker, step, argv = sys.argv[2], sys.argv[3], sys.argv[4:]
-owner = {"load_model": opt_mi, "write": saving, "write_json": outputs}[step]
-real = getattr(owner, step)
-def paused(*args, **kwargs):
-    result = real(*args, **kwargs)
-    pathlib.Path(marker).write_text("paused")
-    time.sleep(120)
-    return result
-setattr(owner, step, paused)
-sys.exit(opt_mi.main(argv))
-"""
 # every output (model, figure, JSON), at a small cost: MI grouping of the two fc1 layers
 RUN = [*GROUPED, *FAST, "--prune_only", "fc1", "--bit-alloc", "uniform", "--save", "out/model", "--json", "out/r.json",
        "--analysis-dir", "out/analysis"]

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import FAST, GROUPED, PAUSED, ROOT, RUN, check_one_line, snapshot
+from forked import ONE_SERVER, paused
+from run_helpers import FAST, GROUPED, ROOT, RUN, check_one_line, snapshot
 from safetensors.torch import load_file, save_file
 
 import opt_mi
@@ -336,30 +337,16 @@ def test_the_matrix_is_large_enough():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# interrupts: opt_mi.py in a process of its own, paused at a chosen step until the signal comes
-
-
-
-def _paused(tmp_path: Path, step: str) -> tuple[subprocess.Popen, Path]:
-    work, marker = tmp_path / "work", tmp_path / "marker"
-    work.mkdir()
-    (work / "short_eval.txt").write_text(synthetic_text("test")[:3000])
-    p = subprocess.Popen([sys.executable, "-c", PAUSED, str(ROOT), str(marker), step, "toy", "synthetic", *RUN],
-                         cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not marker.exists():
-        assert p.poll() is None, p.communicate()
-        assert time.time() < deadline, "the run never reached the step"
-        time.sleep(0.05)
-    return p, work
+# interrupts: opt_mi.main in a process of its own (forked.Paused), paused at a chosen step until the signal comes
 
 
 @pytest.mark.slow
+@ONE_SERVER
 @pytest.mark.parametrize("step, sig", [("load_model", signal.SIGINT), ("write", signal.SIGTERM),
                                        ("write_json", signal.SIGINT)])
 def test_interrupt_is_one_line_exit_130_and_leaves_nothing(tmp_path, step, sig):
     """Interrupted at work (the model loaded), with the model staged, and with every output staged (JSON last)."""
-    p, work = _paused(tmp_path, step)
+    p, work = paused(tmp_path, step)
     if step != "load_model":
         assert any(".tmp" in n for n in snapshot(work)), "nothing was staged when the signal came"
     p.send_signal(sig)
@@ -388,10 +375,11 @@ def _result(path: Path) -> dict:
 
 
 @pytest.mark.slow
+@ONE_SERVER
 def test_killed_run_is_cleaned_up_and_repeated_runs_are_bit_identical(tmp_path, capsys, monkeypatch):
     """A run killed with SIGKILL while saving leaves its staged folder (nothing can remove it then); the next
     run removes it, publishes, and a second run gives the same JSON (timings aside) and the same weights."""
-    p, work = _paused(tmp_path, "write")
+    p, work = paused(tmp_path, "write")
     p.kill()
     p.communicate(timeout=60)
     assert [n for n in snapshot(work) if n.startswith("out/.model.")], "the killed run left nothing to clean"

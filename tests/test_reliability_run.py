@@ -13,15 +13,14 @@ import os
 import resource
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import FAST, PAUSED, ROOT, RUN, TASK_YAML, check_one_line, cloze_docs, snapshot
+from forked import ONE_SERVER, paused
+from run_helpers import FAST, TASK_YAML, check_one_line, cloze_docs, snapshot
 from safetensors.torch import load_file, save_file
 
 import datautils
@@ -221,22 +220,15 @@ def test_a_task_function_module_missing_is_refused_before_work(work, capsys, mon
 
 
 @pytest.mark.slow
+@ONE_SERVER
 @pytest.mark.parametrize("step, pauses", [("load_model", (0.0, 0.001, 0.01)), ("write", (0.0, 0.0, 0.002, 0.05)),
                                           ("write_json", (0.0005, 0.0005, 0.0005, 0.0005, 0.0005))])
 def test_repeated_sigterm_is_one_line_exit_130_and_leaves_nothing(tmp_path, step, pauses):
     """SIGTERM again and again, while the run unwinds from the first (removing what it staged): 130, one
     line, no staging folder and no miq-layers-* left."""
-    work, marker, tmp = tmp_path / "work", tmp_path / "marker", tmp_path / "tmp"
-    work.mkdir()
+    tmp = tmp_path / "tmp"
     tmp.mkdir()
-    (work / "short_eval.txt").write_text(synthetic_text("test")[:3000])
-    p = subprocess.Popen([sys.executable, "-c", PAUSED, str(ROOT), str(marker), step, "toy", "synthetic", *RUN,
-                          "--load", "layers"], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "TMPDIR": str(tmp)})
-    deadline = time.time() + 120
-    while not marker.exists():
-        assert p.poll() is None and time.time() < deadline, p.communicate()
-        time.sleep(0.05)
+    p, work = paused(tmp_path, step, "--load", "layers", env={**os.environ, "TMPDIR": str(tmp)})
     for pause in (0.0, *pauses):
         time.sleep(pause)
         if p.poll() is None:
