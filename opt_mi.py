@@ -44,6 +44,7 @@ import torch
 
 import datautils
 from miq import bitstats, methods
+from miq.data_names import KNOWN
 from miq.errors import USER_ERRORS, DataError, PublishError, first_line
 from miq.model import layerwalk, loading, onload
 from miq.model.loading import ModelSource, load_model, open_source
@@ -80,6 +81,19 @@ def _naming(what: str) -> Iterator[None]:
         raise DataError(f"{what}: {e}") from None
 
 
+def calibration(cfg: RunConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration windows [nsamples, seqlen] and the evolution's held-out ones [search_windows, seqlen].
+    A run that compresses nothing (dense, or a saved model evaluated) uses none: a named corpus is then neither
+    tokenized nor downloaded, while a local file is still read and checked, so that a bad DATASET is the same
+    one line in every run."""
+    if not (cfg.compressing or cfg.search) and cfg.dataset in KNOWN:
+        return torch.empty(0, cfg.seqlen, dtype=torch.long), torch.empty(0, cfg.seqlen, dtype=torch.long)
+    held = cfg.search_windows if cfg.search == "evo" else 0  # the evolution's windows: the same draw, after
+    with _naming("DATASET"):
+        calib = datautils.get_calibration(cfg.dataset, cfg.nsamples + held, cfg.seed, cfg.seqlen, tokenizer)
+    return torch.cat([inp for inp, _ in calib], dim=0).split([cfg.nsamples, held])
+
+
 def run(cfg: RunConfig) -> dict:
     """One run end to end; returns the result dict that --json writes. Outputs are published together at the
     end (Staging): an error or an interrupt anywhere leaves none of them."""
@@ -91,10 +105,7 @@ def run(cfg: RunConfig) -> dict:
     label, family = methods.label(cfg)
 
     t = time.time()
-    held = cfg.search_windows if cfg.search == "evo" else 0  # the evolution's windows: the same draw, after
-    with _naming("DATASET"):
-        calib = datautils.get_calibration(cfg.dataset, cfg.nsamples + held, cfg.seed, cfg.seqlen, tokenizer)
-    calib, heldout = torch.cat([inp for inp, _ in calib], dim=0).split([cfg.nsamples, held])
+    calib, heldout = calibration(cfg, tokenizer)
     calibration_s = time.time() - t
     t = time.time()
     with _naming("--eval"):

@@ -1,5 +1,6 @@
 """Tests for datautils: the synthetic corpus, local files, the reference datasets' joining and windowing
-(with the hub replaced by in-memory datasets), error messages, and offline behaviour."""
+(with the hub replaced by in-memory datasets), error messages, offline behaviour, and which runs draw
+calibration windows at all."""
 
 import collections
 import json
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import datautils
+import opt_mi
 from datautils import get_calibration, get_eval_tokens
 from miq import synthetic
 from miq.data_names import KNOWN, is_local_path, validate_name
@@ -519,3 +521,19 @@ def test_shared_data_token_counts():
     calib = get_calibration(str(data / "c4_heldout.jsonl"), 8, 0, 256, bpe)
     stream = get_eval_tokens(str(data / "c4_heldout.jsonl"), 256, bpe)
     assert all(inp.shape == (1, 256) and find(inp, stream) for inp, _ in calib)
+
+
+def test_a_run_that_compresses_nothing_draws_no_calibration(toy_path, small_eval, tmp_path, monkeypatch, capsys):
+    """Dense, or a saved model evaluated: a named corpus is not tokenized (nor downloaded); a local file is
+    still read and checked, so a bad DATASET is refused as in any run; a compressing run draws its windows."""
+    drawn = []
+    real = datautils.get_calibration
+    monkeypatch.setattr(datautils, "get_calibration", lambda name, *args: drawn.append(name) or real(name, *args))
+    small = ["--seqlen", "32", "--eval", small_eval]
+    assert opt_mi.main([toy_path, "synthetic", *small]) == 0
+    assert drawn == []
+    (tmp_path / "empty.txt").write_text("")
+    assert opt_mi.main([toy_path, str(tmp_path / "empty.txt"), *small]) == 2
+    assert "empty.txt" in capsys.readouterr().err and drawn == [str(tmp_path / "empty.txt")]
+    assert opt_mi.main([toy_path, "synthetic", "--sparsity", "0.5", "--nsamples", "4", *small]) == 0
+    assert drawn[-1] == "synthetic"
