@@ -524,8 +524,8 @@ def test_shared_data_token_counts():
 
 
 def test_a_run_that_compresses_nothing_draws_no_calibration(toy_path, small_eval, tmp_path, monkeypatch, capsys):
-    """Dense, or a saved model evaluated: a named corpus is not tokenized (nor downloaded); a local file is
-    still read and checked, so a bad DATASET is refused as in any run; a compressing run draws its windows."""
+    """Dense, a saved model evaluated, or magnitude: a named corpus is not tokenized (nor downloaded); a local
+    file is still read and checked, so a bad DATASET is refused as in any run; SparseGPT draws its windows."""
     drawn = []
     real = datautils.get_calibration
     monkeypatch.setattr(datautils, "get_calibration", lambda name, *args: drawn.append(name) or real(name, *args))
@@ -535,5 +535,7 @@ def test_a_run_that_compresses_nothing_draws_no_calibration(toy_path, small_eval
     (tmp_path / "empty.txt").write_text("")
     assert opt_mi.main([toy_path, str(tmp_path / "empty.txt"), *small]) == 2
     assert "empty.txt" in capsys.readouterr().err and drawn == [str(tmp_path / "empty.txt")]
+    assert opt_mi.main([toy_path, "synthetic", "--sparsity", "0.5", "--gmp", "--wbits", "4", *small]) == 0
+    assert len(drawn) == 1  # magnitude pruning and round-to-nearest need no data
     assert opt_mi.main([toy_path, "synthetic", "--sparsity", "0.5", "--nsamples", "4", *small]) == 0
     assert drawn[-1] == "synthetic"
