@@ -18,9 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import matplotlib.backends.backend_agg  # noqa: F401  (what a run imports when it first needs it: drawing,
+# what a run imports only when it first needs it (drawing, clustering, the toy's modeling code), imported here
+# so that the server holds it too
+import matplotlib.backends.backend_agg  # noqa: F401
 import pytest
-import sklearn.cluster  # noqa: F401  clustering, the toy's modeling code)
+import sklearn.cluster  # noqa: F401
 import transformers.models.opt.modeling_opt  # noqa: F401
 from run_helpers import RUN
 
