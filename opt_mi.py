@@ -83,10 +83,10 @@ def _naming(what: str) -> Iterator[None]:
 
 def calibration(cfg: RunConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """The calibration windows [nsamples, seqlen] and the evolution's held-out ones [search_windows, seqlen].
-    A run that compresses nothing (dense, or a saved model evaluated) or by magnitude (--gmp) uses none: a
-    named corpus is then neither tokenized nor downloaded, while a local file is still read and checked, so
-    that a bad DATASET is the same one line in every run."""
-    if not ((cfg.compressing and not cfg.gmp) or cfg.search) and cfg.dataset in KNOWN:
+    A run that uses none (``RunConfig.calibrating``: dense, a saved model evaluated, magnitude) neither
+    tokenizes nor downloads a named corpus, while a local file is still read and checked, so that a bad DATASET
+    is the same one line in every run."""
+    if not cfg.calibrating and cfg.dataset in KNOWN:
         return torch.empty(0, cfg.seqlen, dtype=torch.long), torch.empty(0, cfg.seqlen, dtype=torch.long)
     held = cfg.search_windows if cfg.search == "evo" else 0  # the evolution's windows: the same draw, after
     with _naming("DATASET"):

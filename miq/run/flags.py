@@ -127,6 +127,12 @@ class RunConfig:
         return self.pruning or self.quantizing
 
     @property
+    def calibrating(self) -> bool:
+        """The run draws calibration windows: SparseGPT's passes and the searches use them; a dense run and
+        magnitude pruning with round-to-nearest (--gmp) use none."""
+        return (self.compressing and not self.gmp) or bool(self.search)
+
+    @property
     def grouped(self) -> bool:
         """Quantization follows a per-layer plan of channel groups (--groups K or all)."""
         return self.quantizing and self.groups != 0

@@ -60,7 +60,6 @@ def harness():
 
 def _version(lm_eval) -> str:
     try:
-
         return version("lm_eval")
     except Exception:  # an unusual install (a source tree on the path): the attribute, or nothing
         return str(getattr(lm_eval, "__version__", "unknown"))
